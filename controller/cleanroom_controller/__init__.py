@@ -1,0 +1,3 @@
+"""cleanroom controller."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,31 @@
+"""Is this posture compliant with this policy? Pure; shared by the agent (launch gate, fail-closed) and
+the controller (judge), so both sides give the same answer and the same reasons."""
+
+from __future__ import annotations
+
+from .messages import EnforcerState, Mode, Posture
+from .policy import Policy
+
+
+def violations(posture: Posture, policy: Policy) -> list[str]:
+    """Named reasons this posture violates ``policy``; empty when compliant. Order is stable."""
+    reasons: list[str] = []
+    if posture.policy is None:
+        reasons.append("policy_missing")
+    elif posture.policy.id != policy.id or posture.policy.version < policy.version:
+        reasons.append(f"policy_outdated:{posture.policy.id}@{posture.policy.version}<{policy.id}@{policy.version}")
+    denied = {name.lower() for name in policy.processes.deny}
+    for name in sorted({p.name for p in posture.denied_processes if p.name.lower() in denied}):
+        reasons.append(f"denied_process:{name}")
+    if posture.mode is Mode.AUDIT and not policy.compliance.allow_audit_mode:
+        reasons.append("audit_mode")
+    states = {e.name: e.state for e in posture.enforcers}
+    for name in policy.compliance.require_enforcers:
+        state = states.get(name)
+        if state is not EnforcerState.ACTIVE:
+            reasons.append(f"enforcer_not_active:{name}:{state.value if state else 'absent'}")
+    if not policy.compliance.allow_removable_mounts:
+        for mount in posture.mounts:
+            if mount.removable:
+                reasons.append(f"removable_mount:{mount.mountpoint}")
+    return reasons

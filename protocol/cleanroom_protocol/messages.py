@@ -1,0 +1,180 @@
+"""Message bodies, one pydantic model per envelope kind. No PHI travels in any of them."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .policy import Policy
+
+Name = Annotated[str, Field(max_length=256)]
+Text = Annotated[str, Field(max_length=4096)]
+
+
+class Kind(StrEnum):
+    POSTURE = "posture"
+    EVENT = "event"
+    COMMAND = "command"
+    ACK = "ack"
+    POLICY = "policy"
+    STATUS = "status"
+
+
+class Mode(StrEnum):
+    """``enforce`` blocks and ends; ``audit`` detects and reports, blocks and ends nothing."""
+
+    ENFORCE = "enforce"
+    AUDIT = "audit"
+
+
+class EnforcerState(StrEnum):
+    ACTIVE = "active"
+    DEGRADED = "degraded"
+    UNSUPPORTED = "unsupported"  # a legitimate answer, never a silent pass
+    OFF = "off"
+
+
+class _Body(BaseModel):
+    # Bodies ignore unknown fields so a newer agent can talk to an older controller; the signature
+    # still covers them because it is computed over the received JSON.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class EnforcerStatus(_Body):
+    name: Name
+    state: EnforcerState
+    reason: Text | None = None
+
+
+class PolicyRef(_Body):
+    id: Name
+    version: int
+    hash: Name
+
+
+class MountInfo(_Body):
+    device: Name
+    mountpoint: Text
+    fstype: Name
+    removable: bool
+    writable: bool
+
+
+class ProcessInfo(_Body):
+    name: Name
+    pid: int
+    user: Name | None = None
+    exe: Text | None = None
+
+
+class SessionInfo(_Body):
+    """A VDI client session: a running process whose executable is a configured client."""
+
+    id: Name
+    client: Name
+    pid: int
+    pids: Annotated[list[int], Field(max_length=4096)]
+    started: float
+    user: Name | None = None
+    launched: bool = False  # started through ``cleanroom-agent launch``
+
+
+class Posture(_Body):
+    agent_id: Name
+    agent_version: Name
+    mode: Mode
+    policy: PolicyRef | None
+    hostname: Name
+    os: Name
+    kernel: Name
+    display_server: Name  # "x11", "wayland", "none"
+    boot_time: float
+    users: Annotated[list[Name], Field(max_length=256)]
+    mounts: Annotated[list[MountInfo], Field(max_length=256)]
+    denied_processes: Annotated[list[ProcessInfo], Field(max_length=1024)]
+    sessions: Annotated[list[SessionInfo], Field(max_length=256)]
+    enforcers: Annotated[list[EnforcerStatus], Field(max_length=64)]
+    offline_since: float | None = None  # set while the agent is cut off from the broker
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+Scalar = str | int | float | bool | None
+
+
+class Event(_Body):
+    """Something that happened on the endpoint. ``details`` names what, never clipboard content."""
+
+    kind: Annotated[str, Field(max_length=64, pattern=r"^[a-z][a-z0-9_.]*$")]
+    at: float
+    severity: Severity = Severity.INFO
+    blocked: bool = False
+    details: Annotated[dict[Name, Scalar], Field(max_length=64)] = {}
+
+
+class CommandAction(StrEnum):
+    END_SESSION = "end_session"
+
+
+class Command(_Body):
+    id: Name
+    action: CommandAction
+    session_id: Name | None = None  # None: every session on the endpoint
+    reason: Text = ""
+
+
+class AckResult(StrEnum):
+    ENDED = "ended"  # the process tree is verified gone
+    NOT_FOUND = "not_found"  # nothing to end (already gone)
+    FAILED = "failed"
+    AUDIT_ONLY = "audit_only"  # agent in audit mode: reported, nothing ended
+    REJECTED = "rejected"  # unknown action or invalid command
+
+
+class Ack(_Body):
+    command_id: Name
+    result: AckResult
+    sessions: Annotated[list[Name], Field(max_length=256)] = []
+    detail: Text = ""
+
+
+class PolicyDocument(_Body):
+    """A policy as the controller publishes it (signed, retained)."""
+
+    policy: Policy
+    hash: Name
+
+
+class AgentState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Status(_Body):
+    """Retained connection status. ``will_seq`` announces the seq reserved for this connection's Last
+    Will, so the Will (signed at connect time, delivered later) is recognised and not taken for a replay."""
+
+    state: AgentState
+    will_seq: int | None = None
+    agent_version: Name | None = None
+    reason: Literal["connected", "will", "shutdown"] = "connected"
+
+
+BODY_MODELS: dict[Kind, type[BaseModel]] = {
+    Kind.POSTURE: Posture,
+    Kind.EVENT: Event,
+    Kind.COMMAND: Command,
+    Kind.ACK: Ack,
+    Kind.POLICY: PolicyDocument,
+    Kind.STATUS: Status,
+}
+
+
+def body_dict(body: BaseModel) -> dict[str, Any]:
+    return body.model_dump(mode="json")

@@ -1,0 +1,199 @@
+"""The policy: TOML on disk, validated by pydantic, signed on the wire.
+
+The agent applies it; the controller judges with it. Every key is documented in ``policies/README.md``.
+A broken file raises :class:`PolicyError` naming the file, the line and the field; callers keep the policy
+in force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .canonical import canonical_json
+
+MAX_POLICY_BYTES = 256 * 1024
+
+ExeName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^/\x00]+$")]
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReportSection(_Section):
+    heartbeat_s: Annotated[int, Field(ge=1, le=3600)] = 30
+    max_offline_s: Annotated[int, Field(ge=0, le=86400)] = 120
+
+
+class SessionsSection(_Section):
+    clients: Annotated[list[ExeName], Field(max_length=64)] = [
+        "xfreerdp",
+        "xfreerdp3",
+        "remote-viewer",
+        "vmware-view",
+        "wfica",
+    ]
+    end_grace_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+
+class ProcessesSection(_Section):
+    deny: Annotated[list[ExeName], Field(max_length=1024)] = []
+
+
+ViolationAction = Literal["end_session"]
+
+
+class OnViolationSection(_Section):
+    actions: Annotated[list[ViolationAction], Field(max_length=8)] = ["end_session"]
+
+
+class ComplianceSection(_Section):
+    require_enforcers: Annotated[list[str], Field(max_length=16)] = []
+    allow_audit_mode: bool = True
+    allow_removable_mounts: bool = True
+
+
+ClipboardDirection = Literal["deny", "text"]
+
+
+class ClipboardSection(_Section):
+    mode: Literal["block", "allow", "directional"] = "block"
+    to_session: ClipboardDirection = "deny"
+    from_session: ClipboardDirection = "deny"
+    max_bytes: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 4096
+    disable_client_redirection: bool = True
+
+
+DEFAULT_CAPTURE_DENY = [
+    "scrot", "maim", "import", "xwd", "gnome-screenshot", "spectacle", "flameshot", "shutter",
+    "xfce4-screenshooter", "ksnip", "obs", "simplescreenrecorder", "kazam", "peek", "vokoscreen",
+    "recordmydesktop", "anydesk", "teamviewer", "x11vnc",
+]  # fmt: skip
+
+
+class CaptureSection(_Section):
+    deny: Annotated[list[ExeName], Field(max_length=1024)] = DEFAULT_CAPTURE_DENY
+    deny_sha256: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]], Field(max_length=4096)] = []
+    allowlist: bool = False
+    allow: Annotated[list[str], Field(max_length=4096)] = []
+    grab_print_key: bool = True
+    screenshot_dirs: Annotated[list[str], Field(max_length=64)] = []
+    remove_screenshots: bool = False
+
+
+DEFAULT_USB_RULES = [
+    "allow with-interface one-of { 03:00:* 03:01:* }",  # HID keyboards and mice
+    "allow with-interface equals { 0b:*:* }",  # smart-card readers (CCID) for MFA
+    "block",
+]
+
+
+class UsbSection(_Section):
+    rules: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=1024)] = DEFAULT_USB_RULES
+    keep_present_hid: bool = True
+
+
+class MediaSection(_Section):
+    watch: Annotated[list[str], Field(max_length=64)] = ["/media", "/run/media"]
+    unmount: bool = True
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    version: Annotated[int, Field(ge=0)]
+    description: Annotated[str, Field(max_length=4096)] = ""
+    report: ReportSection = ReportSection()
+    sessions: SessionsSection = SessionsSection()
+    processes: ProcessesSection = ProcessesSection()
+    on_violation: OnViolationSection = OnViolationSection()
+    compliance: ComplianceSection = ComplianceSection()
+    clipboard: ClipboardSection = ClipboardSection()
+    capture: CaptureSection = CaptureSection()
+    usb: UsbSection = UsbSection()
+    media: MediaSection = MediaSection()
+
+
+class PolicyError(ValueError):
+    """A policy file or document that must not replace the policy in force."""
+
+
+def policy_hash(policy: Policy) -> str:
+    return "sha256:" + hashlib.sha256(canonical_json(policy.model_dump(mode="json"))).hexdigest()
+
+
+def load_policy(path: Path) -> Policy:
+    """Read and validate a policy file; raise :class:`PolicyError` naming file, line and field."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy: {exc.strerror}") from exc
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{path}: policy larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: not UTF-8 (byte {exc.start})") from exc
+    return parse_policy(text, source=str(path))
+
+
+def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already says "(at line L, column C)".
+        raise PolicyError(f"{source}: invalid TOML: {exc}") from exc
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_describe(exc, text, source)) from exc
+
+
+def _describe(exc: ValidationError, text: str, source: str) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        field = ".".join(loc) or "(top level)"
+        line = _line_of(text, [p for p in err["loc"] if isinstance(p, str)])
+        where = f"{source}:{line}" if line else source
+        problems.append(f"{where}: field {field}: {err['msg']}")
+    return "; ".join(problems)
+
+
+_TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+
+
+def _line_of(text: str, loc: list[str]) -> int | None:
+    """Best-effort line number of the key at ``loc`` (``["sessions", "clients"]``) in TOML ``text``."""
+    if not loc:
+        return None
+    table, key = ".".join(loc[:-1]), loc[-1]
+    current = ""
+    table_line = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := _TABLE.match(line):
+            current = m.group(1).replace('"', "").replace("'", "").replace(" ", "")
+            if current == ".".join(loc):
+                table_line = number
+            continue
+        if (m := _KEY.match(line)) and current == table and m.group(1).strip("\"'") == key:
+            return number
+    return table_line
+
+
+def policy_from_document(data: Any) -> Policy:
+    """Validate a policy received in a message; raise :class:`PolicyError` with the field named."""
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_describe(exc, "", "policy message")) from exc
