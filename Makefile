@@ -1,0 +1,34 @@
+# cleanroom: `make run` starts a broker, the controller and one local agent (audit mode); `make test` runs
+# lint, types and the whole test suite against real Mosquitto, Xvfb and processes.
+SHELL := /bin/bash
+UV ?= $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+
+.PHONY: run test lint typecheck pytest sync bench clean
+
+$(UV):
+	./scripts/bootstrap-uv.sh
+
+sync: $(UV)
+	$(UV) sync --frozen 2>/dev/null || $(UV) sync
+
+run: sync
+	$(UV) run python scripts/run_local.py
+
+lint: sync
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+
+typecheck: sync
+	$(UV) run mypy
+
+pytest: sync
+	$(UV) run pytest
+
+test: lint typecheck pytest
+
+bench: sync
+	$(UV) run python bench/ingest.py
+	$(UV) run python bench/enforce.py
+
+clean:
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
