@@ -108,4 +108,5 @@ __all__ = [
     "public_key_pem",
     "seal",
     "verify",
+    "violations",
 ]

@@ -13,7 +13,9 @@ def violations(posture: Posture, policy: Policy) -> list[str]:
     if posture.policy is None:
         reasons.append("policy_missing")
     elif posture.policy.id != policy.id or posture.policy.version < policy.version:
-        reasons.append(f"policy_outdated:{posture.policy.id}@{posture.policy.version}<{policy.id}@{policy.version}")
+        reasons.append(
+            f"policy_outdated:{posture.policy.id}@{posture.policy.version}<{policy.id}@{policy.version}"
+        )
     denied = {name.lower() for name in policy.processes.deny}
     for name in sorted({p.name for p in posture.denied_processes if p.name.lower() in denied}):
         reasons.append(f"denied_process:{name}")

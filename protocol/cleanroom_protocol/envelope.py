@@ -140,7 +140,9 @@ def verify(
             VerdictStatus.MALFORMED, f"sender {env.sender!r} on the topic of {expected_sender!r}", env
         )
     if expected_kind is not None and env.kind is not expected_kind:
-        return Verdict(VerdictStatus.MALFORMED, f"kind {env.kind.value!r} on a {expected_kind.value} topic", env)
+        return Verdict(
+            VerdictStatus.MALFORMED, f"kind {env.kind.value!r} on a {expected_kind.value} topic", env
+        )
     key = public_key_for(env.sender)
     if key is None:
         return Verdict(VerdictStatus.UNKNOWN_SENDER, f"no enrolled key for {env.sender!r}", env)
@@ -171,7 +173,9 @@ def verify(
     if max_skew_s is not None:
         skew = (time.time() if now is None else now) - env.ts
         if abs(skew) > max_skew_s:
-            return Verdict(VerdictStatus.STALE, f"ts is {skew:+.0f} s from now (window ±{max_skew_s:.0f} s)", env)
+            return Verdict(
+                VerdictStatus.STALE, f"ts is {skew:+.0f} s from now (window ±{max_skew_s:.0f} s)", env
+            )
     if last_seq is not None and env.seq <= last_seq:
         return Verdict(VerdictStatus.REPLAYED, f"seq {env.seq} not above last accepted {last_seq}", env)
     return Verdict(VerdictStatus.OK, "", env, body)

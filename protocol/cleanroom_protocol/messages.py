@@ -105,7 +105,7 @@ class Severity(StrEnum):
     CRITICAL = "critical"
 
 
-Scalar = str | int | float | bool | None
+Scalar = Text | int | float | bool | None
 
 
 class Event(_Body):

@@ -80,7 +80,9 @@ DEFAULT_CAPTURE_DENY = [
 
 class CaptureSection(_Section):
     deny: Annotated[list[ExeName], Field(max_length=1024)] = DEFAULT_CAPTURE_DENY
-    deny_sha256: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]], Field(max_length=4096)] = []
+    deny_sha256: Annotated[
+        list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]], Field(max_length=4096)
+    ] = []
     allowlist: bool = False
     allow: Annotated[list[str], Field(max_length=4096)] = []
     grab_print_key: bool = True

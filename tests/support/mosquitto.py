@@ -18,7 +18,9 @@ def free_port() -> int:
 
 
 def mosquitto_binary() -> str:
-    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    path = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
     if path is None:
         raise RuntimeError(
             "mosquitto is not installed: these tests need a real broker (apt-get install mosquitto; .ci/run does it)"
@@ -47,15 +49,16 @@ class Mosquitto:
             "allow_anonymous true\n"
             "persistence false\n"
             "max_inflight_messages 100\n"
-            "max_queued_messages 100000\n"
-            + ("user root\n" if os.geteuid() == 0 else "")
+            "max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else "")
         )
         log = (self.workdir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}; see {self.workdir}/mosquitto.log")
+                raise RuntimeError(
+                    f"mosquitto exited with {self.proc.returncode}; see {self.workdir}/mosquitto.log"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
