@@ -1,12 +1,12 @@
 # cleanroom: `make run` starts a broker, the controller and one local agent (audit mode); `make test` runs
 # lint, types and the whole test suite against real Mosquitto, Xvfb and processes.
 SHELL := /bin/bash
-UV ?= $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+UV ?= .tools/bin/uv
 
 .PHONY: run test lint typecheck pytest sync bench clean
 
 $(UV):
-	./scripts/bootstrap-uv.sh
+	python3 scripts/bootstrap_uv.py
 
 sync: $(UV)
 	$(UV) sync --frozen 2>/dev/null || $(UV) sync
