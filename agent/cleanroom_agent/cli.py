@@ -1,0 +1,248 @@
+"""``cleanroom-agent``: run, identity, check, launch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import structlog
+import typer
+
+from cleanroom_protocol import KeyFileError, Mode, load_or_create_private_key, load_public_key
+from cleanroom_protocol import public_key_pem as pem_of
+
+from .daemon import Agent, StartupError, initial_policy, snapshot_posture
+from .enforcers import build_enforcers
+from .localsock import AgentUnreachable, LocalSocketClient
+from .settings import DEFAULT_SOCKET, AgentSettings, SettingsError, load_settings
+from .spool import Spool
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="cleanroom endpoint agent")
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69  # no agent answers on the socket
+EXIT_SOFTWARE = 70
+EXIT_DENIED = 77  # the launch gate said no (EX_NOPERM)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="agent.key and agent.db live here")]
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    typer.echo(f"cleanroom-agent: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def configure_logging(level: str) -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def settings_or_fail(config: Path | None, **flags: Any) -> AgentSettings:
+    try:
+        return load_settings(config, **flags)
+    except SettingsError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    broker: Annotated[str | None, typer.Option(help="mqtt://host:port or mqtts://host:port")] = None,
+    data_dir: DataDirOpt = None,
+    agent_id: Annotated[str | None, typer.Option("--id", help="agent id (default: hostname)")] = None,
+    mode: Annotated[Mode | None, typer.Option(help="enforce or audit")] = None,
+    controller_key: Annotated[Path | None, typer.Option(help="controller public key (PEM)")] = None,
+    controller_id: Annotated[str | None, typer.Option(help="sender id of the controller")] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="bootstrap policy used until a signed one arrives")
+    ] = None,
+    socket: Annotated[
+        Path | None, typer.Option(help=f"local launch socket (default {DEFAULT_SOCKET})")
+    ] = None,
+    keepalive: Annotated[int | None, typer.Option(help="MQTT keepalive in seconds (default 10)")] = None,
+    poll_interval: Annotated[
+        float | None, typer.Option(help="posture probe interval in s (default 1)")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+) -> None:
+    """Run the agent: report posture, track and end sessions, serve the launch gate."""
+    settings = settings_or_fail(
+        config,
+        broker=broker,
+        data_dir=data_dir,
+        id=agent_id,
+        mode=mode,
+        controller_key=controller_key,
+        controller_id=controller_id,
+        policy=policy,
+        socket=socket,
+        keepalive=keepalive,
+        poll_interval=poll_interval,
+        log_level=log_level,
+    )
+    configure_logging(settings.log_level)
+    if settings.controller_key is None:
+        fail(
+            "--controller-key FILE is required: the controller's public key "
+            "(cleanroom-controller identity > controller.pub)"
+        )
+    try:
+        ctl_key = load_public_key(settings.controller_key)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key, _ = load_or_create_private_key(settings.key_path)
+        spool = Spool(settings.db_path)
+    except KeyFileError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{settings.data_dir}: {exc.strerror or exc}")
+    try:
+        agent = Agent(settings, key=key, controller_key=ctl_key, spool=spool)
+        asyncio.run(agent.run())
+    except StartupError as exc:
+        fail(str(exc))
+    finally:
+        spool.close()
+
+
+@app.command()
+def identity(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Print this agent's public key (PEM); creates the key (mode 0600) on first use."""
+    settings = settings_or_fail(config, data_dir=data_dir)
+    try:
+        key, created = load_or_create_private_key(settings.key_path)
+    except KeyFileError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{settings.key_path}: {exc.strerror or exc}")
+    if created:
+        typer.echo(f"created {settings.key_path}", err=True)
+    typer.echo(pem_of(key), nl=False)
+
+
+@app.command()
+def check(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the posture as one JSON object")] = False,
+    policy: Annotated[Path | None, typer.Option(help="judge against this policy file")] = None,
+    mode: Annotated[Mode | None, typer.Option(help="enforce or audit")] = None,
+    agent_id: Annotated[str | None, typer.Option("--id")] = None,
+    controller_key: Annotated[Path | None, typer.Option(help="verify the persisted signed policy")] = None,
+) -> None:
+    """Print this endpoint's posture once and exit."""
+    settings = settings_or_fail(
+        config, data_dir=data_dir, policy=policy, mode=mode, id=agent_id, controller_key=controller_key
+    )
+    try:
+        ctl_key = load_public_key(settings.controller_key) if settings.controller_key else None
+    except KeyFileError as exc:
+        fail(str(exc))
+    spool = Spool(settings.db_path) if settings.db_path.exists() and policy is None else None
+    try:
+        in_force = initial_policy(settings, spool, ctl_key)
+    except StartupError as exc:
+        fail(str(exc))
+    finally:
+        if spool is not None:
+            spool.close()
+    posture, reasons = snapshot_posture(settings, in_force, build_enforcers(lambda _event: None))
+    if as_json:
+        typer.echo(json.dumps(posture.model_dump(mode="json"), sort_keys=True))
+        return
+    ref = posture.policy
+    lines = [
+        f"agent      {posture.agent_id} {posture.agent_version} ({posture.mode.value} mode)",
+        f"policy     {f'{ref.id}@{ref.version} ({in_force.source.value})' if ref else 'none'}",
+        f"host       {posture.hostname}: {posture.os}, kernel {posture.kernel}, display {posture.display_server}",
+        f"users      {', '.join(posture.users) or '-'}",
+        "mounts     "
+        + (
+            "; ".join(
+                f"{m.mountpoint} ({m.fstype}{', removable' if m.removable else ''}{', rw' if m.writable else ''})"
+                for m in posture.mounts
+            )
+            or "-"
+        ),
+        "denied     " + (", ".join(f"{p.name}[{p.pid}]" for p in posture.denied_processes) or "-"),
+        "sessions   " + (", ".join(f"{s.id} {s.client} user={s.user}" for s in posture.sessions) or "-"),
+        "enforcers  " + (", ".join(f"{e.name}={e.state.value}" for e in posture.enforcers) or "-"),
+        "compliant  " + ("yes" if not reasons else "no: " + ", ".join(reasons)),
+    ]
+    typer.echo("\n".join(lines))
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def launch(
+    command: Annotated[list[str], typer.Argument(help="the VDI client and its arguments (after --)")],
+    socket: Annotated[
+        Path | None, typer.Option(help=f"agent socket (default $CLEANROOM_SOCKET or {DEFAULT_SOCKET})")
+    ] = None,
+) -> None:
+    """Start a VDI client only if the agent says this endpoint is compliant now; exit with its exit code."""
+    path = socket or Path(os.environ.get("CLEANROOM_SOCKET") or DEFAULT_SOCKET)
+    client = LocalSocketClient(path)
+    name = os.path.basename(command[0])
+    try:
+        answer = client.request({"op": "launch_check", "client": name})
+    except AgentUnreachable as exc:
+        fail(f"{exc}; is cleanroom-agent running?", EXIT_UNAVAILABLE)
+    if not answer.get("ok"):
+        fail(f"agent refused the request: {answer.get('error', 'no reason given')}", EXIT_SOFTWARE)
+    reasons = [str(r) for r in answer.get("reasons", [])]
+    if not answer.get("allowed"):
+        typer.echo(f"cleanroom-agent: launch of {name} denied:", err=True)
+        for reason in reasons:
+            typer.echo(f"  - {reason}", err=True)
+        raise typer.Exit(EXIT_DENIED)
+    if reasons:
+        typer.echo(f"cleanroom-agent: audit mode, would deny: {', '.join(reasons)}", err=True)
+    try:
+        child = subprocess.Popen(command)
+    except OSError as exc:
+        fail(
+            f"cannot start {command[0]}: {exc.strerror or exc}",
+            127 if isinstance(exc, FileNotFoundError) else 126,
+        )
+    try:
+        registered = client.request({"op": "register", "pid": child.pid})
+    except AgentUnreachable as exc:
+        registered = {"ok": False, "error": str(exc)}
+    if not registered.get("ok"):
+        # Not tracked means not controllable: fail closed.
+        child.terminate()
+        child.wait()
+        fail(f"could not register the session: {registered.get('error')}", EXIT_SOFTWARE)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = child.wait()
+    raise typer.Exit(128 - code if code < 0 else code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Pure decisions of the agent: which policy is in force, when to fail closed, whether a launch may go.
+
+No I/O here: the daemon gathers the facts and acts on the answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from cleanroom_protocol import Mode, Policy, PolicyRef, Posture, policy_hash, violations
+
+
+class PolicySource(StrEnum):
+    NONE = "none"
+    BOOTSTRAP = "bootstrap"  # the local --policy file, unsigned, used until a signed one arrives
+    SIGNED = "signed"  # verified against the controller key
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInForce:
+    policy: Policy | None
+    source: PolicySource
+
+    @property
+    def ref(self) -> PolicyRef | None:
+        if self.policy is None:
+            return None
+        return PolicyRef(id=self.policy.id, version=self.policy.version, hash=policy_hash(self.policy))
+
+    @property
+    def effective(self) -> Policy:
+        """The policy to act with; with none in force, the protocol defaults (known clients, nothing denied)."""
+        return self.policy if self.policy is not None else Policy(id="none", version=0)
+
+
+NO_POLICY = PolicyInForce(None, PolicySource.NONE)
+
+
+class PolicyChoice(StrEnum):
+    APPLY = "apply"
+    UNCHANGED = "unchanged"  # the same document again (retained re-delivery): nothing to do
+    OLDER = "older"  # refused: version below the one in force
+
+
+def choose_policy(current: PolicyInForce, candidate: Policy) -> PolicyChoice:
+    """Should a correctly signed ``candidate`` replace ``current``?
+
+    A signed policy always replaces an unsigned bootstrap or no policy (the controller is the authority);
+    among signed policies the version must not be older.
+    """
+    if current.source is not PolicySource.SIGNED or current.policy is None:
+        return PolicyChoice.APPLY
+    if candidate.version < current.policy.version:
+        return PolicyChoice.OLDER
+    if candidate.version == current.policy.version and policy_hash(candidate) == policy_hash(current.policy):
+        return PolicyChoice.UNCHANGED
+    return PolicyChoice.APPLY
+
+
+def may_end_sessions(mode: Mode, policy: Policy) -> bool:
+    """Does this agent end sessions by itself (enforce mode and ``end_session`` among the actions)?"""
+    return mode is Mode.ENFORCE and "end_session" in policy.on_violation.actions
+
+
+def fail_closed_reason(
+    *,
+    mode: Mode,
+    in_force: PolicyInForce,
+    offline_since: float | None,
+    now: float,
+    local_violations: list[str],
+    session_count: int,
+) -> str | None:
+    """Why the agent must end its sessions itself right now, or ``None``.
+
+    Only while cut off from the controller (online, the controller judges): offline longer than
+    ``report.max_offline_s``, or offline and locally non-compliant. Needs a policy in force whose actions
+    include ``end_session``, enforce mode, and something to end.
+    """
+    policy = in_force.policy
+    if policy is None or offline_since is None or session_count == 0 or not may_end_sessions(mode, policy):
+        return None
+    offline_for = now - offline_since
+    if offline_for > policy.report.max_offline_s:
+        return f"offline_for_{int(offline_for)}s"
+    if local_violations:
+        return "offline_non_compliant:" + ",".join(local_violations)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchDecision:
+    allowed: bool
+    reasons: list[str]
+    audit_only: bool = False  # audit mode: would have been denied, allowed anyway and reported
+
+
+def launch_decision(
+    *,
+    posture: Posture,
+    in_force: PolicyInForce,
+    client: str,
+    offline_since: float | None,
+    now: float,
+) -> LaunchDecision:
+    """May the VDI client ``client`` start now? Same compliance check the controller uses, plus: the
+    executable must be a configured client (else it would not be tracked as a session) and the agent
+    must not be cut off longer than ``max_offline_s``."""
+    policy = in_force.effective
+    reasons = list(violations(posture, policy)) if in_force.policy is not None else ["policy_missing"]
+    if client not in policy.sessions.clients:
+        reasons.append(f"not_a_session_client:{client}")
+    if offline_since is not None and now - offline_since > policy.report.max_offline_s:
+        reasons.append(f"offline_for_{int(now - offline_since)}s")
+    if not reasons:
+        return LaunchDecision(True, [])
+    if posture.mode is Mode.AUDIT:
+        return LaunchDecision(True, reasons, audit_only=True)
+    return LaunchDecision(False, reasons)

@@ -1,0 +1,67 @@
+"""Signing glue between the agent's messages and the spool: each message is sealed with the seq the
+spool allocates for it, in the same transaction, and lands on its channel's topic."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel
+
+from cleanroom_protocol import (
+    Ack,
+    AgentState,
+    Channel,
+    Event,
+    Kind,
+    Posture,
+    Status,
+    agent_topic,
+    seal,
+)
+
+from . import __version__
+from .spool import Spool
+
+# Rows of these keys replace older unsent rows of the same key; events and acks never coalesce.
+COALESCE_POSTURE = "posture"
+COALESCE_STATUS = "status"
+
+
+class Outbox:
+    def __init__(self, spool: Spool, *, agent_id: str, key: Ed25519PrivateKey) -> None:
+        self.spool = spool
+        self.agent_id = agent_id
+        self._key = key
+
+    def _put(
+        self,
+        kind: Kind,
+        body: BaseModel,
+        channel: Channel,
+        *,
+        retain: bool = False,
+        coalesce: str | None = None,
+    ) -> int:
+        return self.spool.enqueue(
+            agent_topic(self.agent_id, channel),
+            lambda seq: seal(kind, body, sender=self.agent_id, seq=seq, key=self._key),
+            retain=retain,
+            coalesce_key=coalesce,
+        )
+
+    def posture(self, posture: Posture) -> int:
+        return self._put(Kind.POSTURE, posture, Channel.POSTURE, coalesce=COALESCE_POSTURE)
+
+    def event(self, event: Event) -> int:
+        return self._put(Kind.EVENT, event, Channel.EVENTS)
+
+    def ack(self, ack: Ack) -> int:
+        return self._put(Kind.ACK, ack, Channel.ACKS)
+
+    def status(self, status: Status) -> int:
+        return self._put(Kind.STATUS, status, Channel.STATUS, retain=True, coalesce=COALESCE_STATUS)
+
+    def will(self) -> tuple[int, bytes]:
+        """Allocate the seq reserved for this connection's Last Will and sign the Will with it."""
+        seq = self.spool.next_seq()
+        body = Status(state=AgentState.OFFLINE, agent_version=__version__, reason="will")
+        return seq, seal(Kind.STATUS, body, sender=self.agent_id, seq=seq, key=self._key)

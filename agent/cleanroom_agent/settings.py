@@ -1,0 +1,139 @@
+"""Agent settings: defaults < TOML file (``--config``, else /etc/cleanroom/agent.toml if present) <
+``CLEANROOM_*`` environment < command-line flags."""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cleanroom_protocol import Mode, is_valid_agent_id
+
+DEFAULT_CONFIG = Path("/etc/cleanroom/agent.toml")
+DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-agent")
+DEFAULT_SOCKET = Path("/run/cleanroom/agent.sock")
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message names the file or key."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://host:port`` or ``mqtts://host:port`` (ports default to 1883 / 8883)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r}: {exc}") from exc
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.username:
+        raise ValueError(f"broker URL {url!r}: only mqtt[s]://host:port is supported")
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+def _default_id() -> str:
+    return socket.gethostname().split(".")[0] or "agent"
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLEANROOM_", extra="forbid")
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    data_dir: Path = DEFAULT_DATA_DIR
+    id: str = Field(default_factory=_default_id)
+    mode: Mode = Mode.ENFORCE
+    controller_key: Path | None = None
+    controller_id: str = "controller"
+    policy: Path | None = None
+    socket: Path = DEFAULT_SOCKET
+    keepalive: int = Field(default=10, ge=1, le=600)
+    poll_interval: float = Field(default=1.0, gt=0, le=60)
+    log_level: str = "info"
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parse_broker_url(value)
+        return value
+
+    @field_validator("id", "controller_id")
+    @classmethod
+    def _agent_id(cls, value: str) -> str:
+        if not is_valid_agent_id(value):
+            raise ValueError(f"{value!r} is not a valid id (letters, digits, . _ -; at most 64)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be debug, info, warning or error")
+        return value.lower()
+
+    @property
+    def broker_address(self) -> BrokerAddress:
+        return parse_broker_url(self.broker)
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / "agent.key"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "agent.db"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def load_settings(config: Path | None = None, **flags: Any) -> AgentSettings:
+    """Settings from the config file, the environment and ``flags`` (``None`` flags are not given)."""
+    if config is None and DEFAULT_CONFIG.exists():
+        config = DEFAULT_CONFIG
+    file_values = read_config_file(config) if config is not None else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+
+    class _FromFile(AgentSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=file_values)
+
+    try:
+        return _FromFile(**given)
+    except ValidationError as exc:
+        where = f" (config {config})" if config else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise SettingsError(f"invalid settings{where}: {problems}") from exc

@@ -1,0 +1,178 @@
+"""The durable outbox and the agent's small persistent state, in one SQLite file (``agent.db``).
+
+Everything the agent sends goes through one ordered outbox: a row is signed when it is enqueued (its seq
+allocated in the same transaction), published strictly in seq order and deleted only after the broker's
+PUBACK. WAL + ``synchronous=FULL`` so a committed row survives power loss.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MAX_REMEMBERED_COMMANDS = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL,
+    coalesce_key TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_coalesce ON outbox (coalesce_key);
+CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, ack TEXT NOT NULL, at REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    topic: str
+    payload: bytes
+    retain: bool
+    coalesce_key: str | None
+
+
+class Spool:
+    """Outbox + seq counter + key/value state. Thread-safe (one connection behind a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        # A fresh database starts its counter at the wall clock in ms rather than 1: if the file is ever lost
+        # and recreated, seqs still rise above those the controller accepted before (gaps are fine).
+        self._db.execute(
+            "INSERT OR IGNORE INTO counter (name, value) VALUES ('seq', ?)", (int(time.time() * 1000),)
+        )
+        self._listeners: list[Callable[[], None]] = []
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def on_enqueue(self, listener: Callable[[], None]) -> None:
+        """``listener`` is called after every enqueue (the link wakes its publisher with it)."""
+        self._listeners.append(listener)
+
+    # seq ---------------------------------------------------------------------------------------------
+    def next_seq(self) -> int:
+        """Allocate the next seq durably (committed before it is used to sign)."""
+        with self._lock:
+            return self._allocate()
+
+    def _allocate(self) -> int:
+        row = self._db.execute(
+            "UPDATE counter SET value = value + 1 WHERE name = 'seq' RETURNING value"
+        ).fetchone()
+        return int(row[0])
+
+    # outbox ------------------------------------------------------------------------------------------
+    def enqueue(
+        self,
+        topic: str,
+        make_payload: Callable[[int], bytes],
+        *,
+        retain: bool = False,
+        coalesce_key: str | None = None,
+    ) -> int:
+        """Allocate a seq, sign with ``make_payload(seq)`` and store the row, in one transaction.
+
+        With ``coalesce_key`` a newer row replaces older *unsent* rows of the same key (posture, status).
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._allocate()
+                payload = make_payload(seq)
+                if coalesce_key is not None:
+                    self._db.execute("DELETE FROM outbox WHERE coalesce_key = ?", (coalesce_key,))
+                self._db.execute(
+                    "INSERT INTO outbox (seq, topic, payload, retain, coalesce_key) VALUES (?, ?, ?, ?, ?)",
+                    (seq, topic, payload, int(retain), coalesce_key),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        for listener in self._listeners:
+            listener()
+        return seq
+
+    def first(self) -> OutboxRow | None:
+        """The unsent row with the lowest seq."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT seq, topic, payload, retain, coalesce_key FROM outbox ORDER BY seq LIMIT 1"
+            ).fetchone()
+        if row is None:
+            return None
+        return OutboxRow(int(row[0]), str(row[1]), bytes(row[2]), bool(row[3]), row[4])
+
+    def pending(self) -> list[OutboxRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, topic, payload, retain, coalesce_key FROM outbox ORDER BY seq"
+            ).fetchall()
+        return [OutboxRow(int(r[0]), str(r[1]), bytes(r[2]), bool(r[3]), r[4]) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def delete(self, seq: int) -> None:
+        """The broker acknowledged ``seq``: it leaves the outbox."""
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    # key/value state ---------------------------------------------------------------------------------
+    def get_state(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def get_int(self, key: str) -> int | None:
+        value = self.get_state(key)
+        return None if value is None else int(value)
+
+    # processed commands (idempotency) ----------------------------------------------------------------
+    def command_ack(self, command_id: str) -> dict[str, Any] | None:
+        """The ack body already sent for ``command_id``, if it was processed."""
+        with self._lock:
+            row = self._db.execute("SELECT ack FROM commands WHERE id = ?", (command_id,)).fetchone()
+        if row is None:
+            return None
+        value: dict[str, Any] = json.loads(row[0])
+        return value
+
+    def remember_command(self, command_id: str, ack: dict[str, Any]) -> None:
+        """Record the ack of a processed command; keep only the newest ``MAX_REMEMBERED_COMMANDS``."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO commands (id, ack, at) VALUES (?, ?, ?)",
+                (command_id, json.dumps(ack, sort_keys=True), time.time()),
+            )
+            self._db.execute(
+                "DELETE FROM commands WHERE id NOT IN (SELECT id FROM commands ORDER BY at DESC LIMIT ?)",
+                (MAX_REMEMBERED_COMMANDS,),
+            )
