@@ -1,0 +1,186 @@
+"""The audit trail's hash chain (pure) and its verification.
+
+Entry = ``{id, ts, kind, actor, subject, data}``; ``hash = sha256(prev_hash + canonical_json(entry))`` in hex,
+the first entry chaining from :data:`GENESIS`. Storage (append-only, in the controller's SQLite) is in
+``store.py``; this module only computes and checks.
+
+Verification walks the entries in storage (id) order and, at the first entry that does not fit, tells what
+most likely happened: ``edited`` (content no longer matches its hash, or a predecessor was rewritten with a
+recomputed hash), ``deleted`` (a link skips entries), ``inserted`` (an entry nobody chained to sits in the
+chain) or ``reordered`` (an entry chains to one that is stored after it). The chain has no secret: someone
+who can write the database *and* recomputes every later hash and the recorded head is not detected. The
+head (last id and hash) kept beside the chain catches truncation and appends at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from cleanroom_protocol import canonical_json
+
+GENESIS = "0" * 64
+# How far an entry's original id is searched for around its stored id, to tell a renumbered
+# (deleted / inserted / reordered) entry from an edited one. Only runs on the first bad entry.
+_ID_SEARCH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    ts: float
+    kind: str
+    actor: str
+    subject: str
+    data_json: str  # canonical JSON text of ``data`` as stored
+    prev_hash: str
+    hash: str
+
+    @property
+    def data(self) -> Any:
+        return json.loads(self.data_json)
+
+
+def entry_hash(
+    prev_hash: str, *, id: int, ts: float, kind: str, actor: str, subject: str, data_json: str
+) -> str:
+    """sha256 over the previous hash and the canonical JSON of the entry (data parsed back from its text)."""
+    entry = {
+        "id": id,
+        "ts": ts,
+        "kind": kind,
+        "actor": actor,
+        "subject": subject,
+        "data": json.loads(data_json),
+    }
+    return hashlib.sha256(prev_hash.encode("ascii") + canonical_json(entry)).hexdigest()
+
+
+def make_entry(
+    prev_id: int, prev_hash: str, *, ts: float, kind: str, actor: str, subject: str, data: Mapping[str, Any]
+) -> AuditEntry:
+    """The entry that follows ``(prev_id, prev_hash)`` (``(0, GENESIS)`` for the first)."""
+    data_json = canonical_json(dict(data)).decode("utf-8")
+    new_id = prev_id + 1
+    digest = entry_hash(
+        prev_hash, id=new_id, ts=ts, kind=kind, actor=actor, subject=subject, data_json=data_json
+    )
+    return AuditEntry(new_id, ts, kind, actor, subject, data_json, prev_hash, digest)
+
+
+class Tamper(StrEnum):
+    EDITED = "edited"
+    DELETED = "deleted"
+    INSERTED = "inserted"
+    REORDERED = "reordered"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainProblem:
+    entry_id: int  # the first bad entry (for a deletion: the first missing id)
+    tamper: Tamper
+    detail: str
+
+    def __str__(self) -> str:
+        return f"audit entry {self.entry_id}: {self.tamper.value}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    id: int
+    hash: str
+
+
+def _content_hash(e: AuditEntry, as_id: int) -> str | None:
+    try:
+        return entry_hash(
+            e.prev_hash,
+            id=as_id,
+            ts=e.ts,
+            kind=e.kind,
+            actor=e.actor,
+            subject=e.subject,
+            data_json=e.data_json,
+        )
+    except (ValueError, TypeError, UnicodeEncodeError):
+        return None  # data no longer JSON, hash not ASCII: certainly edited
+
+
+def verify_chain(entries: Iterable[AuditEntry], head: ChainHead | None = None) -> ChainProblem | None:
+    """``None`` when the chain is intact (and ends at ``head`` if given), else the first problem."""
+    chain = list(entries)
+    position = {e.hash: i for i, e in enumerate(chain)}
+    prev_hash, expected_id = GENESIS, 1
+    for i, e in enumerate(chain):
+        if e.id == expected_id and e.prev_hash == prev_hash and _content_hash(e, e.id) == e.hash:
+            prev_hash, expected_id = e.hash, expected_id + 1
+            continue
+        return _diagnose(chain, i, prev_hash, expected_id, position)
+    last_id = chain[-1].id if chain else 0
+    last_hash = chain[-1].hash if chain else GENESIS
+    if head is not None and (head.id, head.hash) != (last_id, last_hash):
+        if head.id > last_id:
+            return ChainProblem(
+                last_id + 1, Tamper.DELETED, f"entries {last_id + 1}..{head.id} are missing from the end"
+            )
+        if head.id < last_id:
+            return ChainProblem(
+                head.id + 1, Tamper.INSERTED, f"entries after the recorded head {head.id} were appended"
+            )
+        return ChainProblem(last_id, Tamper.EDITED, "the last entry differs from the recorded head")
+    return None
+
+
+def _diagnose(
+    chain: list[AuditEntry], i: int, prev_hash: str, expected_id: int, position: dict[str, int]
+) -> ChainProblem:
+    e = chain[i]
+    original_id = next(
+        (
+            cand
+            for cand in sorted(
+                range(max(1, e.id - _ID_SEARCH), e.id + _ID_SEARCH + 1), key=lambda c: abs(c - e.id)
+            )
+            if _content_hash(e, cand) == e.hash
+        ),
+        None,
+    )
+    if original_id is None:
+        # The content does not match its own hash under any nearby id.
+        nxt = chain[i + 1] if i + 1 < len(chain) else None
+        if nxt is not None and nxt.prev_hash == prev_hash:
+            return ChainProblem(e.id, Tamper.INSERTED, "the next entry chains past it; nothing chains to it")
+        return ChainProblem(e.id, Tamper.EDITED, "its content no longer matches its hash")
+    linked_at = position.get(e.prev_hash)
+    if linked_at is not None and linked_at > i:
+        return ChainProblem(
+            e.id,
+            Tamper.REORDERED,
+            f"it chains to entry stored as {chain[linked_at].id}, which comes after it (originally {original_id})",
+        )
+    if e.prev_hash == prev_hash:
+        # Links correctly but carries another id than it was written with.
+        return ChainProblem(e.id, Tamper.EDITED, f"its id was changed (written as {original_id})")
+    if original_id > expected_id:
+        missing = f"{expected_id}" if original_id == expected_id + 1 else f"{expected_id}..{original_id - 1}"
+        return ChainProblem(expected_id, Tamper.DELETED, f"entry {missing} is missing before entry {e.id}")
+    if original_id < expected_id and linked_at is not None and linked_at < i - 1:
+        first = chain[linked_at + 1]
+        return ChainProblem(
+            first.id,
+            Tamper.INSERTED,
+            f"entries {first.id}..{chain[i - 1].id} sit between {chain[linked_at].id} and the entry written next",
+        )
+    if linked_at is None and i > 0:
+        if original_id == expected_id:
+            return ChainProblem(
+                chain[i - 1].id,
+                Tamper.EDITED,
+                f"entry {e.id} chains to a different version of it (rewritten with a recomputed hash)",
+            )
+        return ChainProblem(e.id, Tamper.REORDERED, f"it was written as entry {original_id}")
+    return ChainProblem(e.id, Tamper.EDITED, "it does not chain to the entry before it")

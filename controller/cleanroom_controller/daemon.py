@@ -1,0 +1,176 @@
+"""Composition root of ``cleanroom-controller run``: wires store, audit, policy, ingest, tracker, driver and
+the broker link into one ``asyncio.TaskGroup`` of named tasks, and stops cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from cleanroom_protocol import POLICY_TOPIC, load_or_create_private_key
+
+from .actions import ActionRunner
+from .broker import EmbeddedBroker
+from .decide import EndSession
+from .drivers.agent import AgentDriver
+from .ingest import Ingest, KeyCache, subscriptions
+from .link import BrokerLink
+from .models import CommandState
+from .policy_keeper import PolicyKeeper
+from .recorder import Recorder
+from .settings import ControllerSettings, parse_broker_url
+from .signer import Signer
+from .store import Store
+from .tracker import Tracker
+
+log = structlog.get_logger("cleanroom.controller")
+
+KEY_NAME = "controller.key"
+
+
+class Stop(Exception):
+    """Raised inside the task group to end it on a signal."""
+
+
+class Controller:
+    def __init__(self, settings: ControllerSettings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.key, _ = load_or_create_private_key(settings.data_dir / KEY_NAME)
+        self.store = Store.open(settings.data_dir)
+        self.recorder = Recorder(self.store, f"controller:{settings.id}")
+        self.signer = Signer(self.store, self.key, settings.id)
+        self.policy = PolicyKeeper(
+            store=self.store, recorder=self.recorder, signer=self.signer, path=settings.policy
+        )
+        self.address = parse_broker_url(settings.broker)
+        self._tg: asyncio.TaskGroup | None = None
+        self._pending_actions: list[EndSession] = []
+        self.link = BrokerLink(
+            self.address,
+            client_id=settings.mqtt_client_id,
+            keepalive=settings.keepalive,
+            subscriptions=subscriptions(settings.share_group),
+            on_message=self._on_message,
+            on_connect=self._publish_policy,
+        )
+        self.driver = AgentDriver(
+            store=self.store,
+            recorder=self.recorder,
+            signer=self.signer,
+            publisher=self.link,
+            timeout_s=settings.command_timeout,
+            attempts=settings.command_attempts,
+        )
+        self.actions = ActionRunner(
+            driver=self.driver, store=self.store, recorder=self.recorder, spawn=self._spawn
+        )
+        self.tracker = Tracker(
+            store=self.store,
+            recorder=self.recorder,
+            policy=lambda: self.policy.policy,
+            act=self.actions.submit,
+        )
+        self.ingest = Ingest(
+            store=self.store,
+            recorder=self.recorder,
+            tracker=self.tracker,
+            keys=KeyCache(self.store),
+            max_skew_s=settings.max_skew_s,
+            on_ack=self.driver.ack_received,
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._tg is None:
+            coro.close()
+            return
+        self._tg.create_task(coro, name=name)
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        self.ingest.handle(topic, payload, retained=retained)
+
+    async def _publish_policy(self) -> None:
+        payload = self.policy.signed_document()
+        await self.link.publish(POLICY_TOPIC, payload, retain=True)
+        self.recorder.record(
+            "policy.published",
+            self.policy.policy.id,
+            {"version": self.policy.policy.version, "hash": self.policy.hash},
+        )
+        log.info("policy_published", policy=f"{self.policy.policy.id}@{self.policy.policy.version}")
+
+    async def _silence_ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.silence_check_s)
+            try:
+                self.tracker.tick(time.time())
+            except Exception:
+                log.exception("silence_check_failed")
+
+    async def _resume_commands(self) -> None:
+        for command in self.store.commands(CommandState.PENDING):
+            log.info("command_resumed", command=command.id, agent=command.agent)
+            self._spawn(self._resume(command.id), f"command:{command.id}")
+
+    async def _resume(self, command_id: str) -> None:
+        command = self.store.command(command_id)
+        if command is None:
+            return
+        outcome = await self.driver.deliver(command)
+        self.actions.apply(command.agent, command.session_id, outcome)
+
+    async def _watch_policy(self) -> None:
+        async def changed() -> None:
+            if self.link.connected:
+                await self._publish_policy()
+            # otherwise the next connect publishes it
+
+        await self.policy.watch(changed)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or SIGTERM/SIGINT when not given)."""
+        self.policy.load_initial()
+        embedded = EmbeddedBroker(self.address.port) if self.settings.embedded_broker else None
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+        self.recorder.record(
+            "controller.started",
+            self.settings.id,
+            {"broker": self.settings.broker, "policy": self.policy.hash},
+        )
+        try:
+            if embedded is not None:
+                await embedded.start()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    tg.create_task(self.link.run(), name="broker_link")
+                    tg.create_task(self._silence_ticker(), name="silence_ticker")
+                    tg.create_task(self._watch_policy(), name="policy_watcher")
+                    tg.create_task(self._resume_commands(), name="command_retries")
+                    tg.create_task(self._stop_on(stop), name="stop")
+            except* Stop:
+                pass
+        finally:
+            self._tg = None
+            if embedded is not None:
+                await embedded.shutdown()
+            self.recorder.record("controller.stopped", self.settings.id, {})
+            self.store.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            log.info("controller_stopped")
+
+    @staticmethod
+    async def _stop_on(stop: asyncio.Event) -> None:
+        await stop.wait()
+        raise Stop

@@ -1,0 +1,235 @@
+"""Every message from the agents: verify → de-duplicate → record the verdict → hand facts to the tracker.
+
+Subscribes (QoS 1) to ``cleanroom/v1/agents/+/{posture,events,status,acks}``, optionally as a shared
+subscription. The topic names who the sender must be and what kind; verification uses the sender's enrolled
+key, its last accepted seq and the seq it announced for its Last Will. A message redelivered by QoS 1 (same
+agent, seq and bytes) is a duplicate, stored once and not counted as a reject; a retained status replayed to
+a restarted controller is expected and recorded, not counted. Everything else that fails is counted per
+status and audited. Nothing here raises on bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cleanroom_protocol import (
+    AGENT_TO_CONTROLLER,
+    Ack,
+    Channel,
+    Event,
+    KeyFileError,
+    Kind,
+    Posture,
+    Status,
+    VerdictStatus,
+    agent_filter,
+    parse_agent_topic,
+    parse_public_key,
+    verify,
+)
+
+from .recorder import Recorder
+from .store import Store
+from .tracker import Tracker
+
+log = structlog.get_logger("cleanroom.controller.ingest")
+
+KIND_OF_CHANNEL = {
+    Channel.POSTURE: Kind.POSTURE,
+    Channel.EVENTS: Kind.EVENT,
+    Channel.STATUS: Kind.STATUS,
+    Channel.ACKS: Kind.ACK,
+}
+UNENROLLED = "(unenrolled)"  # rejects from ids nobody enrolled are counted together: bounded rows
+UNKNOWN_TOPIC = "(topic)"
+_NEGATIVE_TTL_S = 5.0
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    RETAINED_REPLAY = "retained_replay"
+    REJECTED = "rejected"
+
+
+def subscriptions(share_group: str | None) -> list[str]:
+    return [agent_filter(channel, share_group=share_group) for channel in AGENT_TO_CONTROLLER]
+
+
+class KeyCache:
+    """Enrolled public keys by agent id; misses go to the store (enrolment happens from the CLI)."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._clock = clock
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._missing: dict[str, float] = {}
+
+    def __call__(self, agent: str) -> Ed25519PublicKey | None:
+        key = self._keys.get(agent)
+        if key is not None:
+            return key
+        if self._clock() - self._missing.get(agent, -_NEGATIVE_TTL_S) < _NEGATIVE_TTL_S:
+            return None
+        pem = self._store.public_key_pem(agent)
+        if pem is None:
+            if len(self._missing) > 10_000:
+                self._missing.clear()
+            self._missing[agent] = self._clock()
+            return None
+        try:
+            key = parse_public_key(pem.encode("ascii"), source=f"enrolled key of {agent}")
+        except KeyFileError:
+            log.error("enrolled_key_unreadable", agent=agent)
+            return None
+        self._keys[agent] = key
+        return key
+
+    def is_enrolled(self, agent: str) -> bool:
+        return self(agent) is not None
+
+
+class Ingest:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        recorder: Recorder,
+        tracker: Tracker,
+        keys: KeyCache,
+        max_skew_s: float,
+        on_ack: Callable[[str, Ack], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._recorder = recorder
+        self._tracker = tracker
+        self._keys = keys
+        self._max_skew_s = max_skew_s
+        self._on_ack = on_ack
+        self._clock = clock
+
+    def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> Outcome:
+        try:
+            return self._handle(topic, payload, retained)
+        except Exception:  # a bug on one message must not stop ingest; it is logged and audited
+            log.exception("ingest_error", topic=topic[:200])
+            try:
+                self._recorder.record("ingest.error", topic[:200], {"bytes": len(payload)})
+            except Exception:
+                log.exception("audit_failed")
+            return Outcome.REJECTED
+
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> Outcome:
+        now = self._clock()
+        parsed = parse_agent_topic(topic)
+        if parsed is None or parsed[1] not in KIND_OF_CHANNEL:
+            return self._reject(
+                UNKNOWN_TOPIC, topic, VerdictStatus.MALFORMED, "not an agent-to-controller topic", now
+            )
+        agent, channel = parsed
+        ep = self._store.endpoint(agent)
+        verdict = verify(
+            payload,
+            public_key_for=self._keys,
+            last_seq=ep.last_seq,
+            now=now,
+            max_skew_s=self._max_skew_s,
+            will_seq=ep.will_seq,
+            expected_sender=agent,
+            expected_kind=KIND_OF_CHANNEL[channel],
+        )
+        digest = hashlib.sha256(payload).hexdigest()
+        base = {"topic": topic, "seq": verdict.seq, "retained": retained, "bytes": len(payload)}
+        if not verdict.ok:
+            seq = verdict.seq
+            if (
+                verdict.status is VerdictStatus.REPLAYED
+                and seq is not None
+                and self._store.message_digest(agent, seq) == digest
+            ):
+                self._recorder.record("verdict", agent, {**base, "status": "duplicate"}, actor=agent)
+                return Outcome.DUPLICATE
+            if (
+                retained
+                and channel is Channel.STATUS
+                and verdict.status
+                in (
+                    VerdictStatus.REPLAYED,
+                    VerdictStatus.STALE,
+                )
+            ):
+                # The broker replays the retained status to every new subscription, e.g. after a restart.
+                self._recorder.record(
+                    "verdict",
+                    agent,
+                    {
+                        **base,
+                        "status": verdict.status.value,
+                        "detail": verdict.detail,
+                        "expected": "retained",
+                    },
+                    actor=agent,
+                )
+                return Outcome.RETAINED_REPLAY
+            counted_as = agent if self._keys.is_enrolled(agent) else UNENROLLED
+            return self._reject(counted_as, topic, verdict.status, verdict.detail, now, base)
+
+        assert verdict.envelope is not None  # ok verdicts carry both
+        seq = verdict.envelope.seq
+        if not self._store.record_message(agent, seq, verdict.envelope.kind.value, digest, now):
+            # Only a Last Will (exempt from the replay check) can be accepted twice: the retained copy.
+            self._recorder.record("verdict", agent, {**base, "status": "duplicate"}, actor=agent)
+            return Outcome.DUPLICATE
+        self._recorder.record(
+            "verdict",
+            agent,
+            {**base, "status": "ok", "kind": verdict.envelope.kind.value, "will": verdict.is_will},
+            actor=agent,
+        )
+        body = verdict.body
+        if isinstance(body, Posture):
+            self._tracker.on_posture(agent, body, seq=seq, now=now)
+        elif isinstance(body, Status):
+            self._tracker.on_status(agent, body, seq=seq, now=now, is_will=verdict.is_will)
+        elif isinstance(body, Event):
+            self._store.add_event(
+                agent,
+                seq,
+                kind=body.kind,
+                ts=verdict.envelope.ts,
+                at=body.at,
+                severity=body.severity.value,
+                blocked=body.blocked,
+                details=dict(body.details),
+                now=now,
+            )
+            self._tracker.on_event(agent, body, seq=seq, now=now)
+        elif isinstance(body, Ack):
+            self._tracker.on_ack(agent, body, seq=seq, now=now)
+            if self._on_ack is not None:
+                self._on_ack(agent, body)
+        return Outcome.ACCEPTED
+
+    def _reject(
+        self,
+        counted_as: str,
+        topic: str,
+        status: VerdictStatus,
+        detail: str,
+        now: float,
+        base: Mapping[str, object] | None = None,
+    ) -> Outcome:
+        self._store.count_reject(counted_as, status.value, now)
+        data = {**(base or {"topic": topic[:200]}), "status": status.value, "detail": detail[:500]}
+        self._recorder.record("verdict", counted_as, data, actor=counted_as)
+        log.warning(
+            "message_rejected", sender=counted_as, topic=topic[:200], status=status.value, detail=detail[:200]
+        )
+        return Outcome.REJECTED

@@ -1,0 +1,99 @@
+"""The controller's one MQTT connection: persistent session (clean_session=False, so QoS 1 commands and
+agent messages queue across reconnects), subscriptions on connect, jittered reconnect backoff, and a
+``publish`` that waits for the link instead of failing while it is down."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from .settings import BrokerAddress
+
+log = structlog.get_logger("cleanroom.controller.link")
+
+MessageHandler = Callable[[str, bytes, bool], None]
+ConnectHook = Callable[[], Coroutine[Any, Any, None]]
+
+
+def backoff(attempt: int) -> float:
+    return random.uniform(0, 1.5 ** min(10, attempt))  # noqa: S311 - jitter, not a secret
+
+
+class BrokerLink:
+    def __init__(
+        self,
+        address: BrokerAddress,
+        *,
+        client_id: str,
+        keepalive: int,
+        subscriptions: list[str],
+        on_message: MessageHandler,
+        on_connect: ConnectHook | None = None,
+    ) -> None:
+        self._address = address
+        self._client_id = client_id
+        self._keepalive = keepalive
+        self._subscriptions = subscriptions
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        while True:
+            await self._connected.wait()
+            client = self._client
+            if client is None:
+                continue
+            try:
+                await client.publish(topic, payload, qos=1, retain=retain)
+                return
+            except aiomqtt.MqttError as exc:
+                log.warning("publish_failed", topic=topic, error=str(exc))
+                self._connected.clear()
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self._address.host,
+                    self._address.port,
+                    identifier=self._client_id,
+                    clean_session=False,
+                    keepalive=self._keepalive,
+                    tls_params=aiomqtt.TLSParameters() if self._address.tls else None,
+                    max_concurrent_outgoing_calls=200,
+                    max_queued_incoming_messages=100_000,
+                ) as client:
+                    for flt in self._subscriptions:
+                        await client.subscribe(flt, qos=1)
+                    self._client = client
+                    self._connected.set()
+                    attempt = 0
+                    log.info("broker_connected", host=self._address.host, port=self._address.port)
+                    if self._on_connect is not None:
+                        asyncio.get_running_loop().create_task(self._on_connect(), name="on_connect")
+                    async for message in client.messages:
+                        payload = message.payload
+                        raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+                        self._on_message(str(message.topic), bytes(raw), bool(message.retain))
+            except aiomqtt.MqttError as exc:
+                self._connected.clear()
+                self._client = None
+                attempt += 1
+                delay = backoff(attempt)
+                log.warning("broker_disconnected", error=str(exc), retry_in=round(delay, 2), attempt=attempt)
+                await asyncio.sleep(delay)
+            finally:
+                self._connected.clear()
+                self._client = None

@@ -1,0 +1,112 @@
+"""Controller settings: defaults < TOML file (``--config``) < ``CLEANROOM_*`` environment < command-line flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-controller")
+
+
+class SettingsError(Exception):
+    """A settings file or value the controller cannot start with (the message names which)."""
+
+
+class ControllerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLEANROOM_", extra="forbid")
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    data_dir: Path = DEFAULT_DATA_DIR
+    policy: Path | None = None
+    embedded_broker: bool = False
+    share_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    id: str = Field(default="controller", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    client_id: str | None = None  # MQTT client id; default "cleanroom-{id}" (must be unique per process)
+    command_timeout: float = Field(default=5.0, gt=0, le=3600)
+    command_attempts: int = Field(default=6, ge=1, le=100)
+    keepalive: int = Field(default=10, ge=1, le=3600)
+    max_skew_s: float = Field(default=300.0, gt=0)
+    silence_check_s: float = Field(default=1.0, gt=0, le=60)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.client_id or f"cleanroom-{self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://host:port`` or ``mqtts://host:port`` (ports default to 1883 / 8883)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise SettingsError(f"broker URL {url!r}: expected mqtt://host:port or mqtts://host:port")
+    try:
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    except ValueError as exc:
+        raise SettingsError(f"broker URL {url!r}: {exc}") from exc
+    return BrokerAddress(parts.hostname, port, parts.scheme == "mqtts")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: invalid TOML: {exc}") from exc
+    # Accept both a flat file and a [controller] table.
+    section = data.get("controller", data)
+    if not isinstance(section, dict):
+        raise SettingsError(f"{path}: [controller] must be a table")
+    return {k.replace("-", "_"): v for k, v in section.items()}
+
+
+def load_settings(config: Path | None = None, **flags: Any) -> ControllerSettings:
+    """Settings from the layers; ``None`` flags are "not given". Raises :class:`SettingsError` naming the field."""
+    file_values = _read_toml(config) if config is not None else {}
+
+    class _Layered(ControllerSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _FileSource(settings_cls, file_values))
+
+    try:
+        layered = _Layered(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        where = f" (from {config} or CLEANROOM_{field.upper()})" if config else ""
+        raise SettingsError(f"setting {field}{where}: {err['msg']}") from exc
+    return ControllerSettings.model_construct(**layered.model_dump())
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)

@@ -1,0 +1,458 @@
+"""The controller's state in SQLite (WAL): enrolled agents, endpoints, sessions, events, decisions, commands,
+reject counts, the audit chain and a few durable counters.
+
+Everything SQL lives here behind :class:`Store`, so PostgreSQL can replace it later without touching the
+decision code. The daemon is the main writer; CLI commands (``agents add``) write too, so every audit append
+reads the chain tip inside its own ``BEGIN IMMEDIATE`` transaction instead of trusting a cached one.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cleanroom_protocol import canonical_json
+
+from .audit import GENESIS, AuditEntry, ChainHead, make_entry
+from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
+
+DB_NAME = "controller.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint TEXT NOT NULL, enrolled_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    agent TEXT PRIMARY KEY, condition TEXT NOT NULL DEFAULT 'unknown', online INTEGER, compliant INTEGER,
+    reasons TEXT NOT NULL DEFAULT '[]', last_seen REAL, last_seq INTEGER, will_seq INTEGER, mode TEXT,
+    policy TEXT, posture TEXT, updated REAL
+);
+CREATE TABLE IF NOT EXISTS rejects (
+    sender TEXT NOT NULL, status TEXT NOT NULL, count INTEGER NOT NULL, last_at REAL NOT NULL,
+    PRIMARY KEY (sender, status)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, digest TEXT NOT NULL, received REAL NOT NULL,
+    PRIMARY KEY (agent, seq)
+);
+CREATE TABLE IF NOT EXISTS events (
+    agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL, at REAL NOT NULL,
+    severity TEXT NOT NULL, blocked INTEGER NOT NULL, details TEXT NOT NULL, received REAL NOT NULL,
+    UNIQUE (agent, seq)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    agent TEXT NOT NULL, id TEXT NOT NULL, state TEXT NOT NULL, client TEXT NOT NULL DEFAULT '', pid INTEGER,
+    user TEXT, started REAL, ended_reason TEXT, ending_reason TEXT, command_id TEXT, command_result TEXT,
+    command_condition TEXT, updated REAL NOT NULL, PRIMARY KEY (agent, id)
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY, agent TEXT NOT NULL, ts REAL NOT NULL, condition TEXT NOT NULL,
+    reasons TEXT NOT NULL, actions TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY, agent TEXT NOT NULL, session_id TEXT, action TEXT NOT NULL, reason TEXT NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, last_sent REAL,
+    result TEXT, detail TEXT NOT NULL DEFAULT '', sessions TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL, subject TEXT NOT NULL,
+    data TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
+);
+-- Append-only against accidents; a determined attacker can drop these, which the hash chain then shows.
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+CREATE INDEX IF NOT EXISTS events_received ON events (received);
+CREATE INDEX IF NOT EXISTS commands_state ON commands (state);
+"""
+
+
+class AgentExistsError(Exception):
+    """``agents add`` for an id already enrolled with another key."""
+
+
+def _b(value: Any) -> bool | None:
+    return None if value is None else bool(value)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    @classmethod
+    def open(cls, data_dir: Path) -> Store:
+        return cls(data_dir / DB_NAME)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- meta and counters -------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def next_seq(self) -> int:
+        """The controller's next outgoing seq: allocated (and durable) before anything is signed with it."""
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+            seq = int(row[0]) + 1 if row else 1
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('seq', ?)", (str(seq),))
+        return seq
+
+    # -- agents --------------------------------------------------------------------------------------------
+    def add_agent(self, agent: str, public_key_pem: str, fp: str, now: float) -> bool:
+        """Enrol ``agent``; ``False`` if already enrolled with this key; raise if with another one."""
+        with self.transaction() as db:
+            row = db.execute("SELECT public_key FROM agents WHERE id = ?", (agent,)).fetchone()
+            if row is not None:
+                if row[0].strip() == public_key_pem.strip():
+                    return False
+                raise AgentExistsError(f"agent {agent!r} is already enrolled with another key")
+            db.execute(
+                "INSERT INTO agents (id, public_key, fingerprint, enrolled_at) VALUES (?, ?, ?, ?)",
+                (agent, public_key_pem, fp, now),
+            )
+            db.execute("INSERT OR IGNORE INTO endpoints (agent, updated) VALUES (?, ?)", (agent, now))
+        return True
+
+    def public_key_pem(self, agent: str) -> str | None:
+        row = self._db.execute("SELECT public_key FROM agents WHERE id = ?", (agent,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def agent_fingerprints(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._db.execute("SELECT id, fingerprint FROM agents")}
+
+    # -- endpoints -----------------------------------------------------------------------------------------
+    def endpoint(self, agent: str) -> EndpointState:
+        row = self._db.execute("SELECT * FROM endpoints WHERE agent = ?", (agent,)).fetchone()
+        return EndpointState(agent) if row is None else self._endpoint(row)
+
+    def endpoints(self) -> list[EndpointState]:
+        rows = self._db.execute(
+            "SELECT e.* FROM endpoints e JOIN agents a ON a.id = e.agent ORDER BY e.agent"
+        ).fetchall()
+        return [self._endpoint(r) for r in rows]
+
+    @staticmethod
+    def _endpoint(r: sqlite3.Row) -> EndpointState:
+        return EndpointState(
+            agent=r["agent"],
+            condition=Condition(r["condition"]),
+            online=_b(r["online"]),
+            compliant=_b(r["compliant"]),
+            reasons=tuple(json.loads(r["reasons"])),
+            last_seen=r["last_seen"],
+            last_seq=r["last_seq"],
+            will_seq=r["will_seq"],
+            mode=r["mode"],
+            policy=r["policy"],
+        )
+
+    def save_endpoint(self, ep: EndpointState, *, posture: dict[str, Any] | None = None) -> None:
+        self._db.execute(
+            """INSERT INTO endpoints (agent, condition, online, compliant, reasons, last_seen, last_seq, will_seq,
+                   mode, policy, posture, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (agent) DO UPDATE SET condition=excluded.condition, online=excluded.online,
+                   compliant=excluded.compliant, reasons=excluded.reasons, last_seen=excluded.last_seen,
+                   last_seq=excluded.last_seq, will_seq=excluded.will_seq, mode=excluded.mode,
+                   policy=excluded.policy, posture=COALESCE(excluded.posture, endpoints.posture),
+                   updated=excluded.updated""",
+            (
+                ep.agent,
+                ep.condition.value,
+                ep.online,
+                ep.compliant,
+                json.dumps(list(ep.reasons)),
+                ep.last_seen,
+                ep.last_seq,
+                ep.will_seq,
+                ep.mode,
+                ep.policy,
+                None if posture is None else json.dumps(posture),
+                time.time(),
+            ),
+        )
+
+    # -- rejects and accepted messages ------------------------------------------------------------------------
+    def count_reject(self, sender: str, status: str, now: float) -> None:
+        self._db.execute(
+            """INSERT INTO rejects (sender, status, count, last_at) VALUES (?, ?, 1, ?)
+               ON CONFLICT (sender, status) DO UPDATE SET count = count + 1, last_at = excluded.last_at""",
+            (sender, status, now),
+        )
+
+    def reject_counts(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for sender, status, count in self._db.execute("SELECT sender, status, count FROM rejects"):
+            counts.setdefault(sender, {})[status] = count
+        return counts
+
+    def record_message(self, agent: str, seq: int, kind: str, digest: str, now: float) -> bool:
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO messages (agent, seq, kind, digest, received) VALUES (?, ?, ?, ?, ?)",
+            (agent, seq, kind, digest, now),
+        )
+        return cur.rowcount == 1
+
+    def message_digest(self, agent: str, seq: int) -> str | None:
+        row = self._db.execute(
+            "SELECT digest FROM messages WHERE agent = ? AND seq = ?", (agent, seq)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- events --------------------------------------------------------------------------------------------
+    def add_event(
+        self,
+        agent: str,
+        seq: int,
+        *,
+        kind: str,
+        ts: float,
+        at: float,
+        severity: str,
+        blocked: bool,
+        details: dict[str, Any],
+        now: float,
+    ) -> bool:
+        """Store an event once per (agent, seq); ``False`` for a duplicate."""
+        cur = self._db.execute(
+            """INSERT OR IGNORE INTO events (agent, seq, kind, ts, at, severity, blocked, details, received)
+               VALUES (?,?,?,?,?,?,?,?,?)""",
+            (agent, seq, kind, ts, at, severity, blocked, json.dumps(details), now),
+        )
+        return cur.rowcount == 1
+
+    def events(self, limit: int = 1000, agent: str | None = None) -> list[dict[str, Any]]:
+        if agent:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE agent = ? ORDER BY received, agent, seq LIMIT ?", (agent, limit)
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM events ORDER BY received, agent, seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [
+            {
+                "agent": r["agent"],
+                "kind": r["kind"],
+                "seq": r["seq"],
+                "ts": r["ts"],
+                "at": r["at"],
+                "severity": r["severity"],
+                "blocked": bool(r["blocked"]),
+                "details": json.loads(r["details"]),
+            }
+            for r in rows
+        ]
+
+    # -- sessions ------------------------------------------------------------------------------------------
+    def sessions(self, agent: str | None = None) -> list[SessionRecord]:
+        if agent:
+            rows = self._db.execute("SELECT * FROM sessions WHERE agent = ? ORDER BY started, id", (agent,))
+        else:
+            rows = self._db.execute("SELECT * FROM sessions ORDER BY agent, started, id")
+        return [self._session(r) for r in rows]
+
+    def session(self, agent: str, session_id: str) -> SessionRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM sessions WHERE agent = ? AND id = ?", (agent, session_id)
+        ).fetchone()
+        return None if row is None else self._session(row)
+
+    @staticmethod
+    def _session(r: sqlite3.Row) -> SessionRecord:
+        return SessionRecord(
+            agent=r["agent"],
+            id=r["id"],
+            state=SessionState(r["state"]),
+            client=r["client"],
+            pid=r["pid"],
+            user=r["user"],
+            started=r["started"],
+            ended_reason=r["ended_reason"],
+            ending_reason=r["ending_reason"],
+            command_id=r["command_id"],
+            command_result=r["command_result"],
+            command_condition=r["command_condition"],
+        )
+
+    def save_session(self, s: SessionRecord) -> None:
+        self._db.execute(
+            """INSERT OR REPLACE INTO sessions (agent, id, state, client, pid, user, started, ended_reason,
+                   ending_reason, command_id, command_result, command_condition, updated)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+            (
+                s.agent,
+                s.id,
+                s.state.value,
+                s.client,
+                s.pid,
+                s.user,
+                s.started,
+                s.ended_reason,
+                s.ending_reason,
+                s.command_id,
+                s.command_result,
+                s.command_condition,
+                time.time(),
+            ),
+        )
+
+    # -- decisions -----------------------------------------------------------------------------------------
+    def add_decision(
+        self, agent: str, ts: float, condition: str, reasons: list[str], actions: list[dict[str, Any]]
+    ) -> int:
+        cur = self._db.execute(
+            "INSERT INTO decisions (agent, ts, condition, reasons, actions) VALUES (?, ?, ?, ?, ?)",
+            (agent, ts, condition, json.dumps(reasons), json.dumps(actions)),
+        )
+        return int(cur.lastrowid or 0)
+
+    def decisions(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [
+            {
+                "id": r["id"],
+                "agent": r["agent"],
+                "ts": r["ts"],
+                "condition": r["condition"],
+                "reasons": json.loads(r["reasons"]),
+                "actions": json.loads(r["actions"]),
+            }
+            for r in rows
+        ]
+
+    # -- commands ------------------------------------------------------------------------------------------
+    def save_command(self, c: CommandRecord) -> None:
+        self._db.execute(
+            """INSERT OR REPLACE INTO commands (id, agent, session_id, action, reason, state, attempts, created,
+                   last_sent, result, detail, sessions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
+            (
+                c.id,
+                c.agent,
+                c.session_id,
+                c.action,
+                c.reason,
+                c.state.value,
+                c.attempts,
+                c.created,
+                c.last_sent,
+                c.result,
+                c.detail,
+                json.dumps(list(c.sessions)),
+            ),
+        )
+
+    def command(self, command_id: str) -> CommandRecord | None:
+        row = self._db.execute("SELECT * FROM commands WHERE id = ?", (command_id,)).fetchone()
+        return None if row is None else self._command(row)
+
+    def commands(self, state: CommandState | None = None) -> list[CommandRecord]:
+        if state is None:
+            rows = self._db.execute("SELECT * FROM commands ORDER BY created").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM commands WHERE state = ? ORDER BY created", (state.value,)
+            ).fetchall()
+        return [self._command(r) for r in rows]
+
+    @staticmethod
+    def _command(r: sqlite3.Row) -> CommandRecord:
+        return CommandRecord(
+            id=r["id"],
+            agent=r["agent"],
+            session_id=r["session_id"],
+            action=r["action"],
+            reason=r["reason"],
+            state=CommandState(r["state"]),
+            attempts=r["attempts"],
+            created=r["created"],
+            last_sent=r["last_sent"],
+            result=r["result"],
+            detail=r["detail"],
+            sessions=tuple(json.loads(r["sessions"])),
+        )
+
+    # -- audit ---------------------------------------------------------------------------------------------
+    def append_audit(
+        self, kind: str, actor: str, subject: str, data: dict[str, Any], ts: float | None = None
+    ) -> AuditEntry:
+        """Chain and store one entry; the tip is read inside the write transaction (several writers)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+            prev_id, prev_hash = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+            entry = make_entry(
+                prev_id,
+                prev_hash,
+                ts=time.time() if ts is None else ts,
+                kind=kind,
+                actor=actor,
+                subject=subject,
+                data=json.loads(canonical_json(data)),
+            )
+            db.execute(
+                "INSERT INTO audit (id, ts, kind, actor, subject, data, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    entry.id,
+                    entry.ts,
+                    entry.kind,
+                    entry.actor,
+                    entry.subject,
+                    entry.data_json,
+                    prev_hash,
+                    entry.hash,
+                ),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_head', ?)",
+                (json.dumps({"id": entry.id, "hash": entry.hash}),),
+            )
+        return entry
+
+    def audit_entries(self, after_id: int = 0, limit: int | None = None) -> Iterator[AuditEntry]:
+        q = "SELECT id, ts, kind, actor, subject, data, prev_hash, hash FROM audit WHERE id > ? ORDER BY id"
+        params: tuple[int, ...] = (after_id,)
+        if limit is not None:
+            q += " LIMIT ?"
+            params = (after_id, limit)
+        for r in self._db.execute(q, params):
+            yield AuditEntry(
+                int(r[0]), float(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]), str(r[7])
+            )
+
+    def audit_head(self) -> ChainHead | None:
+        raw = self.get_meta("audit_head")
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return ChainHead(int(data["id"]), str(data["hash"]))
+        except (ValueError, KeyError, TypeError):
+            return ChainHead(-1, "unreadable head record")

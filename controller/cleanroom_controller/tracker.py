@@ -1,0 +1,181 @@
+"""Applies what ingest verified to the endpoint/session state, asks the pure ``decide`` module what it means,
+records decisions and hands actions to the runner. The only place that turns facts into stored state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import structlog
+
+from cleanroom_protocol import Ack, Event, Policy, Posture, Status
+
+from . import decide
+from .decide import Decision, EndSession
+from .judge import judge
+from .models import CommandState, EndpointState, SessionRecord, SessionState
+from .recorder import Recorder
+from .store import Store
+
+log = structlog.get_logger("cleanroom.controller.tracker")
+
+ActionSink = Callable[[EndSession], None]
+
+
+class Tracker:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        recorder: Recorder,
+        policy: Callable[[], Policy],
+        act: ActionSink,
+    ) -> None:
+        self._store = store
+        self._recorder = recorder
+        self._policy = policy
+        self._act = act
+
+    # -- facts ---------------------------------------------------------------------------------------------
+    def on_posture(self, agent: str, posture: Posture, *, seq: int, now: float) -> Decision | None:
+        before = self._store.endpoint(agent)
+        policy = self._policy()
+        verdict = judge(posture, policy)
+        ref = f"{posture.policy.id}@{posture.policy.version}" if posture.policy else None
+        after = decide.after_posture(
+            before, verdict, now=now, seq=seq, mode=posture.mode.value, policy_ref=ref
+        )
+        for change in decide.reconcile_sessions(agent, self._store.sessions(agent), posture.sessions):
+            self._save_session_change(change)
+        return self._conclude(before, after, posture=posture.model_dump(mode="json"), now=now)
+
+    def on_status(
+        self, agent: str, status: Status, *, seq: int, now: float, is_will: bool
+    ) -> Decision | None:
+        before = self._store.endpoint(agent)
+        after = decide.after_status(before, status, now=now, seq=seq, is_will=is_will)
+        return self._conclude(before, after, now=now)
+
+    def on_event(self, agent: str, event: Event, *, seq: int, now: float) -> Decision | None:
+        before = self._store.endpoint(agent)
+        after = decide.after_liveness(before, now=now, seq=seq)
+        session_id = event.details.get("session")
+        if isinstance(session_id, str) and event.kind in ("session.started", "session.ended"):
+            known = self._store.session(agent, session_id)
+            if event.kind == "session.started" and known is None:
+                pid = event.details.get("pid")
+                user = event.details.get("user")
+                self._save_session_change(
+                    decide.started(
+                        agent,
+                        session_id,
+                        str(event.details.get("client") or ""),
+                        pid if isinstance(pid, int) else None,
+                        user if isinstance(user, str) else None,
+                        event.at,
+                    )
+                )
+            elif (
+                event.kind == "session.ended" and known is not None and known.state is not SessionState.ENDED
+            ):
+                self._save_session_change(decide.ended(known, str(event.details.get("reason") or "ended")))
+        return self._conclude(before, after, now=now)
+
+    def on_ack(self, agent: str, ack: Ack, *, seq: int, now: float) -> Decision | None:
+        before = self._store.endpoint(agent)
+        after = decide.after_liveness(before, now=now, seq=seq)
+        command = self._store.command(ack.command_id)
+        if command is None or command.agent != agent:
+            self._recorder.record(
+                "ack.unmatched",
+                agent,
+                {"command_id": ack.command_id, "result": ack.result.value},
+                actor=agent,
+            )
+        else:
+            self._store.save_command(
+                replace(command, state=CommandState.ACKED, result=ack.result.value, detail=ack.detail)
+            )
+            self._recorder.record(
+                "ack",
+                agent,
+                {
+                    "command_id": ack.command_id,
+                    "result": ack.result.value,
+                    "sessions": list(ack.sessions),
+                    "detail": ack.detail,
+                    "session_id": command.session_id,
+                },
+                actor=agent,
+            )
+            for sid in {command.session_id, *ack.sessions} - {None}:
+                session = self._store.session(agent, str(sid))
+                if session is not None and session.state is not SessionState.ENDED:
+                    self._save_session_change(
+                        replace(decide.after_ack(session, ack.result.value), command_id=command.id)
+                    )
+        return self._conclude(before, after, now=now)
+
+    def tick(self, now: float) -> list[Decision]:
+        """Silence check: every endpoint with nothing accepted for 3 × heartbeat becomes silent."""
+        heartbeat = self._policy().report.heartbeat_s
+        decisions = []
+        for ep in self._store.endpoints():
+            if decide.silence_due(ep, now=now, heartbeat_s=heartbeat):
+                decision = self._conclude(ep, decide.silent(ep, now=now), now=now)
+                if decision is not None:
+                    decisions.append(decision)
+        return decisions
+
+    # -- conclusions ---------------------------------------------------------------------------------------
+    def _save_session_change(self, session: SessionRecord) -> None:
+        self._store.save_session(session)
+        self._recorder.record(
+            "session",
+            session.agent,
+            {
+                "id": session.id,
+                "state": session.state.value,
+                "ended_reason": session.ended_reason,
+                "command_result": session.command_result,
+            },
+        )
+
+    def _conclude(
+        self,
+        before: EndpointState,
+        after: EndpointState,
+        *,
+        now: float,
+        posture: dict[str, object] | None = None,
+    ) -> Decision | None:
+        self._store.save_endpoint(after, posture=posture)
+        decision = decide.decide(before, after, self._store.sessions(after.agent), self._policy(), now=now)
+        if decision is None:
+            return None
+        actions = [
+            {"action": "end_session", "session": a.session_id, "reason": a.reason} for a in decision.actions
+        ]
+        self._store.add_decision(
+            decision.agent, now, decision.condition.value, list(decision.reasons), actions
+        )
+        self._recorder.record(
+            "decision",
+            decision.agent,
+            {"condition": decision.condition.value, "reasons": list(decision.reasons), "actions": actions},
+        )
+        log.info(
+            "decision",
+            agent=decision.agent,
+            condition=decision.condition.value,
+            reasons=list(decision.reasons),
+            actions=len(actions),
+        )
+        for action in decision.actions:
+            session = self._store.session(action.agent, action.session_id)
+            if session is not None:
+                self._store.save_session(
+                    decide.ending(session, command_id="", reason=action.reason, key=action.condition_key)
+                )
+            self._act(action)
+        return decision

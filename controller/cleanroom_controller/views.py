@@ -1,0 +1,63 @@
+"""What the list commands and the live view show, read from the store (plain dicts: JSON lines or tables)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .store import Store
+
+
+def agent_rows(store: Store) -> list[dict[str, Any]]:
+    fingerprints = store.agent_fingerprints()
+    rejects = store.reject_counts()
+    sessions: dict[str, int] = {}
+    for s in store.sessions():
+        if s.state.value != "ended":
+            sessions[s.agent] = sessions.get(s.agent, 0) + 1
+    rows = []
+    for ep in store.endpoints():
+        rows.append(
+            {
+                "id": ep.agent,
+                "online": ep.online,
+                "compliant": ep.compliant,
+                "reasons": list(ep.reasons),
+                "last_seen": ep.last_seen,
+                "condition": ep.condition.value,
+                "mode": ep.mode,
+                "policy": ep.policy,
+                "last_seq": ep.last_seq,
+                "will_seq": ep.will_seq,
+                "sessions": sessions.get(ep.agent, 0),
+                "rejects": rejects.get(ep.agent, {}),
+                "fingerprint": fingerprints.get(ep.agent),
+            }
+        )
+    return rows
+
+
+def session_rows(store: Store) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": s.id,
+            "agent": s.agent,
+            "state": s.state.value,
+            "ended_reason": s.ended_reason,
+            "client": s.client,
+            "pid": s.pid,
+            "user": s.user,
+            "started": s.started,
+            "command_id": s.command_id or None,
+            "command_result": s.command_result,
+        }
+        for s in store.sessions()
+    ]
+
+
+def event_rows(store: Store, limit: int) -> list[dict[str, Any]]:
+    return store.events(limit=limit)
+
+
+def unenrolled_rejects(store: Store) -> dict[str, dict[str, int]]:
+    enrolled = set(store.agent_fingerprints())
+    return {k: v for k, v in store.reject_counts().items() if k not in enrolled}
