@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .base import Enforcer, EventSink
+from .clipboard import ClipboardEnforcer
+from .clipboardrules import ClientRedirection, client_clipboard_off, with_clipboard_off
+from .usb import UsbEnforcer
 
-__all__ = ["Enforcer", "EventSink", "build_enforcers"]
+__all__ = [
+    "ClientRedirection",
+    "ClipboardEnforcer",
+    "Enforcer",
+    "EventSink",
+    "UsbEnforcer",
+    "build_enforcers",
+    "client_clipboard_off",
+    "with_clipboard_off",
+]
 
 
-def build_enforcers(emit: EventSink) -> list[Enforcer]:
-    """The enforcers this agent runs. Filled in by the enforcement issue (clipboard, capture, usb, media)."""
-    return []
+def build_enforcers(
+    emit: EventSink,
+    *,
+    display: str | None = None,
+    sysfs_root: Path = Path("/sys"),
+) -> list[Enforcer]:
+    """The enforcers this agent runs. ``display``: the X display to guard (default: ``$DISPLAY`` at
+    start); ``sysfs_root``: where sysfs is mounted (tests point it at a temp tree)."""
+    return [
+        ClipboardEnforcer(emit, display=display),
+        UsbEnforcer(emit, sysfs_root=sysfs_root),
+    ]

@@ -1,0 +1,41 @@
+"""Fixtures for enforcement integration tests: a real Xvfb on a free display (picked by Xvfb itself via
+-displayfd), and an event recorder. A missing Xvfb fails loudly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def xvfb() -> Iterator[str]:
+    binary = shutil.which("Xvfb")
+    if binary is None:
+        pytest.fail("Xvfb is not installed (apt-get install xvfb): the X11 enforcement tests need it")
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [binary, "-displayfd", str(write_end), "-nolisten", "tcp", "-screen", "0", "640x480x24"],
+        pass_fds=(write_end,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as reader:
+            number = reader.readline().strip().decode()  # Xvfb writes it once it accepts connections
+        if not number:
+            pytest.fail(f"Xvfb exited with {proc.wait(5)} before announcing a display")
+        yield f":{number}"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def x_env(display: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WAYLAND_DISPLAY", "XDG_SESSION_TYPE")}
+    env["DISPLAY"] = display
+    return env
