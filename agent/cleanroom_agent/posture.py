@@ -88,7 +88,9 @@ def block_device_base(device: str) -> str | None:
     if name.startswith(("nvme", "mmcblk", "loop")) and "p" in name[4:]:
         head, _, tail = name.rpartition("p")
         return head if tail.isdigit() and head else name
-    return name.rstrip("0123456789") or name
+    if name.startswith(("sd", "vd", "hd", "xvd")):
+        return name.rstrip("0123456789") or name
+    return name  # sr0, md0, dm-0: the number is part of the device name
 
 
 def build_mounts(
@@ -114,13 +116,16 @@ def build_mounts(
 
 def find_denied(procs: Sequence[ProcessSnapshot], deny: Sequence[str]) -> list[ProcessInfo]:
     """Running processes whose comm or executable basename the policy denies (case-insensitive)."""
-    denied = {d.lower() for d in deny}
+    denied = {d.lower(): d for d in deny}
     out = []
     for p in procs:
-        match = next((n for n in sorted(p.names()) if n.lower() in denied), None)
+        names = {n.lower() for n in p.names()}
+        match = next((denied[n] for n in sorted(names) if n in denied), None)
         if match is None:
             # comm is truncated to 15 characters
-            match = next((d for d in sorted(denied) if len(d) > 15 and d[:15] == p.name.lower()), None)
+            match = next(
+                (d for low, d in sorted(denied.items()) if len(low) > 15 and low[:15] == p.name.lower()), None
+            )
         if match is not None:
             out.append(ProcessInfo(name=match, pid=p.pid, user=p.user))
     return sorted(out, key=lambda i: (i.name, i.pid))[:1024]

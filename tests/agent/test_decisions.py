@@ -1,0 +1,108 @@
+"""Pure decisions: policy selection, fail-closed, the launch gate."""
+
+from __future__ import annotations
+
+from cleanroom_agent import (
+    NO_POLICY,
+    HostFacts,
+    PolicyChoice,
+    PolicyInForce,
+    PolicySource,
+    assemble_posture,
+    choose_policy,
+    fail_closed_reason,
+    launch_decision,
+)
+from cleanroom_protocol import Mode, Policy, Posture, ProcessInfo
+
+P3 = Policy(id="billing", version=3)
+FACTS = HostFacts("h", "Debian", "6.1", "x11", 1.0, ["alice"], [])
+
+
+def signed(policy: Policy) -> PolicyInForce:
+    return PolicyInForce(policy, PolicySource.SIGNED)
+
+
+def test_signed_policy_replaces_bootstrap_or_none_whatever_its_version() -> None:
+    assert choose_policy(NO_POLICY, P3) is PolicyChoice.APPLY
+    bootstrap = PolicyInForce(Policy(id="local", version=99), PolicySource.BOOTSTRAP)
+    assert choose_policy(bootstrap, P3) is PolicyChoice.APPLY
+
+
+def test_among_signed_policies_older_versions_are_refused() -> None:
+    assert choose_policy(signed(P3), Policy(id="billing", version=2)) is PolicyChoice.OLDER
+    assert choose_policy(signed(P3), Policy(id="billing", version=4)) is PolicyChoice.APPLY
+    assert choose_policy(signed(P3), Policy(id="billing", version=3)) is PolicyChoice.UNCHANGED
+    changed = Policy(id="billing", version=3, description="same version, other content")
+    assert choose_policy(signed(P3), changed) is PolicyChoice.APPLY
+
+
+def fc(**kw: object) -> str | None:
+    args: dict[str, object] = {
+        "mode": Mode.ENFORCE,
+        "in_force": signed(P3),
+        "offline_since": 1000.0,
+        "now": 1000.0 + 121,
+        "local_violations": [],
+        "session_count": 1,
+    }
+    args.update(kw)
+    return fail_closed_reason(**args)  # type: ignore[arg-type]
+
+
+def test_fail_closed_when_offline_too_long() -> None:
+    assert fc() == "offline_for_121s"
+    assert fc(now=1000.0 + 119) is None  # within max_offline_s (120)
+
+
+def test_fail_closed_when_offline_and_locally_non_compliant() -> None:
+    assert (
+        fc(now=1001.0, local_violations=["denied_process:scrot"])
+        == "offline_non_compliant:denied_process:scrot"
+    )
+
+
+def test_never_fail_closed_online_in_audit_without_sessions_or_without_the_action() -> None:
+    assert fc(offline_since=None, local_violations=["x"]) is None
+    assert fc(mode=Mode.AUDIT) is None
+    assert fc(session_count=0) is None
+    assert fc(in_force=NO_POLICY) is None
+    assert fc(in_force=signed(Policy(id="p", version=1, on_violation={"actions": []}))) is None
+
+
+def posture(
+    mode: Mode = Mode.ENFORCE, in_force: PolicyInForce = signed(P3), denied: list[ProcessInfo] | None = None
+) -> Posture:
+    return assemble_posture(
+        agent_id="ep",
+        mode=mode,
+        policy=in_force.ref,
+        facts=FACTS,
+        denied=denied or [],
+        sessions=[],
+        enforcers=[],
+        offline_since=None,
+    )
+
+
+def test_launch_allowed_when_compliant_and_a_known_client() -> None:
+    d = launch_decision(posture=posture(), in_force=signed(P3), client="xfreerdp", offline_since=None, now=0)
+    assert d.allowed and d.reasons == []
+
+
+def test_launch_denied_with_named_reasons() -> None:
+    policy = Policy(id="billing", version=3, processes={"deny": ["scrot"]})
+    bad = posture(in_force=signed(policy), denied=[ProcessInfo(name="scrot", pid=7)])
+    d = launch_decision(posture=bad, in_force=signed(policy), client="firefox", offline_since=0.0, now=500)
+    assert not d.allowed
+    assert d.reasons == ["denied_process:scrot", "not_a_session_client:firefox", "offline_for_500s"]
+    assert launch_decision(
+        posture=posture(in_force=NO_POLICY), in_force=NO_POLICY, client="xfreerdp", offline_since=None, now=0
+    ).reasons == ["policy_missing"]
+
+
+def test_audit_mode_allows_but_reports_what_would_deny() -> None:
+    policy = Policy(id="billing", version=3, processes={"deny": ["scrot"]})
+    bad = posture(Mode.AUDIT, signed(policy), [ProcessInfo(name="scrot", pid=7)])
+    d = launch_decision(posture=bad, in_force=signed(policy), client="xfreerdp", offline_since=None, now=0)
+    assert d.allowed and d.audit_only and d.reasons == ["denied_process:scrot"]

@@ -1,0 +1,119 @@
+"""The outbox on real SQLite files: order, coalescing, durability across reopen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cleanroom_agent import Outbox, Spool
+from cleanroom_protocol import (
+    AgentState,
+    Event,
+    Kind,
+    Status,
+    verify,
+)
+
+
+def payload(text: str):  # type: ignore[no-untyped-def]
+    return lambda seq: f"{text}:{seq}".encode()
+
+
+def test_rows_come_out_in_seq_order_and_leave_only_when_deleted(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "agent.db")
+    seqs = [spool.enqueue("t/events", payload(f"e{i}")) for i in range(5)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    assert [r.seq for r in spool.pending()] == seqs
+    first = spool.first()
+    assert first is not None and first.seq == seqs[0] and first.payload == f"e0:{seqs[0]}".encode()
+    spool.delete(seqs[0])
+    assert spool.first() is not None and spool.first().seq == seqs[1]  # type: ignore[union-attr]
+    assert spool.count() == 4
+
+
+def test_posture_and_status_coalesce_events_do_not(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "agent.db")
+    p1 = spool.enqueue("t/posture", payload("p1"), coalesce_key="posture")
+    e1 = spool.enqueue("t/events", payload("e1"))
+    s1 = spool.enqueue("t/status", payload("s1"), retain=True, coalesce_key="status")
+    e2 = spool.enqueue("t/events", payload("e2"))
+    p2 = spool.enqueue("t/posture", payload("p2"), coalesce_key="posture")
+    s2 = spool.enqueue("t/status", payload("s2"), retain=True, coalesce_key="status")
+    rows = spool.pending()
+    assert [r.seq for r in rows] == [e1, e2, p2, s2]
+    assert p1 not in [r.seq for r in rows] and s1 not in [r.seq for r in rows]
+    assert rows[-1].retain is True and rows[0].retain is False
+
+
+def test_rows_and_seq_survive_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "agent.db"
+    spool = Spool(db)
+    a = spool.enqueue("t/events", payload("a"))
+    b = spool.enqueue("t/events", payload("b"))
+    spool.delete(a)
+    spool.close()
+    again = Spool(db)
+    assert [r.seq for r in again.pending()] == [b]
+    assert again.next_seq() > b  # the counter is durable: never reused after a restart
+    assert again.enqueue("t/events", payload("c")) > b
+
+
+def test_fresh_counter_starts_at_the_clock(tmp_path: Path) -> None:
+    # A lost and recreated database still produces seqs above what a controller saw before.
+    assert Spool(tmp_path / "a.db").next_seq() > 1_600_000_000_000
+
+
+def test_wal_and_full_sync(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "agent.db")
+    assert spool._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_failed_signing_leaves_nothing_behind(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "agent.db")
+    spool.enqueue("t/posture", payload("p1"), coalesce_key="posture")
+
+    def boom(seq: int) -> bytes:
+        raise ValueError("too large")
+
+    with pytest.raises(ValueError, match="too large"):
+        spool.enqueue("t/posture", boom, coalesce_key="posture")
+    assert [r.payload[:2] for r in spool.pending()] == [b"p1"]  # the older posture was not coalesced away
+
+
+def test_state_and_commands_are_kept_and_bounded(tmp_path: Path, monkeypatch: object) -> None:
+    import cleanroom_agent.spool as spool_module
+
+    spool = Spool(tmp_path / "agent.db")
+    assert spool.get_state("x") is None
+    spool.set_state("x", "1")
+    spool.set_state("x", "2")
+    assert spool.get_int("x") == 2
+    spool_module.MAX_REMEMBERED_COMMANDS = 3  # type: ignore[misc]
+    try:
+        for i in range(5):
+            spool.remember_command(f"c{i}", {"command_id": f"c{i}", "result": "ended"})
+        assert spool.command_ack("c4") == {"command_id": "c4", "result": "ended"}
+        assert spool.command_ack("c0") is None
+    finally:
+        spool_module.MAX_REMEMBERED_COMMANDS = 1000  # type: ignore[misc]
+    spool.close()
+    assert Spool(tmp_path / "agent.db").get_int("x") == 2
+
+
+def test_outbox_signs_with_the_allocated_seq(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    outbox = Outbox(Spool(tmp_path / "agent.db"), agent_id="ep-1", key=key)
+    seq = outbox.event(Event(kind="session.started", at=1.0, details={"session": "s-1-1"}))
+    will_seq, will = outbox.will()
+    status_seq = outbox.status(Status(state=AgentState.ONLINE, will_seq=will_seq))
+    assert seq < will_seq < status_seq
+    rows = outbox.spool.pending()
+    assert [r.topic for r in rows] == ["cleanroom/v1/agents/ep-1/events", "cleanroom/v1/agents/ep-1/status"]
+    pub = key.public_key()
+    verdict = verify(rows[0].payload, public_key_for=lambda s: pub, expected_kind=Kind.EVENT)
+    assert verdict.ok and verdict.seq == seq
+    w = verify(will, public_key_for=lambda s: pub, last_seq=status_seq, will_seq=will_seq)
+    assert w.ok and w.is_will
