@@ -70,8 +70,11 @@ def test_never_fail_closed_online_in_audit_without_sessions_or_without_the_actio
     assert fc(in_force=signed(Policy(id="p", version=1, on_violation={"actions": []}))) is None
 
 
+SIGNED_P3 = signed(P3)
+
+
 def posture(
-    mode: Mode = Mode.ENFORCE, in_force: PolicyInForce = signed(P3), denied: list[ProcessInfo] | None = None
+    mode: Mode = Mode.ENFORCE, in_force: PolicyInForce = SIGNED_P3, denied: list[ProcessInfo] | None = None
 ) -> Posture:
     return assemble_posture(
         agent_id="ep",
