@@ -107,8 +107,11 @@ class PolicyKeeper:
             )
         return self._payload
 
-    async def watch(self, on_change: Callable[[], Awaitable[None]]) -> None:
-        """Reload on every change of the file (editors replace it: the directory is watched)."""
+    async def watch(
+        self, on_change: Callable[[], Awaitable[None]], started: asyncio.Event | None = None
+    ) -> None:
+        """Reload on every change of the file (editors replace it: the directory is watched).
+        ``started`` is set once the watch is in place."""
         if self.path is None:
             await asyncio.Event().wait()
             return
@@ -128,6 +131,8 @@ class PolicyKeeper:
         observer = Observer()
         observer.schedule(_Handler(), str(target.parent), recursive=False)
         observer.start()
+        if started is not None:
+            started.set()
         try:
             while True:
                 await changed.wait()

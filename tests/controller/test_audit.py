@@ -1,0 +1,187 @@
+"""The audit hash chain: intact chains verify; each kind of tampering is named with the first bad entry.
+
+Tampering goes through real SQLite, after dropping the append-only triggers as an attacker with write
+access to the database would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cleanroom_controller import GENESIS, ChainHead, Store, Tamper, make_entry, verify_chain
+from cleanroom_protocol import canonical_json
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store.open(tmp_path)
+    for i in range(1, 7):
+        s.append_audit("verdict", "a1", "a1", {"n": i, "status": "ok"}, ts=1000.0 + i)
+    return s
+
+
+def raw(store: Store) -> sqlite3.Connection:
+    db = sqlite3.connect(store.path, isolation_level=None)
+    db.execute("DROP TRIGGER audit_no_update")
+    db.execute("DROP TRIGGER audit_no_delete")
+    return db
+
+
+def check(store: Store) -> tuple[int, Tamper] | None:
+    problem = verify_chain(list(store.audit_entries()), store.audit_head())
+    return None if problem is None else (problem.entry_id, problem.tamper)
+
+
+def rehash(db: sqlite3.Connection, from_id: int) -> None:
+    """What a careful attacker does: recompute every hash from ``from_id`` on (but not the head record)."""
+    rows = db.execute(
+        "SELECT id, ts, kind, actor, subject, data FROM audit WHERE id >= ? ORDER BY id", (from_id,)
+    )
+    prev = db.execute("SELECT hash FROM audit WHERE id < ? ORDER BY id DESC LIMIT 1", (from_id,)).fetchone()
+    prev_hash = prev[0] if prev else GENESIS
+    for id_, ts, kind, actor, subject, data in rows.fetchall():
+        entry = {
+            "id": id_,
+            "ts": ts,
+            "kind": kind,
+            "actor": actor,
+            "subject": subject,
+            "data": json.loads(data),
+        }
+        h = hashlib.sha256(prev_hash.encode() + canonical_json(entry)).hexdigest()
+        db.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (prev_hash, h, id_))
+        prev_hash = h
+
+
+def test_intact_chain_verifies(store: Store) -> None:
+    assert check(store) is None
+    assert [e.id for e in store.audit_entries()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_pure_chain_links_each_entry_to_the_previous() -> None:
+    first = make_entry(0, GENESIS, ts=1.0, kind="k", actor="x", subject="s", data={"a": 1})
+    second = make_entry(first.id, first.hash, ts=2.0, kind="k", actor="x", subject="s", data={"a": 2})
+    assert verify_chain([first, second], ChainHead(2, second.hash)) is None
+    assert verify_chain([second, first]) is not None
+
+
+def test_store_refuses_update_and_delete(store: Store) -> None:
+    db = sqlite3.connect(store.path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("UPDATE audit SET kind = 'x' WHERE id = 2")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("DELETE FROM audit WHERE id = 2")
+
+
+def test_edit_is_named(store: Store) -> None:
+    raw(store).execute("""UPDATE audit SET data = '{"n":3,"status":"bad_signature"}' WHERE id = 3""")
+    assert check(store) == (3, Tamper.EDITED)
+
+
+def test_edit_with_recomputed_hashes_is_caught_by_the_head(store: Store) -> None:
+    db = raw(store)
+    db.execute("""UPDATE audit SET data = '{"n":3,"status":"bad_signature"}' WHERE id = 3""")
+    rehash(db, 3)
+    assert check(store) == (6, Tamper.EDITED)
+
+
+def test_edit_with_recomputed_own_hash_names_the_edited_entry(store: Store) -> None:
+    db = raw(store)
+    db.execute("""UPDATE audit SET data = '{"n":3,"status":"bad_signature"}' WHERE id = 3""")
+    row = db.execute(
+        "SELECT id, ts, kind, actor, subject, data, prev_hash FROM audit WHERE id = 3"
+    ).fetchone()
+    entry = {
+        "id": 3,
+        "ts": row[1],
+        "kind": row[2],
+        "actor": row[3],
+        "subject": row[4],
+        "data": json.loads(row[5]),
+    }
+    h = hashlib.sha256(row[6].encode() + canonical_json(entry)).hexdigest()
+    db.execute("UPDATE audit SET hash = ? WHERE id = 3", (h,))
+    assert check(store) == (3, Tamper.EDITED)
+
+
+def test_delete_is_named(store: Store) -> None:
+    raw(store).execute("DELETE FROM audit WHERE id = 4")
+    assert check(store) == (4, Tamper.DELETED)
+
+
+def test_delete_with_renumbering_is_named(store: Store) -> None:
+    db = raw(store)
+    db.execute("DELETE FROM audit WHERE id = 4")
+    db.execute("UPDATE audit SET id = id - 1 WHERE id > 4")
+    assert check(store) == (4, Tamper.DELETED)
+
+
+def test_delete_at_the_end_is_named(store: Store) -> None:
+    raw(store).execute("DELETE FROM audit WHERE id = 6")
+    assert check(store) == (6, Tamper.DELETED)
+
+
+def test_insert_is_named(store: Store) -> None:
+    db = raw(store)
+    # Make room after entry 3 and insert a well-formed entry chained to it.
+    db.execute("UPDATE audit SET id = id + 1000 WHERE id > 3")
+    db.execute("UPDATE audit SET id = id - 999 WHERE id > 1000")
+    prev = db.execute("SELECT hash FROM audit WHERE id = 3").fetchone()[0]
+    forged = make_entry(3, prev, ts=1003.5, kind="verdict", actor="a1", subject="a1", data={"n": 99})
+    db.execute(
+        "INSERT INTO audit VALUES (?,?,?,?,?,?,?,?)",
+        (
+            4,
+            forged.ts,
+            forged.kind,
+            forged.actor,
+            forged.subject,
+            forged.data_json,
+            forged.prev_hash,
+            forged.hash,
+        ),
+    )
+    assert check(store) == (4, Tamper.INSERTED)
+
+
+def test_insert_at_the_end_is_named(store: Store) -> None:
+    db = raw(store)
+    prev = db.execute("SELECT hash FROM audit WHERE id = 6").fetchone()[0]
+    forged = make_entry(6, prev, ts=1007.0, kind="verdict", actor="a1", subject="a1", data={"n": 99})
+    db.execute(
+        "INSERT INTO audit VALUES (?,?,?,?,?,?,?,?)",
+        (
+            7,
+            forged.ts,
+            forged.kind,
+            forged.actor,
+            forged.subject,
+            forged.data_json,
+            forged.prev_hash,
+            forged.hash,
+        ),
+    )
+    assert check(store) == (7, Tamper.INSERTED)
+
+
+def test_reorder_is_named(store: Store) -> None:
+    db = raw(store)
+    db.execute("UPDATE audit SET id = 100 WHERE id = 3")
+    db.execute("UPDATE audit SET id = 3 WHERE id = 4")
+    db.execute("UPDATE audit SET id = 4 WHERE id = 100")
+    assert check(store) == (3, Tamper.REORDERED)
+
+
+def test_store_append_chains_across_writers(tmp_path: Path) -> None:
+    """The daemon and the CLI both append: each reads the tip inside its transaction."""
+    a, b = Store.open(tmp_path), Store.open(tmp_path)
+    a.append_audit("x", "daemon", "s", {})
+    b.append_audit("operator.agents_add", "operator:root", "a1", {})
+    a.append_audit("x", "daemon", "s", {})
+    assert check(a) is None
+    assert [e.id for e in a.audit_entries()] == [1, 2, 3]

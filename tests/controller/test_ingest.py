@@ -1,0 +1,113 @@
+"""Ingest against a real Mosquitto and the real daemon: each bad message is rejected, counted and audited,
+nothing crashes, duplicates are stored once, a retained status replayed after a restart is not an attack."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cleanroom_protocol import AgentState, Channel, Event, Kind, Status
+from tests.support.mosquitto import Mosquitto
+
+from .harness import agent_client, publish, running_controller, until
+from .helpers import Sender, posture
+
+
+def verdicts(store, status: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    return [e.data for e in store.audit_entries() if e.kind == "verdict" and e.data["status"] == status]
+
+
+async def test_bad_messages_are_rejected_counted_and_audited(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    a1 = Sender("a1")
+    async with (
+        running_controller(mosquitto, tmp_path / "c", senders=(a1,)) as run,
+        agent_client(mosquitto) as c,
+    ):
+        good = a1.seal(Kind.POSTURE, posture("a1"))
+        await publish(c, "a1", Channel.POSTURE, good)
+        await until(
+            lambda: run.store.endpoint("a1").compliant is True, timeout=5, what="first posture accepted"
+        )
+
+        forger = Sender("a1", Ed25519PrivateKey.generate())
+        forger.seq = 100
+        await publish(c, "a1", Channel.POSTURE, forger.seal(Kind.POSTURE, posture("a1")))  # forged signature
+        replay = a1.seal(Kind.POSTURE, posture("a1"), seq=1)  # seq 1 again, new bytes
+        await publish(c, "a1", Channel.POSTURE, replay)
+        await publish(c, "a1", Channel.POSTURE, b"{not json")  # malformed
+        await publish(c, "a1", Channel.POSTURE, b"x" * (65 * 1024))  # oversized
+        mallory = Sender("mallory")
+        await publish(c, "mallory", Channel.POSTURE, mallory.seal(Kind.POSTURE, posture("mallory")))
+        await publish(c, "a1", Channel.EVENTS, a1.seal(Kind.POSTURE, posture("a1")))  # wrong kind for topic
+        stale = a1.seal(Kind.POSTURE, posture("a1"), ts=time.time() - 3600)
+        await publish(c, "a1", Channel.POSTURE, stale)
+
+        expected = {"bad_signature": 1, "replayed": 1, "malformed": 2, "too_large": 1, "stale": 1}
+        await until(
+            lambda: run.store.reject_counts().get("a1") == expected, timeout=5, what=f"a1 rejects {expected}"
+        )
+        await until(
+            lambda: run.store.reject_counts().get("(unenrolled)") == {"unknown_sender": 1},
+            timeout=5,
+            what="unknown sender counted",
+        )
+        for status in expected:
+            assert verdicts(run.store, status), f"no audited {status} verdict"
+        assert verdicts(run.store, "unknown_sender")[0]["topic"].endswith("/mallory/posture")
+
+        # Still alive and accepting: the next good message goes through.
+        await publish(c, "a1", Channel.POSTURE, a1.seal(Kind.POSTURE, posture("a1", denied=("scrot",))))
+        await until(
+            lambda: run.store.endpoint("a1").compliant is False, timeout=5, what="next posture accepted"
+        )
+        assert run.store.endpoint("a1").reasons == ("denied_process:scrot",)
+
+
+async def test_duplicates_are_stored_once(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    a1 = Sender("a1")
+    async with (
+        running_controller(mosquitto, tmp_path / "c", senders=(a1,)) as run,
+        agent_client(mosquitto) as c,
+    ):
+        event = a1.seal(Kind.EVENT, Event(kind="clipboard.blocked", at=time.time(), blocked=True))
+        for _ in range(3):  # what a QoS 1 redelivery looks like: the same bytes again
+            await publish(c, "a1", Channel.EVENTS, event)
+        await until(
+            lambda: len(verdicts(run.store, "duplicate")) == 2, timeout=5, what="two duplicates audited"
+        )
+        assert [(e["agent"], e["seq"]) for e in run.store.events()] == [("a1", 1)]
+        assert run.store.reject_counts() == {}
+
+
+async def test_will_and_retained_status_after_restart(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """The Will is published here by the test (same signed bytes the broker would deliver on a crash)."""
+    a1 = Sender("a1")
+    will_seq = 1
+    a1.seq = 1
+    will = a1.seal(Kind.STATUS, Status(state=AgentState.OFFLINE, reason="will"), seq=will_seq)
+    data = tmp_path / "c"
+    async with running_controller(mosquitto, data, senders=(a1,)) as run, agent_client(mosquitto) as c:
+        online = a1.seal(Kind.STATUS, Status(state=AgentState.ONLINE, will_seq=will_seq))
+        await publish(c, "a1", Channel.STATUS, online, retain=True)
+        await publish(c, "a1", Channel.POSTURE, a1.seal(Kind.POSTURE, posture("a1")))
+        await until(
+            lambda: run.store.endpoint("a1").compliant is True, timeout=5, what="online and compliant"
+        )
+        assert run.store.endpoint("a1").will_seq == will_seq
+        await publish(c, "a1", Channel.STATUS, will, retain=True)
+        await until(
+            lambda: run.store.endpoint("a1").condition.value == "offline", timeout=5, what="offline by will"
+        )
+        assert run.store.endpoint("a1").last_seq == 3
+    # Restart: the broker replays the retained Will; it is recognised, recorded, not counted.
+    async with running_controller(mosquitto, data) as run:
+        await until(
+            lambda: verdicts(run.store, "duplicate"), timeout=5, what="retained will recorded as duplicate"
+        )
+        assert run.store.reject_counts() == {}
+        assert run.store.endpoint("a1").condition.value == "offline"
+        last = [e for e in run.store.audit_entries() if e.kind == "verdict"][-1]
+        assert json.loads(last.data_json)["retained"] is True
