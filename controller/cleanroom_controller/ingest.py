@@ -117,7 +117,9 @@ class Ingest:
 
     def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> Outcome:
         try:
-            return self._handle(topic, payload, retained)
+            # One transaction per message: verdict, state, decision and audit land together or not at all.
+            with self._store.transaction():
+                return self._handle(topic, payload, retained)
         except Exception:  # a bug on one message must not stop ingest; it is logged and audited
             log.exception("ingest_error", topic=topic[:200])
             try:

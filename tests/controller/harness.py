@@ -65,7 +65,7 @@ async def running_controller(
         reader.close()
 
 
-def _connected(controller: Controller, task: asyncio.Task[None]):  # type: ignore[no-untyped-def]
+def _connected(controller: Controller, task: asyncio.Task[None]):
     async def check() -> bool:
         if task.done():
             task.result()  # raise what stopped it

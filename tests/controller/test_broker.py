@@ -29,7 +29,7 @@ async def test_embedded_broker_carries_qos1_and_stops() -> None:
             assert (str(message.topic), bytes(message.payload)) == (
                 "cleanroom/v1/agents/a1/posture",
                 b"hello",
-            )  # type: ignore[arg-type]
+            )
     finally:
         await broker.shutdown()
     with pytest.raises(aiomqtt.MqttError):

@@ -40,7 +40,7 @@ async def test_policy_is_published_signed_and_retained(mosquitto: Mosquitto, tmp
         message = await next_message(c)
         assert message.retain
         key = run.controller.key.public_key()
-        verdict = verify(bytes(message.payload), public_key_for=lambda s: key if s == "controller" else None,  # type: ignore[arg-type]
+        verdict = verify(bytes(message.payload), public_key_for=lambda s: key if s == "controller" else None,
                          max_skew_s=None, expected_kind=Kind.POLICY)  # fmt: skip
         assert verdict.ok, verdict.detail
         assert isinstance(verdict.body, PolicyDocument)
@@ -66,19 +66,19 @@ async def test_violation_ends_the_session_and_the_audit_shows_the_order(
         )
         message = await next_message(c)
         key = run.controller.key.public_key()
-        verdict = verify(bytes(message.payload), public_key_for=lambda s: key, expected_kind=Kind.COMMAND)  # type: ignore[arg-type]
+        verdict = verify(bytes(message.payload), public_key_for=lambda s: key, expected_kind=Kind.COMMAND)
         assert verdict.ok, verdict.detail
         command = verdict.body
         assert isinstance(command, Command)
         assert command.session_id == "s-100-1"
         assert "denied_process:scrot" in command.reason
-        assert run.store.session("a1", "s-100-1").state.value == "ending"  # type: ignore[union-attr]
+        assert run.store.session("a1", "s-100-1").state.value == "ending"
 
         ack = Ack(command_id=command.id, result=AckResult.ENDED, sessions=["s-100-1"])
         await publish(c, "a1", Channel.ACKS, a1.seal(Kind.ACK, ack))
-        await until(lambda: run.store.session("a1", "s-100-1").state.value == "ended",  # type: ignore[union-attr]
+        await until(lambda: run.store.session("a1", "s-100-1").state.value == "ended",
                     timeout=5, what="session ended")  # fmt: skip
-        assert run.store.session("a1", "s-100-1").ended_reason == "violation:denied_process:scrot"  # type: ignore[union-attr]
+        assert run.store.session("a1", "s-100-1").ended_reason == "violation:denied_process:scrot"
         await until(
             lambda: any(e.kind == "action.outcome" for e in run.store.audit_entries()),
             timeout=5,
@@ -93,7 +93,7 @@ async def test_violation_ends_the_session_and_the_audit_shows_the_order(
         )
         order = [kinds.index("decision", report), kinds.index("command"), kinds.index("ack")]
         assert report < order[0] < order[1] < order[2], kinds
-        assert run.store.command(command.id).result == "ended"  # type: ignore[union-attr]
+        assert run.store.command(command.id).result == "ended"
 
 
 async def test_unanswered_command_is_retried_with_the_same_id_then_expires(
@@ -118,8 +118,8 @@ async def test_unanswered_command_is_retried_with_the_same_id_then_expires(
             seqs.append(data["seq"])
         assert len(set(ids)) == 1
         assert seqs == sorted(set(seqs))  # a fresh seq per attempt: the agent's replay check passes
-        await until(lambda: run.store.command(ids[0]).state.value == "expired", timeout=5, what="expired")  # type: ignore[union-attr]
-        assert run.store.session("a1", "s-100-1").state.value == "ending"  # type: ignore[union-attr]
+        await until(lambda: run.store.command(ids[0]).state.value == "expired", timeout=5, what="expired")
+        assert run.store.session("a1", "s-100-1").state.value == "ending"
         assert any(e.kind == "command.expired" for e in run.store.audit_entries())
 
 

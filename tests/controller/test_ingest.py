@@ -9,14 +9,17 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cleanroom_controller import Store, Tracker
+from cleanroom_controller.ingest import Ingest, KeyCache, Outcome
+from cleanroom_controller.recorder import Recorder
 from cleanroom_protocol import AgentState, Channel, Event, Kind, Status
 from tests.support.mosquitto import Mosquitto
 
 from .harness import agent_client, publish, running_controller, until
-from .helpers import Sender, posture
+from .helpers import Sender, enrol, posture, shipped_policy
 
 
-def verdicts(store, status: str) -> list[dict]:  # type: ignore[no-untyped-def]
+def verdicts(store, status: str) -> list[dict]:
     return [e.data for e in store.audit_entries() if e.kind == "verdict" and e.data["status"] == status]
 
 
@@ -111,3 +114,48 @@ async def test_will_and_retained_status_after_restart(mosquitto: Mosquitto, tmp_
         assert run.store.endpoint("a1").condition.value == "offline"
         last = [e for e in run.store.audit_entries() if e.kind == "verdict"][-1]
         assert json.loads(last.data_json)["retained"] is True
+
+
+async def test_retained_status_replayed_after_restart_is_expected(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    a1 = Sender("a1")
+    data = tmp_path / "c"
+    async with running_controller(mosquitto, data, senders=(a1,)) as run, agent_client(mosquitto) as c:
+        online = a1.seal(Kind.STATUS, Status(state=AgentState.ONLINE, will_seq=None))
+        await publish(c, "a1", Channel.STATUS, online, retain=True)
+        await publish(c, "a1", Channel.POSTURE, a1.seal(Kind.POSTURE, posture("a1")))
+        await until(lambda: run.store.endpoint("a1").last_seq == 2, timeout=5, what="both accepted")
+    # The broker hands the retained online status (seq 1 < last accepted 2) to the restarted controller:
+    # the same bytes it accepted before, so a duplicate, recorded and not counted.
+    async with running_controller(mosquitto, data) as run:
+        await until(
+            lambda: [d for d in verdicts(run.store, "duplicate") if d["retained"]],
+            timeout=5,
+            what="retained status recorded as a duplicate",
+        )
+        assert run.store.reject_counts() == {}
+
+
+def test_retained_status_never_seen_but_older_is_recorded_not_counted(tmp_path: Path) -> None:
+    """E.g. accepted by another controller of a shared-subscription group, or before a database restore."""
+    store = Store.open(tmp_path)
+    a1 = Sender("a1")
+    enrol(store, "a1", a1.key)
+    recorder = Recorder(store, "controller:test")
+    policy = shipped_policy()
+    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
+    ingest = Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
+    old_status = a1.seal(Kind.STATUS, Status(state=AgentState.ONLINE))
+    topic = "cleanroom/v1/agents/a1/"
+    assert ingest.handle(topic + "posture", a1.seal(Kind.POSTURE, posture("a1"))) is Outcome.ACCEPTED
+    assert ingest.handle(topic + "status", old_status, retained=True) is Outcome.RETAINED_REPLAY
+    assert store.reject_counts() == {}
+    assert ingest.handle(topic + "status", old_status, retained=False) is Outcome.REJECTED
+    assert store.reject_counts() == {"a1": {"replayed": 1}}
+    assert [d for d in verdicts(store, "replayed") if d.get("expected") == "retained"]
+    # Garbage never raises.
+    for junk in (b"", b"\xff\xfe", b"[]", b'{"v":1}', b"null"):
+        assert ingest.handle(topic + "events", junk) is Outcome.REJECTED
+    assert ingest.handle("cleanroom/v1/agents/a1/commands", b"{}") is Outcome.REJECTED
+    assert ingest.handle("elsewhere", b"{}") is Outcome.REJECTED
