@@ -1,0 +1,415 @@
+"""fanotify exec guard: runs in its OWN small process (stdlib only), started by capture.py.
+
+Why a process of its own: every exec on the machine waits for this listener's answer. Inside the agent it
+would share the GIL with the event loop, the MQTT client and subprocess spawning, and one stall there
+would freeze exec system-wide. Alone it only reads, decides and answers. It never execs (it would wait
+on its own permission event), it answers every event even when deciding fails (unknown → allow,
+matched → deny), and when it dies its fanotify fd closes and the kernel allows whatever was pending.
+It dies with the agent: PR_SET_PDEATHSIG, and EOF on its control pipe.
+
+Control (JSON lines): the agent writes ``{"rules": {...}}`` to its stdin (execrules.ExecRules.to_dict),
+``{"stats": true}`` to ask for counters. It writes ``{"ready": true}``, ``{"error": "..."}``,
+``{"event": {...}}`` and ``{"stats": {...}}`` to stdout, non-blocking: a report that does not fit in the
+pipe is dropped and counted, never waited for.
+
+Marks: ``FAN_OPEN_EXEC_PERM`` on the root mount (every exec), and ``FAN_OPEN_PERM`` inode marks on the
+denied files (their plain opens, to catch ``ld-linux… /path/tool``; only the loader is denied).
+Facts measured on this machine: see field-notes "fanotify".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import select
+import signal
+import struct
+import sys
+import time
+from collections import OrderedDict
+from typing import Any
+
+from .execrules import ExecRules, ExecVerdict, file_name, is_loader, judge_exec, judge_open
+from .ratelimit import EventBudget
+
+FAN_CLOEXEC = 0x01
+FAN_NONBLOCK = 0x02
+FAN_CLASS_CONTENT = 0x04
+FAN_MARK_ADD = 0x01
+FAN_MARK_MOUNT = 0x10
+FAN_MARK_FLUSH = 0x80
+FAN_OPEN_PERM = 0x00010000
+FAN_OPEN_EXEC_PERM = 0x00040000
+FAN_Q_OVERFLOW = 0x00004000
+FAN_ALLOW = 0x01
+FAN_DENY = 0x02
+FAN_NOFD = -1
+AT_FDCWD = -100
+O_LARGEFILE = 0o100000
+METADATA = struct.Struct("=IBBHQii")
+RESPONSE = struct.Struct("=iI")
+MAX_HASH_BYTES = 512 * 1024 * 1024
+MAX_OPEN_MARKS = 1024
+READ_BUFFER = 64 * 1024
+
+
+class FanotifyUnavailable(OSError):
+    pass
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+    libc.fanotify_init.restype = ctypes.c_int
+    libc.fanotify_mark.argtypes = [
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_uint64,
+        ctypes.c_int,
+        ctypes.c_char_p,
+    ]
+    libc.fanotify_mark.restype = ctypes.c_int
+    return libc
+
+
+class Fanotify:
+    """The fanotify group fd and its marks."""
+
+    def __init__(self) -> None:
+        self._libc = _libc()
+        fd = self._libc.fanotify_init(
+            FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY | O_LARGEFILE | os.O_CLOEXEC
+        )
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise FanotifyUnavailable(err, f"fanotify_init: {os.strerror(err)}")
+        self.fd = fd
+        self.open_marks: set[str] = set()
+
+    def _mark(self, flags: int, mask: int, path: str | None) -> None:
+        arg = path.encode() if path is not None else None
+        if self._libc.fanotify_mark(self.fd, flags, mask, AT_FDCWD, arg) < 0:
+            err = ctypes.get_errno()
+            raise FanotifyUnavailable(err, f"fanotify_mark {path}: {os.strerror(err)}")
+
+    def watch_exec(self, mount: str = "/") -> None:
+        self._mark(FAN_MARK_ADD | FAN_MARK_MOUNT, FAN_OPEN_EXEC_PERM, mount)
+
+    def watch_opens(self, paths: tuple[str, ...] | list[str]) -> None:
+        """Replace the inode marks for plain opens with ``paths`` (bounded)."""
+        self._mark(FAN_MARK_FLUSH, 0, None)  # without FAN_MARK_MOUNT: flushes inode marks only
+        self.open_marks.clear()
+        for path in paths:
+            self.add_open_mark(path)
+
+    def add_open_mark(self, path: str) -> None:
+        if path in self.open_marks or len(self.open_marks) >= MAX_OPEN_MARKS:
+            return
+        try:
+            self._mark(FAN_MARK_ADD, FAN_OPEN_PERM, path)
+            self.open_marks.add(path)
+        except FanotifyUnavailable:
+            pass  # the file went away
+
+    def close(self) -> None:
+        os.close(self.fd)  # pending permission events are allowed by the kernel
+
+
+def sha256_of_fd(fd: int, size: int) -> str | None:
+    """Hash through the event's own fd with pread: no new open, so no event of our own."""
+    if size > MAX_HASH_BYTES:
+        return None
+    digest = hashlib.sha256()
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return digest.hexdigest()
+        digest.update(chunk)
+        offset += len(chunk)
+
+
+class HashCache:
+    """SHA-256 by (dev, inode, mtime, size, ctime): a changed file is hashed again. Bounded LRU."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[int, int, int, int, int], str | None] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, fd: int, st: os.stat_result) -> str | None:
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return self._entries[key]
+        self.misses += 1
+        value = sha256_of_fd(fd, st.st_size)
+        self._entries[key] = value
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return value
+
+
+class Listener:
+    def __init__(self, fan: Fanotify, out_fd: int, in_fd: int) -> None:
+        self.fan = fan
+        self.out_fd = out_fd
+        self.in_fd = in_fd
+        self.rules = ExecRules()
+        self.learned: set[str] = set()
+        self.learned_sizes: set[int] = set()
+        self.cache = HashCache()
+        self.budget = EventBudget(rate_per_s=20.0, burst=100)
+        self.stats = {
+            "events": 0,
+            "denied": 0,
+            "allowed": 0,
+            "errors": 0,
+            "dropped_reports": 0,
+            "overflows": 0,
+        }
+        self._inbuf = b""
+        self._pid = os.getpid()
+        self._last_report: tuple[int, str] | None = None
+
+    # control pipe ------------------------------------------------------------------------------
+    def send(self, message: dict[str, Any]) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        try:
+            os.write(self.out_fd, data)
+        except BlockingIOError:
+            self.stats["dropped_reports"] += 1
+
+    def on_control(self) -> bool:
+        """Read control lines; False on EOF (the agent is gone)."""
+        try:
+            chunk = os.read(self.in_fd, 1 << 20)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        self._inbuf += chunk
+        if len(self._inbuf) > 16 << 20:
+            self._inbuf = b""  # a runaway writer: drop, keep the rules in force
+        while b"\n" in self._inbuf:
+            line, self._inbuf = self._inbuf.split(b"\n", 1)
+            try:
+                message = json.loads(line)
+                if "rules" in message:
+                    self.rules = self.with_learned(ExecRules.from_dict(message["rules"]))
+                    self.fan.watch_opens(self.rules.open_marks)
+                    self.send({"applied": True})
+                if message.get("stats"):
+                    self.send(
+                        {
+                            "stats": {
+                                **self.stats,
+                                "hash_hits": self.cache.hits,
+                                "hash_misses": self.cache.misses,
+                                "marks": len(self.fan.open_marks),
+                            }
+                        }
+                    )
+            except (ValueError, TypeError, KeyError, OSError) as exc:
+                self.send({"warning": f"bad control message: {exc}"})
+        return True
+
+    # fanotify ----------------------------------------------------------------------------------
+    def on_events(self) -> None:
+        try:
+            buf = os.read(self.fan.fd, READ_BUFFER)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EINTR, errno.EAGAIN):
+                return
+            raise
+        pos = 0
+        while pos + METADATA.size <= len(buf):
+            event_len, _vers, _res, _mlen, mask, fd, pid = METADATA.unpack_from(buf, pos)
+            if event_len < METADATA.size:
+                break
+            pos += event_len
+            self.stats["events"] += 1
+            if fd == FAN_NOFD:
+                if mask & FAN_Q_OVERFLOW:
+                    self.stats["overflows"] += 1
+                continue
+            self.answer(fd, pid, mask)
+
+    def answer(self, fd: int, pid: int, mask: int) -> None:
+        response = FAN_ALLOW  # unknown → allow
+        try:
+            verdict, path, sha, extra = self.decide(fd, pid, mask)
+            if verdict.deny and self.rules.enforce:
+                response = FAN_DENY
+            if verdict.deny and verdict.matched in ("name", "sha256"):
+                sha = self.learn(fd, path, sha)  # not for allowlist denials: those depend on the user
+            if verdict.deny:
+                self.report(verdict, path, sha, pid, mask, extra, denied=response == FAN_DENY)
+        except Exception as exc:
+            self.stats["errors"] += 1
+            self.send({"warning": f"decision failed, allowed: {type(exc).__name__}: {exc}"})
+        finally:
+            try:
+                os.write(self.fan.fd, RESPONSE.pack(fd, response))
+            except OSError:
+                self.stats["errors"] += 1
+            os.close(fd)
+            self.stats["denied" if response == FAN_DENY else "allowed"] += 1
+
+    def decide(self, fd: int, pid: int, mask: int) -> tuple[ExecVerdict, str, str | None, dict[str, str]]:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if pid == self._pid:
+            return ExecVerdict(False, "self"), path, None, {}
+        st = os.fstat(fd)
+        name = file_name(path)
+        by_name = name in self.rules.deny_names or name.lower() in self.rules.deny_names
+        sha = None
+        if not by_name and self.rules.needs_hash(st.st_size):
+            sha = self.cache.get(fd, st)
+        rules = self.rules
+        if mask & FAN_OPEN_EXEC_PERM:
+            uid = None
+            if rules.allowlist:
+                try:
+                    uid = os.stat(f"/proc/{pid}").st_uid
+                except OSError:
+                    uid = None
+                if sha is None and rules.allow_hashes:
+                    sha = self.cache.get(fd, st)
+            return judge_exec(rules, path, sha, uid), path, sha, {"via": "exec"}
+        try:
+            opener = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            opener = None
+        loader = opener is not None and is_loader(opener, rules.loader_paths)
+        if sha is None and loader:
+            sha = self.cache.get(fd, st)
+        return (
+            judge_open(rules, path, sha, opener, loader),
+            path,
+            sha,
+            {"via": "loader", "opener": opener or ""},
+        )
+
+    def learn(self, fd: int, path: str, sha: str | None) -> str | None:
+        """A denied file's hash denies its copies (and makes files of its size hashed); its path gets an
+        open mark so a loader invocation of it is denied too. Returns the hash."""
+        st = os.fstat(fd)
+        if sha is None:
+            sha = self.cache.get(fd, st)
+        if sha is not None and sha not in self.learned and len(self.learned) < 4096:
+            self.learned.add(sha)
+            self.learned_sizes.add(st.st_size)
+            self.rules = self.with_learned(self.rules)
+        if not path.endswith(" (deleted)"):
+            self.fan.add_open_mark(path)
+        return sha
+
+    def with_learned(self, rules: ExecRules) -> ExecRules:
+        return dataclasses.replace(
+            rules,
+            deny_hashes=rules.deny_hashes | self.learned,
+            deny_sizes=rules.deny_sizes | self.learned_sizes,
+        )
+
+    def report(
+        self,
+        verdict: ExecVerdict,
+        path: str,
+        sha: str | None,
+        pid: int,
+        mask: int,
+        extra: dict[str, str],
+        *,
+        denied: bool,
+    ) -> None:
+        if (pid, path) == self._last_report:
+            return  # the same exec retried along PATH (/usr/bin and /bin are one directory)
+        self._last_report = (pid, path)
+        suppressed = self.budget.take()
+        if suppressed is None:
+            return
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as f:  # the process trying (its old image for exec)
+                process = f.read(64).decode("utf-8", "replace").strip()
+        except OSError:
+            process = ""
+        self.send(
+            {
+                "event": {
+                    "kind": "exec.denied" if denied else "exec.detected",
+                    "path": path[:1024],
+                    "name": file_name(path)[:255],
+                    "sha256": sha,
+                    "reason": verdict.reason[:512],
+                    "matched": verdict.matched,
+                    "pid": pid,
+                    "process": process,
+                    "suppressed_before": suppressed,
+                    "at": time.time(),
+                    **extra,
+                }
+            }
+        )
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fan.fd, select.POLLIN)
+        poller.register(self.in_fd, select.POLLIN | select.POLLHUP)
+        while True:
+            for fd, flags in poller.poll():
+                if fd == self.fan.fd:
+                    self.on_events()
+                elif flags & (select.POLLIN | select.POLLHUP) and not self.on_control():
+                    return
+
+
+def listener_main() -> int:
+    """Entry point of the listener process (see capture.py for how it is started)."""
+    libc = _libc()
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the agent
+    out_fd, in_fd = sys.stdout.fileno(), sys.stdin.fileno()
+    os.set_blocking(out_fd, False)
+    os.set_blocking(in_fd, False)
+    if os.getppid() == 1:
+        return 1  # the agent is already gone
+    try:
+        fan = Fanotify()
+        listener = Listener(fan, out_fd, in_fd)
+        # Rules first (blocking read of the first line), then the mount mark: no window with empty rules.
+        os.set_blocking(in_fd, True)
+        first = sys.stdin.buffer.readline()
+        os.set_blocking(in_fd, False)
+        if not first:
+            return 1
+        listener.rules = ExecRules.from_dict(json.loads(first)["rules"])
+        fan.watch_opens(listener.rules.open_marks)
+        fan.watch_exec("/")
+    except (OSError, ValueError, KeyError) as exc:
+        os.set_blocking(out_fd, True)
+        os.write(out_fd, (json.dumps({"error": str(exc)}) + "\n").encode())
+        return 2
+    listener.send({"ready": True})
+    try:
+        listener.run()
+    finally:
+        fan.close()
+    return 0
+
+
+# How capture.py starts this file without importing the agent package (which pulls in pydantic, Xlib,
+# … and 50 MB): a synthetic package pointing at this directory, then this module inside it.
+BOOTSTRAP = (
+    "import sys,types;p=types.ModuleType('cleanroom_enforcers');p.__path__=[sys.argv[1]];"
+    "sys.modules['cleanroom_enforcers']=p;import cleanroom_enforcers.fanotify as f;sys.exit(f.listener_main())"
+)

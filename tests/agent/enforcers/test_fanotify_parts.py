@@ -1,0 +1,52 @@
+"""Pieces of the exec listeners that need no permission events: hashing through an fd with its cache,
+finding denied files on disk, and parsing proc-connector datagrams in the kernel's layout."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+from cleanroom_agent.enforcers.capture import find_denied_files, find_loaders
+from cleanroom_agent.enforcers.fanotify import HashCache, sha256_of_fd
+from cleanroom_agent.enforcers.procconn import parse_exec_pids
+
+
+def test_hash_cache_hashes_once_and_again_after_a_change(tmp_path: Path) -> None:
+    path = tmp_path / "tool"
+    path.write_bytes(b"one")
+    cache = HashCache(size=2)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert sha256_of_fd(fd, 3) == hashlib.sha256(b"one").hexdigest()
+        assert cache.get(fd, os.fstat(fd)) == cache.get(fd, os.fstat(fd))
+        assert (cache.hits, cache.misses) == (1, 1)
+    finally:
+        os.close(fd)
+    path.write_bytes(b"two!")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert cache.get(fd, os.fstat(fd)) == hashlib.sha256(b"two!").hexdigest()
+    finally:
+        os.close(fd)
+
+
+def test_find_denied_files_follows_symlinks(tmp_path: Path) -> None:
+    real = tmp_path / "import-im6.q16"
+    real.write_bytes(b"binary")
+    (tmp_path / "import").symlink_to(real)
+    found = find_denied_files(["import", "absent"], (str(tmp_path),))
+    assert [(k.name, k.path, k.size) for k in found] == [("import", str(real), 6)]
+    assert any("ld-linux" in p for p in find_loaders())
+
+
+def test_parse_proc_connector_exec_events() -> None:
+    def message(what: int, pid: int) -> bytes:
+        event = struct.pack("=IIQ", what, 0, 123) + struct.pack("=ii", pid, pid)
+        cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(event), 0) + event
+        return struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
+
+    data = message(2, 4242) + message(1, 7) + message(2, 99)  # exec, fork, exec
+    assert parse_exec_pids(data) == [4242, 99]
+    assert parse_exec_pids(b"\x01\x00") == []

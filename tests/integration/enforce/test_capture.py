@@ -1,0 +1,191 @@
+"""Screen-capture enforcement for real, as root: the fanotify listener process answers every exec on this
+machine while a test runs, so each test is short and the listener dies with the test process
+(PR_SET_PDEATHSIG, stdin EOF; a closed fanotify fd lets pending execs through). Real scrot and ImageMagick
+import under a real Xvfb, real xdotool key presses, a real watched folder."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from cleanroom_agent.enforcers.capture import CaptureEnforcer
+from cleanroom_protocol import EnforcerState, Event, Mode, Policy
+
+from .conftest import x_env
+
+pytestmark = [pytest.mark.root, pytest.mark.x11]
+
+
+@pytest.fixture(autouse=True)
+def _needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("capture enforcement tests need root (fanotify permission events)")
+
+
+def policy(**capture: object) -> Policy:
+    return Policy.model_validate({"id": "p", "version": 1, "capture": capture})
+
+
+async def wait_until(cond: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def sh(script: str, display: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = x_env(display) if display else dict(os.environ)
+    return await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+class Capture:
+    def __init__(self, display: str, **kwargs: object) -> None:
+        self.events: list[Event] = []
+        self.display = display
+        self.enforcer = CaptureEnforcer(self.events.append, display=display, env=x_env(display), **kwargs)  # type: ignore[arg-type]
+
+    def of(self, kind: str) -> list[Event]:
+        return [e for e in self.events if e.kind == kind]
+
+
+@pytest.fixture
+async def capture(xvfb: str) -> AsyncIterator[Capture]:
+    c = Capture(xvfb)
+    yield c
+    await c.enforcer.stop()
+
+
+async def test_capture_tools_denied_renamed_copy_and_loader_too(capture: Capture, tmp_path: Path) -> None:
+    renamed = tmp_path / "holiday-photos"
+    shutil.copy2("/usr/bin/scrot", renamed)
+    client = tmp_path / "xfreerdp"  # a stand-in VDI client: must still run
+    shutil.copy2("/bin/echo", client)
+    await capture.enforcer.start(policy(), Mode.ENFORCE)
+    assert capture.enforcer.status().state is EnforcerState.ACTIVE
+    out = tmp_path / "shots"
+    out.mkdir()
+    for script in (
+        f"scrot {out}/a.png",
+        f"import -window root {out}/b.png",
+        f"{renamed} {out}/c.png",
+        f"/lib64/ld-linux-x86-64.so.2 /usr/bin/scrot {out}/d.png",
+    ):
+        result = await sh(script, capture.display)
+        assert result.returncode != 0, script
+        if not script.startswith("/lib64"):
+            assert result.returncode == 126, (script, result.stderr)
+            assert "Operation not permitted" in result.stderr, script
+    assert list(out.iterdir()) == []
+    assert (await sh("/bin/true")).returncode == 0
+    assert (await sh(f"{client} session-ok")).stdout.strip() == "session-ok"
+    await wait_until(lambda: len(capture.of("exec.denied")) >= 4, "four exec.denied events")
+    by = {str(e.details["matched"]) for e in capture.of("exec.denied")}
+    assert by == {"name", "sha256", "loader"}
+    renamed_event = next(e for e in capture.of("exec.denied") if e.details["matched"] == "sha256")
+    assert renamed_event.details["path"] == str(renamed)
+    assert renamed_event.blocked
+
+
+async def test_audit_mode_lets_tools_run_and_reports(capture: Capture, tmp_path: Path) -> None:
+    await capture.enforcer.start(policy(), Mode.AUDIT)
+    result = await sh(f"scrot {tmp_path}/audit.png", capture.display)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "audit.png").exists()
+    await wait_until(lambda: capture.of("exec.detected"), "exec.detected")
+    event = capture.of("exec.detected")[0]
+    assert (event.details["name"], event.blocked) == ("scrot", False)
+    assert capture.of("exec.denied") == []
+
+
+async def test_print_key_is_grabbed_and_reported(capture: Capture) -> None:
+    await capture.enforcer.start(policy(), Mode.ENFORCE)
+    assert capture.enforcer.status().reason is None
+    assert (await sh("xdotool key Print", capture.display)).returncode == 0
+    await wait_until(lambda: capture.of("printkey.grabbed"), "printkey.grabbed")
+    assert (await sh("xdotool key shift+Print", capture.display)).returncode == 0
+    await wait_until(lambda: len(capture.of("printkey.grabbed")) == 2, "second press (with shift)")
+
+
+async def test_screenshot_folder_images_reported_and_removed(capture: Capture, tmp_path: Path) -> None:
+    folder = tmp_path / "Pictures"
+    folder.mkdir()
+    await capture.enforcer.start(
+        policy(screenshot_dirs=[str(folder)], remove_screenshots=True, grab_print_key=False), Mode.ENFORCE
+    )
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "Screenshot from today.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    await wait_until(lambda: capture.of("screenshot.created"), "screenshot.created")
+    event = capture.of("screenshot.created")[0]
+    assert event.details["removed"] is True
+    assert not (folder / "Screenshot from today.png").exists()
+    assert (folder / "notes.txt").exists()
+
+
+async def test_allowlist_denies_unlisted_programs_for_session_users(capture: Capture) -> None:
+    await capture.enforcer.start(policy(allowlist=True, allow=["echo"], grab_print_key=False), Mode.ENFORCE)
+    as_user = "setpriv --reuid=65534 --regid=65534 --clear-groups"
+    assert (await sh(f"{as_user} /bin/echo listed")).stdout.strip() == "listed"
+    denied = await sh(f"{as_user} /bin/true")
+    assert denied.returncode != 0
+    assert (await sh("/bin/true")).returncode == 0  # root/system processes are not session users
+    await wait_until(lambda: capture.of("exec.denied"), "allowlist denial")
+    assert capture.of("exec.denied")[0].details["matched"] == "allowlist"
+
+
+async def test_burst_of_execs_all_answered(capture: Capture, tmp_path: Path) -> None:
+    renamed = tmp_path / "x"
+    shutil.copy2("/usr/bin/scrot", renamed)
+    await capture.enforcer.start(policy(grab_print_key=False), Mode.ENFORCE)
+    script = f"ok=0; no=0; for i in $(seq 200); do /bin/true && ok=$((ok+1)); {renamed} 2>/dev/null || no=$((no+1)); done; echo $ok $no"
+    result = await sh(script)
+    assert result.stdout.split() == ["200", "200"]
+    stats = await capture.enforcer.listener_stats()
+    assert stats["errors"] == 0
+    assert stats["denied"] >= 200
+
+
+async def test_listener_death_allows_exec_degrades_and_recovers(capture: Capture) -> None:
+    await capture.enforcer.start(policy(grab_print_key=False), Mode.ENFORCE)
+    listener = capture.enforcer._listener
+    assert listener is not None
+    os.kill(listener.proc.pid, signal.SIGKILL)
+    await wait_until(
+        lambda: capture.enforcer.status().state is EnforcerState.DEGRADED, "degraded after listener death"
+    )
+    assert (await sh("/bin/true")).returncode == 0
+    await wait_until(lambda: capture.enforcer.status().state is EnforcerState.ACTIVE, "listener restarted")
+    assert (await sh("scrot /tmp/never.png")).returncode == 126
+
+
+async def test_proc_connector_fallback_kills_and_is_degraded(capture: Capture, tmp_path: Path) -> None:
+    fake = tmp_path / "scrot"  # named like a capture tool, long-running so the kill is observable
+    shutil.copy2("/bin/sleep", fake)
+    fallback = Capture(capture.display, exec_backend="procconn")
+    await fallback.enforcer.start(policy(grab_print_key=False), Mode.ENFORCE)
+    try:
+        status = fallback.enforcer.status()
+        assert status.state is EnforcerState.DEGRADED
+        assert "proc connector" in (status.reason or "")
+        result = await sh(f"{fake} 10; echo rc=$?")
+        assert "rc=137" in result.stdout  # SIGKILL
+        await wait_until(lambda: fallback.of("exec.denied"), "exec.denied via procconn")
+        assert fallback.of("exec.denied")[0].details["via"] == "procconn"
+    finally:
+        await fallback.enforcer.stop()
