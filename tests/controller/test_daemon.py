@@ -137,3 +137,24 @@ async def test_silent_endpoint_is_acted_on(mosquitto: Mosquitto, tmp_path: Path)
         message = await next_message(c, timeout=8)  # after 3 × 1 s of silence
         assert "silent" in json.loads(message.payload)["body"]["reason"]
         assert run.store.endpoint("a1").condition.value == "silent"
+
+
+async def test_pending_command_is_resumed_after_a_restart(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A command left pending by a stopped controller is sent again (same id) when it starts."""
+    from cleanroom_controller import CommandRecord, CommandState, Store
+
+    data = tmp_path / "c"
+    store = Store.open(data)
+    store.save_command(
+        CommandRecord("c-left", "a1", "s-100-1", "end_session", "violation:x", CommandState.PENDING, 1, 1.0)
+    )
+    store.close()
+    a1 = Sender("a1")
+    async with agent_client(mosquitto) as c:
+        await c.subscribe(agent_topic("a1", Channel.COMMANDS), qos=1)
+        async with running_controller(mosquitto, data, senders=(a1,)) as run:
+            message = await next_message(c)
+            assert json.loads(message.payload)["body"]["id"] == "c-left"
+            ack = Ack(command_id="c-left", result=AckResult.NOT_FOUND)
+            await publish(c, "a1", Channel.ACKS, a1.seal(Kind.ACK, ack))
+            await until(lambda: run.store.command("c-left").state.value == "acked", timeout=5, what="acked")
