@@ -8,6 +8,7 @@ from .base import Enforcer, EventSink
 from .capture import CaptureEnforcer, ExecBackend
 from .clipboard import ClipboardEnforcer
 from .clipboardrules import ClientRedirection, client_clipboard_off, with_clipboard_off
+from .media import MediaEnforcer
 from .usb import UsbEnforcer
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Enforcer",
     "EventSink",
     "ExecBackend",
+    "MediaEnforcer",
     "UsbEnforcer",
     "build_enforcers",
     "client_clipboard_off",
@@ -38,4 +40,5 @@ def build_enforcers(
         ClipboardEnforcer(emit, display=display),
         CaptureEnforcer(emit, display=display, exec_backend=exec_backend),
         UsbEnforcer(emit, sysfs_root=sysfs_root),
+        MediaEnforcer(emit),
     ]
