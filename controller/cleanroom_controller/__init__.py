@@ -2,7 +2,7 @@
 sessions and keeps a tamper-evident audit trail."""
 
 from .audit import GENESIS, AuditEntry, ChainHead, ChainProblem, Tamper, entry_hash, make_entry, verify_chain
-from .broker import EmbeddedBroker, mosquitto_config
+from .broker import EmbeddedBroker, mosquitto_config, write_mosquitto_config
 from .decide import Decision, EndSession, plan_end_sessions, reconcile_sessions, retry_delay
 from .drivers import AgentDriver, Outcome, Publisher, SessionDriver
 from .ingest import Ingest, KeyCache, subscriptions
@@ -56,4 +56,5 @@ __all__ = [
     "retry_delay",
     "subscriptions",
     "verify_chain",
+    "write_mosquitto_config",
 ]

@@ -77,3 +77,11 @@ def mosquitto_config(
             lines += [f"cafile {cafile}", "require_certificate true", "use_identity_as_username true"]
             lines.append("use_username_as_clientid true")
     return "\n".join(lines) + "\n"
+
+
+def write_mosquitto_config(path: Path, **options: Any) -> Path:
+    """Write :func:`mosquitto_config` to ``path`` (0644: Mosquitto drops to its own user and must read it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(mosquitto_config(**options))
+    path.chmod(0o644)
+    return path

@@ -16,7 +16,6 @@ from cleanroom_protocol import POLICY_TOPIC, load_or_create_private_key
 
 from .actions import ActionRunner
 from .broker import EmbeddedBroker
-from .decide import EndSession
 from .drivers.agent import AgentDriver
 from .ingest import Ingest, KeyCache, subscriptions
 from .link import BrokerLink
@@ -31,6 +30,7 @@ from .tracker import Tracker
 log = structlog.get_logger("cleanroom.controller")
 
 KEY_NAME = "controller.key"
+INBOX_SIZE = 10_000  # messages between the broker link and ingest
 
 
 class Stop(Exception):
@@ -50,7 +50,7 @@ class Controller:
         )
         self.address = parse_broker_url(settings.broker)
         self._tg: asyncio.TaskGroup | None = None
-        self._pending_actions: list[EndSession] = []
+        self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=INBOX_SIZE)
         self.link = BrokerLink(
             self.address,
             client_id=settings.mqtt_client_id,
@@ -91,8 +91,15 @@ class Controller:
             return
         self._tg.create_task(coro, name=name)
 
-    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        self.ingest.handle(topic, payload, retained=retained)
+    async def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        # Bounded: when ingest falls behind, the link stops reading and the broker queues (QoS 1).
+        await self._inbox.put((topic, payload, retained))
+
+    async def _ingest(self) -> None:
+        while True:
+            topic, payload, retained = await self._inbox.get()
+            self.ingest.handle(topic, payload, retained=retained)  # never raises on bad input
+            await asyncio.sleep(0)  # a burst must not starve the link, timers and command tasks
 
     async def _publish_policy(self) -> None:
         payload = self.policy.signed_document()
@@ -153,6 +160,7 @@ class Controller:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
                     tg.create_task(self.link.run(), name="broker_link")
+                    tg.create_task(self._ingest(), name="ingest")
                     tg.create_task(self._silence_ticker(), name="silence_ticker")
                     tg.create_task(self._watch_policy(), name="policy_watcher")
                     tg.create_task(self._resume_commands(), name="command_retries")

@@ -16,7 +16,7 @@ from .settings import BrokerAddress
 
 log = structlog.get_logger("cleanroom.controller.link")
 
-MessageHandler = Callable[[str, bytes, bool], None]
+MessageHandler = Callable[[str, bytes, bool], Coroutine[Any, Any, None]]
 ConnectHook = Callable[[], Coroutine[Any, Any, None]]
 
 
@@ -86,8 +86,8 @@ class BrokerLink:
                     async for message in client.messages:
                         payload = message.payload
                         raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-                        self._on_message(str(message.topic), bytes(raw), bool(message.retain))
-            except aiomqtt.MqttError as exc:
+                        await self._on_message(str(message.topic), bytes(raw), bool(message.retain))
+            except (aiomqtt.MqttError, OSError) as exc:
                 self._connected.clear()
                 self._client = None
                 attempt += 1

@@ -4,12 +4,17 @@ Mosquitto config writer."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+from pathlib import Path
 
 import aiomqtt
 import pytest
 
-from cleanroom_controller import EmbeddedBroker, mosquitto_config
-from tests.support.mosquitto import free_port
+from cleanroom_controller import EmbeddedBroker, mosquitto_config, write_mosquitto_config
+from tests.support.mosquitto import free_port, mosquitto_binary
+from tests.support.wait import wait_for
 
 
 async def test_embedded_broker_carries_qos1_and_stops() -> None:
@@ -35,6 +40,30 @@ async def test_embedded_broker_carries_qos1_and_stops() -> None:
     with pytest.raises(aiomqtt.MqttError):
         async with aiomqtt.Client("127.0.0.1", port, identifier="late", timeout=2):
             pass
+
+
+def test_written_mosquitto_config_starts_a_real_mosquitto(tmp_path: Path) -> None:
+    port = free_port()
+    conf = write_mosquitto_config(
+        tmp_path / "mosquitto.conf", port=port, persistence_dir=tmp_path / "db", log_file=tmp_path / "log"
+    )
+    text = conf.read_text() + ("user root\n" if os.geteuid() == 0 else "")
+    conf.write_text(text)
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)])
+    try:
+        wait_for(lambda: _listening(port) or proc.poll() is not None, timeout=10, what="mosquitto listening")
+        assert proc.poll() is None, "mosquitto refused the written config"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 def test_mosquitto_config() -> None:

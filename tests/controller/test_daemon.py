@@ -158,3 +158,23 @@ async def test_pending_command_is_resumed_after_a_restart(mosquitto: Mosquitto, 
             ack = Ack(command_id="c-left", result=AckResult.NOT_FOUND)
             await publish(c, "a1", Channel.ACKS, a1.seal(Kind.ACK, ack))
             await until(lambda: run.store.command("c-left").state.value == "acked", timeout=5, what="acked")
+
+
+async def test_commands_for_several_sessions_arrive_in_seq_order(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The agent rejects a seq below one it accepted: concurrent commands must be published in seq order."""
+    a1 = Sender("a1")
+    async with (
+        running_controller(mosquitto, tmp_path / "c", senders=(a1,)) as _,
+        agent_client(mosquitto) as c,
+    ):
+        await c.subscribe(agent_topic("a1", Channel.COMMANDS), qos=1)
+        sessions = tuple(session(f"s-{n}-1", pid=n) for n in range(100, 105))
+        await publish(
+            c, "a1", Channel.POSTURE, a1.seal(Kind.POSTURE, posture(denied=("obs",), sessions=sessions))
+        )
+        received = [json.loads((await next_message(c)).payload) for _ in sessions]
+        assert sorted(m["body"]["session_id"] for m in received) == [s.id for s in sessions]
+        seqs = [m["seq"] for m in received]
+        assert seqs == sorted(seqs)

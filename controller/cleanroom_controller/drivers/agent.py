@@ -55,6 +55,7 @@ class AgentDriver(SessionDriver):
         self._attempts = attempts
         self._clock = clock
         self._waiters: dict[str, asyncio.Future[Ack]] = {}
+        self._send_lock = asyncio.Lock()
 
     async def end_session(self, agent: str, session_id: str | None, reason: str) -> Outcome:
         command = CommandRecord(
@@ -95,16 +96,21 @@ class AgentDriver(SessionDriver):
                 if current is not None and current.state is CommandState.ACKED:
                     # Acked while nobody waited (e.g. across a restart).
                     return Outcome(command.id, current.result or "", current.detail, current.attempts)
-                seq, payload = self._signer.seal(Kind.COMMAND, body)
                 command = replace(command, attempts=attempt, last_sent=self._clock())
                 self._store.save_command(command)
                 delay = retry_delay(attempt, self._timeout_s)
                 sent = True
-                try:
-                    await asyncio.wait_for(self._publisher.publish(topic, payload), timeout=delay)
-                except (TimeoutError, OSError, ConnectionError) as exc:
-                    sent = False
-                    log.warning("command_not_sent", command=command.id, agent=command.agent, error=str(exc))
+                # Seal and publish under one lock: the agent rejects a seq below one it already accepted,
+                # so concurrent commands must reach the broker in seq order.
+                async with self._send_lock:
+                    seq, payload = self._signer.seal(Kind.COMMAND, body)
+                    try:
+                        await asyncio.wait_for(self._publisher.publish(topic, payload), timeout=delay)
+                    except (TimeoutError, OSError, ConnectionError) as exc:
+                        sent = False
+                        log.warning(
+                            "command_not_sent", command=command.id, agent=command.agent, error=str(exc)
+                        )
                 self._recorder.record(
                     "command",
                     command.agent,
