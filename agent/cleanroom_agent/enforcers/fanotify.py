@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import errno
 import hashlib
 import json
@@ -163,8 +162,6 @@ class Listener:
         self.out_fd = out_fd
         self.in_fd = in_fd
         self.rules = ExecRules()
-        self.learned: set[str] = set()
-        self.learned_sizes: set[int] = set()
         self.cache = HashCache()
         self.budget = EventBudget(rate_per_s=20.0, burst=100)
         self.stats = {
@@ -203,7 +200,7 @@ class Listener:
             try:
                 message = json.loads(line)
                 if "rules" in message:
-                    self.rules = self.with_learned(ExecRules.from_dict(message["rules"]))
+                    self.rules = ExecRules.from_dict(message["rules"])
                     self.fan.watch_opens(self.rules.open_marks)
                     self.send({"applied": True})
                 if message.get("stats"):
@@ -251,7 +248,7 @@ class Listener:
             if verdict.deny and self.rules.enforce:
                 response = FAN_DENY
             if verdict.deny and verdict.matched in ("name", "sha256"):
-                sha = self.learn(fd, path, sha)  # not for allowlist denials: those depend on the user
+                self.learn(path)  # not for allowlist denials: those depend on the user
             if verdict.deny:
                 self.report(verdict, path, sha, pid, mask, extra, denied=response == FAN_DENY)
         except Exception as exc:
@@ -300,26 +297,13 @@ class Listener:
             {"via": "loader", "opener": opener or ""},
         )
 
-    def learn(self, fd: int, path: str, sha: str | None) -> str | None:
-        """A denied file's hash denies its copies (and makes files of its size hashed); its path gets an
-        open mark so a loader invocation of it is denied too. Returns the hash."""
-        st = os.fstat(fd)
-        if sha is None:
-            sha = self.cache.get(fd, st)
-        if sha is not None and sha not in self.learned and len(self.learned) < 4096:
-            self.learned.add(sha)
-            self.learned_sizes.add(st.st_size)
-            self.rules = self.with_learned(self.rules)
+    def learn(self, path: str) -> None:
+        """A file denied by name or hash gets an open mark, so a loader invocation of it is denied too.
+        Its hash is deliberately NOT added to the deny list: a user who copies /bin/bash to ~/scrot must
+        not get every bash on the machine denied. Hashes come from the agent: the policy's and those of
+        the denied tools installed in system directories."""
         if not path.endswith(" (deleted)"):
             self.fan.add_open_mark(path)
-        return sha
-
-    def with_learned(self, rules: ExecRules) -> ExecRules:
-        return dataclasses.replace(
-            rules,
-            deny_hashes=rules.deny_hashes | self.learned,
-            deny_sizes=rules.deny_sizes | self.learned_sizes,
-        )
 
     def report(
         self,

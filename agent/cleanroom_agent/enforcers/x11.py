@@ -146,6 +146,7 @@ class SelectionOutcome:
 
 
 DecideOwner = Callable[[OwnerChange], Handling]
+QuickDecision = Callable[[str], Handling | None]
 ReportOutcome = Callable[[SelectionOutcome], None]
 ReportState = Callable[[str | None], None]
 
@@ -154,10 +155,16 @@ class SelectionGuard(_XThread):
     thread_name = "clipboard-x11"
 
     def __init__(
-        self, display_name: str | None, decide: DecideOwner, report: ReportOutcome, state: ReportState
+        self,
+        display_name: str | None,
+        decide: DecideOwner,
+        report: ReportOutcome,
+        state: ReportState,
+        quick: QuickDecision = lambda selection: None,
     ) -> None:
         super().__init__(display_name)
         self._decide = decide
+        self._quick = quick
         self._report = report
         self._state = state
         self._deferred: list[Any] = []
@@ -212,8 +219,13 @@ class SelectionGuard(_XThread):
             pass  # requestor window already gone
 
     def _owner_changed(self, disp: Any, name: str, owner: int, seen: float) -> None:
-        pid = self._owner_pid(disp, owner)
-        handling = self._decide(OwnerChange(name, owner, pid))
+        # When the owner does not matter (mode block/allow), act first and look the owner up after:
+        # the lookup costs round trips and /proc reads that would delay clearing.
+        handling = self._quick(name)
+        pid = None
+        if handling is None:
+            pid = self._owner_pid(disp, owner)
+            handling = self._decide(OwnerChange(name, owner, pid))
         blocked, reason = handling.action == "block", handling.reason
         if handling.action == "text":
             check = self._probe_text(disp, name)
@@ -225,6 +237,8 @@ class SelectionGuard(_XThread):
             disp.flush()
             enforced = True
         if blocked or handling.action == "text":
+            if pid is None:
+                pid = self._owner_pid(disp, owner)
             self._report(
                 SelectionOutcome(name, pid, handling, blocked, enforced, reason, time.monotonic() - seen)
             )

@@ -93,9 +93,14 @@ async def test_capture_tools_denied_renamed_copy_and_loader_too(capture: Capture
             assert result.returncode == 126, (script, result.stderr)
             assert "Operation not permitted" in result.stderr, script
     assert list(out.iterdir()) == []
+    # A harmless binary copied under a denied name is denied by name, and its original stays usable.
+    decoy = tmp_path / "bin" / "scrot"
+    decoy.parent.mkdir()
+    shutil.copy2("/bin/true", decoy)
+    assert (await sh(str(decoy))).returncode == 126
     assert (await sh("/bin/true")).returncode == 0
     assert (await sh(f"{client} session-ok")).stdout.strip() == "session-ok"
-    await wait_until(lambda: len(capture.of("exec.denied")) >= 4, "four exec.denied events")
+    await wait_until(lambda: len(capture.of("exec.denied")) >= 5, "five exec.denied events")
     by = {str(e.details["matched"]) for e in capture.of("exec.denied")}
     assert by == {"name", "sha256", "loader"}
     renamed_event = next(e for e in capture.of("exec.denied") if e.details["matched"] == "sha256")
