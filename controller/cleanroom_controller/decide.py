@@ -159,12 +159,14 @@ def reconcile_sessions(
             changed.append(replace(old, state=SessionState.RUNNING))
     for old in known:
         if old.state is not SessionState.ENDED and old.id not in reported_ids:
-            changed.append(ended(old, old.ending_reason or "gone_from_posture"))
+            changed.append(ended(old, "gone_from_posture"))
     return changed
 
 
 def ended(s: SessionRecord, reason: str) -> SessionRecord:
-    return replace(s, state=SessionState.ENDED, ended_reason=s.ending_reason or reason)
+    """Ended; the reason is the controller's when it was ending it, otherwise what was observed."""
+    why = s.ending_reason if s.state is SessionState.ENDING and s.ending_reason else reason
+    return replace(s, state=SessionState.ENDED, ended_reason=why)
 
 
 def started(
@@ -189,10 +191,10 @@ def after_ack(s: SessionRecord, result: str) -> SessionRecord:
     if result in (AckResult.ENDED.value, AckResult.NOT_FOUND.value):
         return replace(ended(s, s.ending_reason or "ended_by_command"), command_result=result)
     if result == "expired":
-        return replace(
-            s, command_result=result
-        )  # still ending: queued for the agent, which fails closed itself
-    return replace(s, state=SessionState.RUNNING, command_result=result)
+        # Still ending: queued for the agent's persistent session; the agent fails closed by itself.
+        return replace(s, command_result=result)
+    # Not ended (audit mode, failure, refusal): it runs on, and a later end is not ours to explain.
+    return replace(s, state=SessionState.RUNNING, command_result=result, ending_reason=None)
 
 
 def retry_delay(attempt: int, timeout_s: float) -> float:

@@ -134,3 +134,12 @@ def test_reconcile_adds_new_and_ends_missing_sessions() -> None:
 
 def test_retry_backoff_doubles_and_caps() -> None:
     assert [retry_delay(n, 2.0) for n in range(1, 7)] == [2.0, 4.0, 8.0, 16.0, 16.0, 16.0]
+
+
+def test_a_session_that_ends_by_itself_after_audit_only_is_not_blamed_on_the_controller() -> None:
+    answered = after_ack(
+        ending(RUNNING, command_id="c1", reason="violation:x", key="violation:x"), "audit_only"
+    )
+    (gone,) = reconcile_sessions("a1", [answered], [])
+    assert gone.state is SessionState.ENDED
+    assert gone.ended_reason == "gone_from_posture"
