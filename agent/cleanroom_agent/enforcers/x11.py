@@ -14,6 +14,7 @@ that property's length (GetProperty with length 0 returns ``bytes_after`` = size
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import threading
@@ -29,7 +30,7 @@ from Xlib.protocol import event as xevent
 from .clipboardrules import Handling, TextCheck, judge_text
 
 SELECTIONS = ("CLIPBOARD", "PRIMARY")
-_PROBE_TIMEOUT_S = 0.3
+_PROBE_TIMEOUT_S = 1.0
 _MAX_TARGETS = 64
 
 
@@ -113,9 +114,17 @@ class _XThread:
             # pending_events() reads what the socket has; a closed connection raises here.
             while disp.pending_events():
                 self._handle(disp, disp.next_event())
-            r, _, _ = select.select([fd, self._wake_r], [], [], 5.0)
+            r, _, _ = select.select([fd, self._wake_r], [], [], 0.005 if self._idle_work() else 5.0)
             if self._wake_r in r:
                 return
+            if not r:
+                self._when_idle(disp)
+
+    def _idle_work(self) -> bool:
+        return False
+
+    def _when_idle(self, disp: Any) -> None:
+        """Called when nothing arrived for 5 ms while :meth:`_idle_work` said there was work."""
 
     def _setup(self, disp: Any) -> None:
         raise NotImplementedError
@@ -168,11 +177,21 @@ class SelectionGuard(_XThread):
         self._report = report
         self._state = state
         self._deferred: list[Any] = []
+        self._unresolved: list[tuple[int, SelectionOutcome]] = []
 
     def _on_state(self, problem: str | None) -> None:
         self._state(problem)
 
+    def _idle_work(self) -> bool:
+        return bool(self._unresolved)
+
+    def _when_idle(self, disp: Any) -> None:
+        pending, self._unresolved = self._unresolved[:64], []  # bounded: a flood reports the first 64
+        for owner, outcome in pending:
+            self._report(dataclasses.replace(outcome, pid=self._owner_pid(disp, owner)))
+
     def _setup(self, disp: Any) -> None:
+        self._unresolved = []
         if not disp.has_extension("XFIXES"):
             raise X11Unavailable("X server has no XFIXES extension")
         disp.xfixes_query_version()
@@ -234,14 +253,20 @@ class SelectionGuard(_XThread):
         enforced = False
         if blocked and handling.enforce:
             self._win.set_selection_owner(self._atoms[name], X.CurrentTime)
-            disp.flush()
+            # A plain round trip: the server has then processed the take-over and flushed the
+            # SelectionClear to the old owner before the (slow, ~3 ms on Xvfb) X-Resource pid query.
+            disp.get_input_focus()
             enforced = True
         if blocked or handling.action == "text":
-            if pid is None:
-                pid = self._owner_pid(disp, owner)
-            self._report(
-                SelectionOutcome(name, pid, handling, blocked, enforced, reason, time.monotonic() - seen)
+            outcome = SelectionOutcome(
+                name, pid, handling, blocked, enforced, reason, time.monotonic() - seen
             )
+            if pid is None:
+                # The X-Resource pid query holds up the server for a few ms on Xvfb (measured), which
+                # would delay the old owner's SelectionClear: look the owner up once things are quiet.
+                self._unresolved.append((owner, outcome))
+            else:
+                self._report(outcome)
         for ev in self._deferred[:]:
             self._deferred.remove(ev)
             self._handle(disp, ev)
@@ -306,7 +331,12 @@ class SelectionGuard(_XThread):
         while True:
             while disp.pending_events():
                 ev = disp.next_event()
-                if ev.type == X.SelectionNotify and ev.requestor.id == self._win.id:
+                if (
+                    ev.type == X.SelectionNotify
+                    and ev.requestor.id == self._win.id
+                    and ev.target == target
+                    and ev.selection == self._atoms[name]
+                ):
                     return True if ev.property != X.NONE else None
                 if ev.type == X.SelectionRequest:
                     self._refuse(disp, ev)
