@@ -75,6 +75,7 @@ class Controller:
             recorder=self.recorder,
             policy=lambda: self.policy.policy,
             act=self.actions.submit,
+            recovered=self._recovered,
         )
         self.ingest = Ingest(
             store=self.store,
@@ -84,6 +85,9 @@ class Controller:
             max_skew_s=settings.max_skew_s,
             on_ack=self.driver.ack_received,
         )
+
+    def _recovered(self, agent: str) -> None:
+        self.driver.cancel_pending(agent, "the endpoint is compliant again")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         if self._tg is None:

@@ -26,6 +26,7 @@ class CommandState(StrEnum):
     PENDING = "pending"  # created, sent zero or more times, no ack yet
     ACKED = "acked"
     EXPIRED = "expired"  # retries exhausted without an ack
+    CANCELLED = "cancelled"  # retries stopped: the endpoint is compliant again
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from cleanroom_protocol import Ack, Event, Policy, Posture, Status
 from . import decide
 from .decide import Decision, EndSession
 from .judge import judge
-from .models import CommandState, EndpointState, SessionRecord, SessionState
+from .models import CommandState, Condition, EndpointState, SessionRecord, SessionState
 from .recorder import Recorder
 from .store import Store
 
@@ -30,11 +30,13 @@ class Tracker:
         recorder: Recorder,
         policy: Callable[[], Policy],
         act: ActionSink,
+        recovered: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         self._recorder = recorder
         self._policy = policy
         self._act = act
+        self._recovered = recovered
 
     # -- facts ---------------------------------------------------------------------------------------------
     def on_posture(self, agent: str, posture: Posture, *, seq: int, now: float) -> Decision | None:
@@ -150,6 +152,12 @@ class Tracker:
         posture: dict[str, object] | None = None,
     ) -> Decision | None:
         self._store.save_endpoint(after, posture=posture)
+        if (
+            self._recovered is not None
+            and after.condition is Condition.COMPLIANT
+            and before.condition is not Condition.COMPLIANT
+        ):
+            self._recovered(after.agent)  # pending end requests are moot now
         decision = decide.decide(before, after, self._store.sessions(after.agent), self._policy(), now=now)
         if decision is None:
             return None

@@ -178,3 +178,32 @@ async def test_commands_for_several_sessions_arrive_in_seq_order(
         assert sorted(m["body"]["session_id"] for m in received) == [s.id for s in sessions]
         seqs = [m["seq"] for m in received]
         assert seqs == sorted(seqs)
+
+
+async def test_retries_stop_when_the_endpoint_is_compliant_again(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    a1 = Sender("a1")
+    async with (
+        running_controller(
+            mosquitto, tmp_path / "c", senders=(a1,), command_timeout=0.3, command_attempts=50
+        ) as run,
+        agent_client(mosquitto) as c,
+    ):
+        await c.subscribe(agent_topic("a1", Channel.COMMANDS), qos=1)
+        await publish(
+            c, "a1", Channel.POSTURE, a1.seal(Kind.POSTURE, posture(denied=("obs",), sessions=(session(),)))
+        )
+        command_id = json.loads((await next_message(c)).payload)["body"]["id"]
+        await publish(c, "a1", Channel.POSTURE, a1.seal(Kind.POSTURE, posture(sessions=(session(),))))
+        await until(
+            lambda: run.store.command(command_id).state.value == "cancelled", timeout=5, what="cancelled"
+        )
+        await until(
+            lambda: run.store.session("a1", "s-100-1").command_result == "cancelled",
+            timeout=5,
+            what="outcome",
+        )
+        s = run.store.session("a1", "s-100-1")
+        assert (s.state.value, s.ended_reason) == ("running", None)
+        assert any(e.kind == "command.cancelled" for e in run.store.audit_entries())

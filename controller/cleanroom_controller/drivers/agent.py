@@ -54,7 +54,7 @@ class AgentDriver(SessionDriver):
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._clock = clock
-        self._waiters: dict[str, asyncio.Future[Ack]] = {}
+        self._waiters: dict[str, asyncio.Future[Ack | None]] = {}  # None: cancelled
         self._send_lock = asyncio.Lock()
 
     async def end_session(self, agent: str, session_id: str | None, reason: str) -> Outcome:
@@ -78,10 +78,27 @@ class AgentDriver(SessionDriver):
             if command is not None and command.agent == agent:
                 waiter.set_result(ack)
 
+    def cancel_pending(self, agent: str, reason: str) -> int:
+        """Stop retrying ``agent``'s unanswered commands (a copy already queued at the broker may still
+        reach the agent: MQTT 3.1.1 has no message expiry; the agent's stale check bounds it)."""
+        cancelled = 0
+        for command in self._store.commands(CommandState.PENDING):
+            if command.agent != agent:
+                continue
+            self._store.save_command(
+                replace(command, state=CommandState.CANCELLED, result="cancelled", detail=reason)
+            )
+            self._recorder.record("command.cancelled", agent, {"id": command.id, "reason": reason})
+            waiter = self._waiters.get(command.id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            cancelled += 1
+        return cancelled
+
     async def deliver(self, command: CommandRecord) -> Outcome:
         """Send ``command`` until acked or out of attempts (also resumes pending commands after a restart)."""
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Ack] = loop.create_future()
+        waiter: asyncio.Future[Ack | None] = loop.create_future()
         self._waiters[command.id] = waiter
         body = Command(
             id=command.id,
@@ -93,8 +110,8 @@ class AgentDriver(SessionDriver):
         try:
             for attempt in range(command.attempts + 1, self._attempts + 1):
                 current = self._store.command(command.id)
-                if current is not None and current.state is CommandState.ACKED:
-                    # Acked while nobody waited (e.g. across a restart).
+                if current is not None and current.state in (CommandState.ACKED, CommandState.CANCELLED):
+                    # Acked or cancelled while nobody waited (e.g. across a restart).
                     return Outcome(command.id, current.result or "", current.detail, current.attempts)
                 command = replace(command, attempts=attempt, last_sent=self._clock())
                 self._store.save_command(command)
@@ -129,6 +146,8 @@ class AgentDriver(SessionDriver):
                 except TimeoutError:
                     log.info("command_unanswered", command=command.id, agent=command.agent, attempt=attempt)
                     continue
+                if ack is None:
+                    return Outcome(command.id, "cancelled", "the endpoint is compliant again", attempt)
                 return Outcome(command.id, ack.result.value, ack.detail, attempt)
             detail = (
                 f"no ack after {command.attempts} attempts; stays queued for the agent's persistent session, "

@@ -29,3 +29,8 @@ class SessionDriver(abc.ABC):
     @abc.abstractmethod
     async def end_session(self, agent: str, session_id: str | None, reason: str) -> Outcome:
         """End ``session_id`` (``None``: every session) on ``agent`` and report what happened."""
+
+    def cancel_pending(self, agent: str, reason: str) -> int:
+        """Stop retrying unfinished requests for ``agent`` (it is compliant again); how many were stopped.
+        Their ``end_session`` calls return an outcome ``cancelled``."""
+        return 0
