@@ -29,7 +29,7 @@ from .logs import configure_logging
 from .policy_keeper import NoPolicyError
 from .settings import ControllerSettings, SettingsError, load_settings
 from .store import DB_NAME, AgentExistsError, Store
-from .views import agent_rows, event_rows, session_rows
+from .views import agent_rows, event_rows, session_rows, unenrolled_rejects
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 agents_app = typer.Typer(no_args_is_help=True, help="Enrolled agents and their endpoints.")
@@ -187,6 +187,11 @@ def agents_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: Da
         "agents",
         ["id", "online", "compliant", "condition", "reasons", "last_seen", "sessions", "rejects"],
     )
+    others = unenrolled_rejects(store)
+    if others and not as_json:
+        Console().print(
+            f"rejected from unenrolled senders or foreign topics: {json.dumps(others, sort_keys=True)}"
+        )
 
 
 @sessions_app.command("list")

@@ -31,6 +31,8 @@ log = structlog.get_logger("cleanroom.controller")
 
 KEY_NAME = "controller.key"
 INBOX_SIZE = 10_000  # messages between the broker link and ingest
+DEDUP_WINDOW_S = 24 * 3600.0  # how long accepted messages' digests are kept to recognise redeliveries
+PRUNE_EVERY_S = 300.0
 
 
 class Stop(Exception):
@@ -116,10 +118,15 @@ class Controller:
         log.info("policy_published", policy=f"{self.policy.policy.id}@{self.policy.policy.version}")
 
     async def _silence_ticker(self) -> None:
+        last_prune = 0.0
         while True:
             await asyncio.sleep(self.settings.silence_check_s)
+            now = time.time()
             try:
-                self.tracker.tick(time.time())
+                self.tracker.tick(now)
+                if now - last_prune > PRUNE_EVERY_S:
+                    last_prune = now
+                    self.store.prune_messages(now - DEDUP_WINDOW_S)
             except Exception:
                 log.exception("silence_check_failed")
 

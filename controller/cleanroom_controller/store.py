@@ -70,6 +70,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
 CREATE INDEX IF NOT EXISTS events_received ON events (received);
+CREATE INDEX IF NOT EXISTS messages_received ON messages (received);
 CREATE INDEX IF NOT EXISTS commands_state ON commands (state);
 """
 
@@ -224,6 +225,11 @@ class Store:
             (agent, seq, kind, digest, now),
         )
         return cur.rowcount == 1
+
+    def prune_messages(self, before: float) -> int:
+        """Forget de-duplication digests received before ``before`` (redeliveries come within minutes;
+        the audit keeps every verdict)."""
+        return self._db.execute("DELETE FROM messages WHERE received < ?", (before,)).rowcount
 
     def message_digest(self, agent: str, seq: int) -> str | None:
         row = self._db.execute(

@@ -73,10 +73,16 @@ def test_list_commands_print_one_json_object_per_line(data_dir: Path) -> None:
 
 
 def test_tables_without_json(data_dir: Path) -> None:
+    store = Store.open(data_dir)
+    store.count_reject("(unenrolled)", "unknown_sender", 1.0)
+    store.close()
     code, out, _ = cli("agents", "list", "--data-dir", str(data_dir))
     assert code == 0
     assert "a1" in out
     assert "compliant" in out
+    assert '"(unenrolled)": {"unknown_sender": 1}' in out
+    code, out, _ = cli("agents", "list", "--json", "--data-dir", str(data_dir))
+    assert [row["id"] for row in lines(out)] == ["a1"]
 
 
 def test_audit_verify_exit_codes(data_dir: Path) -> None:

@@ -73,3 +73,13 @@ def test_second_connection_sees_committed_state(tmp_path: Path) -> None:
     store.append_audit("k", "x", "s", {"a": 1})
     other = sqlite3.connect(tmp_path / "controller.db")
     assert other.execute("SELECT count(*) FROM audit").fetchone()[0] == 1
+
+
+def test_dedup_digests_are_pruned_by_age(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    assert store.record_message("a1", 1, "posture", "d1", now=100.0)
+    assert not store.record_message("a1", 1, "posture", "d1", now=101.0)
+    assert store.record_message("a1", 2, "posture", "d2", now=200.0)
+    assert store.prune_messages(before=150.0) == 1
+    assert store.message_digest("a1", 1) is None
+    assert store.message_digest("a1", 2) == "d2"
