@@ -189,9 +189,7 @@ def agents_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: Da
     )
     others = unenrolled_rejects(store)
     if others and not as_json:
-        Console().print(
-            f"rejected from unenrolled senders or foreign topics: {json.dumps(others, sort_keys=True)}"
-        )
+        print(f"rejected from unenrolled senders or foreign topics: {json.dumps(others, sort_keys=True)}")
 
 
 @sessions_app.command("list")
