@@ -87,7 +87,7 @@ class BrokerLink:
                         payload = message.payload
                         raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
                         await self._on_message(str(message.topic), bytes(raw), bool(message.retain))
-            except (aiomqtt.MqttError, OSError) as exc:
+            except Exception as exc:  # MqttError, OSError, TLS errors: all mean "reconnect later"
                 self._connected.clear()
                 self._client = None
                 attempt += 1

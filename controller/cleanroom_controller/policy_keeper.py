@@ -129,8 +129,15 @@ class PolicyKeeper:
                     loop.call_soon_threadsafe(changed.set)
 
         observer = Observer()
-        observer.schedule(_Handler(), str(target.parent), recursive=False)
-        observer.start()
+        try:
+            observer.schedule(_Handler(), str(target.parent), recursive=False)
+            observer.start()
+        except OSError as exc:  # e.g. inotify watches exhausted: poll instead of going blind
+            log.error("policy_watch_unavailable", error=str(exc), fallback="polling every 2 s")
+            if started is not None:
+                started.set()
+            await self._poll(on_change)
+            return
         if started is not None:
             started.set()
         try:
@@ -143,6 +150,20 @@ class PolicyKeeper:
         finally:
             observer.stop()
             await asyncio.to_thread(observer.join, 5)
+
+    async def _poll(self, on_change: Callable[[], Awaitable[None]]) -> None:
+        assert self.path is not None
+        last = None
+        while True:
+            try:
+                stat = self.path.stat()
+                current = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            except OSError:
+                current = None
+            if last is not None and current != last and self.reload():
+                await on_change()
+            last = current
+            await asyncio.sleep(2.0)
 
     # -- internals -----------------------------------------------------------------------------------------
     def _ref(self) -> str | None:
