@@ -1,0 +1,803 @@
+#!/usr/bin/env python3
+"""Ingest benchmark: how many signed reports per second the controller verifies and stores, how fast it
+ends a session after a violation, and how both compare with what Mosquitto itself moves on loopback.
+
+Everything is real and on 127.0.0.1 only: a Mosquitto of our own on a free port, N simulated agents with
+real Ed25519 keys enrolled in a fresh controller data dir, real signed Posture messages, K real
+`cleanroom-controller run` processes (a shared subscription when K > 1). Three measurements, one run:
+
+(a) ceiling: Mosquitto's loopback rate with its C clients (``mosquitto_pub -l`` publishers → one
+    ``mosquitto_sub``), QoS 1 end to end, payloads the size of a posture;
+(b) sustained verified reports/s: the N agents' pre-signed postures are pushed at full rate by
+    ``mosquitto_pub -l`` processes (one per agent, so per-agent order holds); the rate is what the
+    controllers recorded as accepted in controller.db (``messages`` rows per second of receive time);
+(c) decision latency: at a paced background load of ``--latency-rate`` reports/s (a Python paho
+    publisher), a victim agent publishes a violating posture carrying a running session; latency is until
+    its signed ``end_session`` command arrives on its commands topic (measured in one process, one clock).
+
+Prints N, K, durations, rates, p50/p99 and the controllers' CPU and RSS (psutil). Aims, not assertions:
+≥ 10,000 verified reports/s on a 2-core machine; decision p99 ≤ 100 ms at 1,000 reports/s.
+
+    uv run python bench/ingest.py [--agents 100] [--controllers 2] [--messages 40000] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import psutil
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cleanroom_protocol import (
+    AgentState,
+    Channel,
+    Kind,
+    Mode,
+    Policy,
+    PolicyRef,
+    Posture,
+    ProcessInfo,
+    SessionInfo,
+    Status,
+    agent_topic,
+    fingerprint,
+    parse_policy,
+    policy_hash,
+    public_key_pem,
+    seal,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+POLICY = """\
+id = "bench"
+version = 1
+[report]
+heartbeat_s = 60
+max_offline_s = 600
+[sessions]
+clients = ["xfreerdp"]
+[processes]
+deny = ["anydesk"]
+[on_violation]
+actions = ["end_session"]
+"""
+
+
+# -- small utilities ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
+    if path is None:
+        sys.exit(f"bench/ingest.py needs {tool} (apt-get install mosquitto mosquitto-clients)")
+    return path
+
+
+def controller_exe() -> str | None:
+    exe = REPO / ".venv" / "bin" / "cleanroom-controller"
+    found = str(exe) if exe.exists() else shutil.which("cleanroom-controller")
+    if found is None:
+        return None
+    probe = subprocess.run([found, "--help"], capture_output=True, text=True, check=False, timeout=60)
+    return found if probe.returncode == 0 else None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def wait_until(cond: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Broker:
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "max_inflight_messages 100\nmax_queued_messages 2000000\nmax_queued_bytes 0\n"
+            + ("user root\n" if os.geteuid() == 0 else "")
+        )
+        log = (self.workdir / "mosquitto.log").open("ab")
+        self.proc = subprocess.Popen([need("mosquitto"), "-c", str(conf)], stdout=log, stderr=log)
+
+        def listening() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(listening, 10, f"mosquitto on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Usage:
+    """CPU seconds and peak RSS of a set of processes over a phase (psutil, sampled every 0.2 s)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.procs = [psutil.Process(p) for p in pids]
+        self.cpu0 = [self._cpu(p) for p in self.procs]
+        self.t0 = time.monotonic()
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _cpu(p: psutil.Process) -> float:
+        try:
+            t = p.cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return 0.0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            rss = 0
+            for p in self.procs:
+                with contextlib.suppress(psutil.Error):
+                    rss += p.memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss)
+
+    def finish(self) -> str:
+        self._stop.set()
+        self._thread.join()
+        wall = time.monotonic() - self.t0
+        cpu = sum(self._cpu(p) - c0 for p, c0 in zip(self.procs, self.cpu0, strict=True))
+        return f"controllers CPU {cpu:.1f} s over {wall:.1f} s ({100 * cpu / wall:.0f}% of one core), peak RSS {self.peak_rss / 2**20:.0f} MiB total"
+
+
+# -- simulated agents -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SimAgent:
+    agent_id: str
+    key_pem: bytes  # private key, PKCS8 PEM (picklable for worker processes)
+    seq: int = 0
+
+    @classmethod
+    def create(cls, agent_id: str) -> SimAgent:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return cls(agent_id, pem)
+
+    def key(self) -> Ed25519PrivateKey:
+        key = serialization.load_pem_private_key(self.key_pem, password=None)
+        assert isinstance(key, Ed25519PrivateKey)
+        return key
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+def posture(
+    agent_id: str, policy: Policy, *, denied: Sequence[str] = (), session: str | None = None
+) -> Posture:
+    sessions = []
+    if session is not None:
+        sessions = [
+            SessionInfo(id=session, client="xfreerdp", pid=4242, pids=[4242, 4243], started=time.time() - 60)
+        ]
+    return Posture(
+        agent_id=agent_id,
+        agent_version="0.1.0",
+        mode=Mode.ENFORCE,
+        policy=PolicyRef(id=policy.id, version=policy.version, hash=policy_hash(policy)),
+        hostname=agent_id,
+        os="Debian GNU/Linux 12 (bookworm)",
+        kernel="6.1.0-26-amd64",
+        display_server="x11",
+        boot_time=time.time() - 7200,
+        users=["clerk"],
+        mounts=[],
+        denied_processes=[ProcessInfo(name=n, pid=5000 + i, user="clerk") for i, n in enumerate(denied)],
+        sessions=sessions,
+        enforcers=[],
+    )
+
+
+def sign_batch(job: tuple[list[tuple[str, bytes, int]], int, str, Path]) -> int:
+    """Worker: sign ``count`` postures per agent into one line file per agent. Returns messages written."""
+    agents, count, policy_text, outdir = job
+    policy = parse_policy(policy_text)
+    written = 0
+    for agent_id, key_pem, first_seq in agents:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        assert isinstance(key, Ed25519PrivateKey)
+        body = posture(agent_id, policy)
+        with (outdir / f"{agent_id}.lines").open("wb") as f:
+            for i in range(count):
+                f.write(seal(Kind.POSTURE, body, sender=agent_id, seq=first_seq + i, key=key) + b"\n")
+                written += 1
+    return written
+
+
+# -- controller side ------------------------------------------------------------------------------------
+
+
+def enrol_all(data_dir: Path, exe: str, agents: Sequence[SimAgent]) -> None:
+    """Create the controller key and enrol every agent. Bulk enrolment goes through the controller's own
+    Store (``agents add`` per agent would start one CLI process each); one agent also goes through the CLI."""
+    subprocess.run(
+        [exe, "identity", "--data-dir", str(data_dir)], capture_output=True, check=True, timeout=60
+    )
+    first, rest = agents[0], agents[1:]
+    pub = data_dir.parent / f"{first.agent_id}.pub"
+    pub.write_text(public_key_pem(first.key()))
+    subprocess.run(
+        [exe, "agents", "add", first.agent_id, "--public-key", str(pub), "--data-dir", str(data_dir)],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    from cleanroom_controller.store import Store
+
+    store = Store.open(data_dir)
+    try:
+        now = time.time()
+        for agent in rest:
+            key = agent.key()
+            store.add_agent(agent.agent_id, public_key_pem(key), fingerprint(key), now)
+    finally:
+        store.close()
+
+
+def accepted_count(
+    db: Path, kind: str = "posture", prefix: str = ""
+) -> tuple[int, float | None, float | None]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        row = con.execute(
+            "SELECT COUNT(*), MIN(received), MAX(received) FROM messages WHERE kind = ? AND agent LIKE ?",
+            (kind, prefix + "%"),
+        ).fetchone()
+    finally:
+        con.close()
+    return int(row[0]), row[1], row[2]
+
+
+def received_times(db: Path, prefix: str) -> list[float]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "SELECT received FROM messages WHERE kind = 'posture' AND agent LIKE ? ORDER BY received",
+            (prefix + "%",),
+        ).fetchall()
+    finally:
+        con.close()
+    return [float(r[0]) for r in rows]
+
+
+def reject_total(db: Path) -> int:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return int(con.execute("SELECT COALESCE(SUM(count), 0) FROM rejects").fetchone()[0])
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def controllers(
+    exe: str, k: int, *, data_dir: Path, broker: Broker, policy: Path, share_group: bool, logs: Path
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(k):
+            argv = [
+                exe,
+                "run",
+                "--broker",
+                f"mqtt://127.0.0.1:{broker.port}",
+                "--data-dir",
+                str(data_dir),
+                "--policy",
+                str(policy),
+                "--log-level",
+                "warning",
+            ]
+            if share_group:
+                argv += ["--share-group", "bench"]
+            log = (logs / f"controller-{i}.log").open("ab")
+            procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def connected_to(pid: int, port: int) -> bool:
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in conns)
+
+
+class Publisher:
+    """A paho client on its own network thread (QoS 1)."""
+
+    def __init__(self, port: int, client_id: str) -> None:
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.connect("127.0.0.1", port, keepalive=60)
+        self.client.loop_start()
+
+    def send(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+# -- the three measurements -----------------------------------------------------------------------------
+
+
+def measure_ceiling(
+    broker: Broker, tmp: Path, *, messages: int, publishers: int, size: int
+) -> tuple[float, int]:
+    """Messages/s from ``publishers`` mosquitto_pub -l processes to one mosquitto_sub (QoS 1 both ways).
+
+    Counts what the subscriber printed; returns (rate, received). Stops when all arrived or nothing arrived
+    for 5 s (a lost message must not hang the bench)."""
+    line = json.dumps({"pad": "x" * max(0, size - 12)}) + "\n"
+    per = messages // publishers
+    total = per * publishers
+    data = tmp / "ceiling.lines"
+    data.write_text(line * per)
+    sub = subprocess.Popen(
+        [need("mosquitto_sub"), "-p", str(broker.port), "-t", "bench/ceiling/#", "-q", "1"],
+        stdout=subprocess.PIPE,
+    )
+    assert sub.stdout is not None
+    stdout = sub.stdout
+    count = [0, time.monotonic()]
+
+    def read() -> None:
+        while chunk := stdout.read1(1 << 16):
+            count[0] += chunk.count(b"\n")
+            count[1] = time.monotonic()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    wait_until(lambda: connected_to(sub.pid, broker.port), 10, "mosquitto_sub to connect")
+    time.sleep(0.3)  # SUBACK follows CONNACK; mosquitto_sub gives no signal without -d
+    t0 = time.monotonic()
+    pubs = []
+    for i in range(publishers):
+        with data.open("rb") as f:
+            pubs.append(
+                subprocess.Popen(
+                    [
+                        need("mosquitto_pub"),
+                        "-p",
+                        str(broker.port),
+                        "-t",
+                        f"bench/ceiling/{i}",
+                        "-q",
+                        "1",
+                        "-l",
+                    ],
+                    stdin=f,
+                )
+            )
+    for p in pubs:
+        p.wait(600)
+    while count[0] < total and time.monotonic() - float(count[1]) < 5:
+        time.sleep(0.05)
+    elapsed = float(count[1]) - t0
+    received = int(count[0])
+    sub.terminate()
+    sub.wait(10)
+    return received / elapsed, received
+
+
+def measure_ingest(
+    *,
+    exe: str,
+    broker: Broker,
+    tmp: Path,
+    agents: list[SimAgent],
+    per_agent: int,
+    k: int,
+    share: bool,
+    signers: int,
+    max_wait: float,
+) -> None:
+    data_dir = tmp / "controller"
+    policy_file = tmp / "policy.toml"
+    lines_dir = tmp / "lines"
+    lines_dir.mkdir()
+    print(f"(b) signing {len(agents)} × {per_agent} postures with {signers} processes ...", flush=True)
+    t0 = time.monotonic()
+    jobs = []
+    for i in range(signers):
+        chunk = [(a.agent_id, a.key_pem, a.seq + 1) for a in agents[i::signers]]
+        jobs.append((chunk, per_agent, POLICY, lines_dir))
+    with multiprocessing.get_context("spawn").Pool(signers) as pool:
+        signed = sum(pool.map(sign_batch, jobs))
+    for a in agents:
+        a.seq += per_agent
+    sign_s = time.monotonic() - t0
+    print(f"    signed {signed} in {sign_s:.1f} s ({signed / sign_s:,.0f}/s, Ed25519 + canonical JSON)")
+    sample = (lines_dir / f"{agents[0].agent_id}.lines").open("rb").readline()
+    print(f"    posture size {len(sample) - 1} bytes")
+
+    with controllers(
+        exe, k, data_dir=data_dir, broker=broker, policy=policy_file, share_group=share, logs=tmp
+    ) as procs:
+        for p in procs:
+            wait_until(
+                lambda p=p: connected_to(p.pid, broker.port) or p.poll() is not None, 30, "controller connect"
+            )
+            if p.poll() is not None:
+                raise RuntimeError(f"controller exited {p.returncode}; see {tmp}/controller-*.log")
+        # Readiness: a probe posture per agent 0 comes back as a stored message.
+        probe = agents[0]
+        pub = Publisher(broker.port, "bench-probe")
+        pol = parse_policy(POLICY)
+        probe.seq += 1
+        pub.send(
+            agent_topic(probe.agent_id, Channel.POSTURE),
+            seal(
+                Kind.POSTURE,
+                posture(probe.agent_id, pol),
+                sender=probe.agent_id,
+                seq=probe.seq,
+                key=probe.key(),
+            ),
+        )
+        wait_until(
+            lambda: accepted_count(data_dir / "controller.db")[0] >= 1, 30, "the controllers to store a probe"
+        )
+        time.sleep(
+            1.0
+        )  # all K subscribed (shared subscriptions hand out messages only to subscribed members)
+        pub.close()
+        base, _, _ = accepted_count(data_dir / "controller.db")
+        usage = Usage([p.pid for p in procs])
+        print(
+            f"(b) publishing {signed} postures at full rate: {len(agents)} mosquitto_pub -l processes (one per agent)"
+        )
+        t_pub = time.monotonic()
+        pubs = []
+        for a in agents:
+            with (lines_dir / f"{a.agent_id}.lines").open("rb") as f:
+                pubs.append(
+                    subprocess.Popen(
+                        [
+                            need("mosquitto_pub"),
+                            "-p",
+                            str(broker.port),
+                            "-q",
+                            "1",
+                            "-t",
+                            agent_topic(a.agent_id, Channel.POSTURE),
+                            "-l",
+                        ],
+                        stdin=f,
+                    )
+                )
+        for p in pubs:
+            p.wait(600)
+        pub_s = time.monotonic() - t_pub
+        print(f"    published in {pub_s:.1f} s ({signed / pub_s:,.0f}/s into the broker)")
+        # Wait until the controllers have caught up or stop making progress.
+        last, last_change = -1, time.monotonic()
+        deadline = t_pub + max_wait
+        while time.monotonic() < deadline:
+            n, _, _ = accepted_count(data_dir / "controller.db")
+            if n - base >= signed:
+                break
+            if n != last:
+                last, last_change = n, time.monotonic()
+            elif time.monotonic() - last_change > 5:
+                break
+            time.sleep(0.5)
+        wall = time.monotonic() - t_pub
+        usage_line = usage.finish()
+        n = accepted_count(data_dir / "controller.db")[0]
+        stored = n - base
+        times = received_times(data_dir / "controller.db", "")[base:]
+        rejects = reject_total(data_dir / "controller.db")
+        print(
+            f"    stored {stored} of {signed} postures as accepted ({rejects} rejects counted) in {wall:.1f} s"
+        )
+        if len(times) > 10:
+            span = times[-1] - times[0]
+            lo, hi = times[len(times) // 10], times[(len(times) * 9) // 10]
+            mid = (len(times) * 8 // 10) / (hi - lo) if hi > lo else float("nan")
+            print(
+                f"    sustained verified reports/s: {stored / span:,.0f} overall, {mid:,.0f} over the middle 80%"
+            )
+        print(f"    {usage_line}")
+        alive = [p.poll() is None for p in procs]
+        print(f"    controllers alive afterwards: {sum(alive)}/{len(alive)}")
+
+
+def measure_latency(
+    *,
+    exe: str,
+    broker: Broker,
+    tmp: Path,
+    background: list[SimAgent],
+    victims: list[SimAgent],
+    rate: int,
+    k: int,
+    share: bool,
+    spacing: float,
+) -> None:
+    data_dir = tmp / "controller"
+    policy_file = tmp / "policy.toml"
+    pol = parse_policy(POLICY)
+    received: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        now = time.monotonic()
+        agent = msg.topic.split("/")[3]
+        with lock:
+            received.setdefault(agent, now)
+
+    with controllers(
+        exe, k, data_dir=data_dir, broker=broker, policy=policy_file, share_group=share, logs=tmp
+    ) as procs:
+        for p in procs:
+            wait_until(
+                lambda p=p: connected_to(p.pid, broker.port) or p.poll() is not None, 30, "controller connect"
+            )
+        listener = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-victims")
+        listener.on_message = on_message
+        listener.connect("127.0.0.1", broker.port)
+        listener.subscribe("cleanroom/v1/agents/+/commands", qos=1)
+        listener.loop_start()
+        pub = Publisher(broker.port, "bench-latency")
+        # Victims announce themselves (online, compliant) before the measurement.
+        for v in victims:
+            v_key = v.key()
+            pub.send(
+                agent_topic(v.agent_id, Channel.STATUS),
+                seal(
+                    Kind.STATUS,
+                    Status(state=AgentState.ONLINE),
+                    sender=v.agent_id,
+                    seq=v.next_seq(),
+                    key=v_key,
+                ),
+                retain=True,
+            )
+            pub.send(
+                agent_topic(v.agent_id, Channel.POSTURE),
+                seal(Kind.POSTURE, posture(v.agent_id, pol), sender=v.agent_id, seq=v.next_seq(), key=v_key),
+            )
+        db = data_dir / "controller.db"
+        wait_until(
+            lambda: accepted_count(db, prefix="victim-")[0] >= len(victims),
+            60,
+            "victims' first postures stored",
+        )
+
+        # Background load: pre-signed, paced at `rate` per second in 10 ms slots.
+        duration = len(victims) * spacing + 4.0
+        total_bg = int(rate * duration)
+        bg_keys = {a.agent_id: a.key() for a in background}
+        bg_msgs = []
+        body_of = {a.agent_id: posture(a.agent_id, pol) for a in background}
+        for i in range(total_bg):
+            a = background[i % len(background)]
+            bg_msgs.append(
+                (
+                    agent_topic(a.agent_id, Channel.POSTURE),
+                    seal(
+                        Kind.POSTURE,
+                        body_of[a.agent_id],
+                        sender=a.agent_id,
+                        seq=a.next_seq(),
+                        key=bg_keys[a.agent_id],
+                    ),
+                )
+            )
+        stop = threading.Event()
+        bg_pub = Publisher(broker.port, "bench-background")
+
+        def pace() -> None:
+            t0 = time.monotonic()
+            for i, (topic, payload) in enumerate(bg_msgs):
+                if stop.is_set():
+                    return
+                due = t0 + i / rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                bg_pub.send(topic, payload)
+
+        base_bg, _, _ = accepted_count(db, prefix="bg-")
+        usage = Usage([p.pid for p in procs])
+        pacer = threading.Thread(target=pace, daemon=True)
+        t_bg = time.monotonic()
+        pacer.start()
+        time.sleep(2.0)  # let the background load settle before the first violation
+        sent: dict[str, float] = {}
+        violations = []
+        for v in victims:
+            body = posture(v.agent_id, pol, denied=["anydesk"], session=f"s-4242-{v.agent_id}")
+            violations.append((v, seal(Kind.POSTURE, body, sender=v.agent_id, seq=v.next_seq(), key=v.key())))
+        for v, payload in violations:
+            sent[v.agent_id] = time.monotonic()
+            pub.send(agent_topic(v.agent_id, Channel.POSTURE), payload)
+            time.sleep(spacing)
+        with contextlib.suppress(RuntimeError):  # missing commands are reported below, not fatal
+            wait_until(lambda: len(received) >= len(victims), 10, "end_session commands for every victim")
+        stop.set()
+        pacer.join()
+        bg_wall = time.monotonic() - t_bg
+        usage_line = usage.finish()
+        bg_done, _, _ = accepted_count(db, prefix="bg-")
+        listener.loop_stop()
+        pub.close()
+        bg_pub.close()
+        lat = [1000 * (received[a] - sent[a]) for a in sent if a in received]
+        print(
+            f"(c) background {rate} reports/s for {bg_wall:.1f} s: {bg_done - base_bg} verified ({(bg_done - base_bg) / bg_wall:,.0f}/s)"
+        )
+        print(f"    violations {len(sent)}, end_session received {len(lat)}")
+        if lat:
+            print(
+                f"    decision latency (violation published → end_session received): p50 {percentile(lat, 0.5):.1f} ms, "
+                f"p99 {percentile(lat, 0.99):.1f} ms, max {max(lat):.1f} ms, mean {statistics.fmean(lat):.1f} ms"
+            )
+        print(f"    {usage_line}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--agents", type=int, default=100, help="simulated agents for (b) (default 100)")
+    ap.add_argument("--messages", type=int, default=40_000, help="postures published in (b) (default 40000)")
+    ap.add_argument("--controllers", type=int, default=2, help="controller processes K (default 2)")
+    ap.add_argument("--no-share-group", action="store_true", help="do not pass --share-group (K must be 1)")
+    ap.add_argument("--signers", type=int, default=max(1, os.cpu_count() or 1), help="signing processes")
+    ap.add_argument("--ceiling-messages", type=int, default=100_000, help="messages for (a) (default 100000)")
+    ap.add_argument("--ceiling-publishers", type=int, default=4, help="mosquitto_pub processes for (a)")
+    ap.add_argument(
+        "--latency-rate", type=int, default=1000, help="background reports/s in (c) (default 1000)"
+    )
+    ap.add_argument(
+        "--latency-samples", type=int, default=200, help="violations measured in (c) (default 200)"
+    )
+    ap.add_argument("--latency-spacing", type=float, default=0.025, help="seconds between violations in (c)")
+    ap.add_argument("--max-wait", type=float, default=120.0, help="cap on (b)'s drain time, seconds")
+    ap.add_argument("--skip", choices=["ceiling", "ingest", "latency"], action="append", default=[])
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, controller.db)")
+    args = ap.parse_args(argv)
+    if args.controllers > 1 and args.no_share_group:
+        ap.error("--controllers > 1 needs the shared subscription")
+    share = args.controllers > 1
+
+    tmp = Path(tempfile.mkdtemp(prefix="cr-bench-"))
+    broker = Broker(tmp / "mosquitto")
+    broker.start()
+    print(f"cleanroom ingest bench: Mosquitto on 127.0.0.1:{broker.port}, {os.cpu_count()} CPUs, temp {tmp}")
+    try:
+        if "ceiling" not in args.skip:
+            rate, got = measure_ceiling(
+                broker, tmp, messages=args.ceiling_messages, publishers=args.ceiling_publishers, size=760
+            )
+            print(
+                f"(a) ceiling: {rate:,.0f} msgs/s ({got} received) through Mosquitto on loopback ({args.ceiling_messages} × 760 B, QoS 1, "
+                f"{args.ceiling_publishers} mosquitto_pub -l → 1 mosquitto_sub)"
+            )
+        exe = controller_exe()
+        if exe is None:
+            print("(b), (c): cleanroom-controller is not installed or does not start yet; skipped")
+            return 1
+        agents = [SimAgent.create(f"agent-{i:05d}") for i in range(args.agents)]
+        background = [SimAgent.create(f"bg-{i:04d}") for i in range(50)]
+        victims = [SimAgent.create(f"victim-{i:04d}") for i in range(args.latency_samples)]
+        data_dir = tmp / "controller"
+        (tmp / "policy.toml").write_text(POLICY)
+        t0 = time.monotonic()
+        enrol_all(data_dir, exe, [*agents, *background, *victims])
+        print(
+            f"enrolled {len(agents) + len(background) + len(victims)} agents in {time.monotonic() - t0:.1f} s"
+        )
+        print(
+            f"N = {args.agents} agents, K = {args.controllers} controller processes{' (--share-group bench)' if share else ''}"
+        )
+        if "ingest" not in args.skip:
+            measure_ingest(
+                exe=exe,
+                broker=broker,
+                tmp=tmp,
+                agents=agents,
+                per_agent=max(1, args.messages // args.agents),
+                k=args.controllers,
+                share=share,
+                signers=args.signers,
+                max_wait=args.max_wait,
+            )
+        if "latency" not in args.skip:
+            measure_latency(
+                exe=exe,
+                broker=broker,
+                tmp=tmp,
+                background=background,
+                victims=victims,
+                rate=args.latency_rate,
+                k=args.controllers,
+                share=share,
+                spacing=args.latency_spacing,
+            )
+        return 0
+    finally:
+        broker.stop()
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""A denied process appears on the endpoint → the controller ends the VDI session's whole process tree, and
+the audit trail shows the chain of custody in order: report → decision → command → ack.
+
+Real Mosquitto, controller and agent processes; the VDI client is a renamed /bin/sleep with a child, the
+denied program a renamed /bin/sleep called ``anydesk``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.mosquitto import Mosquitto
+from tests.support.procs import Cleanroom, audit_entries, cleanroom
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def world(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Cleanroom]:
+    with cleanroom(tmp_path, mosquitto) as w:
+        yield w
+
+
+def _describe(entries: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"  {e['id']:>4} {e['kind']:<16} {e['subject']:<10} {e['data_json'][:160]}" for e in entries
+    )
+
+
+def test_denied_process_ends_the_session_tree_and_audit_shows_report_decision_command_ack(
+    world: Cleanroom,
+) -> None:
+    world.write_policy(heartbeat_s=2, deny=["anydesk"], end_grace_s=1.0)
+    ctl = world.start_controller()
+    session = world.spawn("fake-vdi")
+    assert session.child is not None, "the fake client should have a child process"
+    world.add_agent("it-agent")
+    world.wait_agent(
+        "it-agent", timeout=30, what="it-agent online and compliant", online=True, compliant=True
+    )
+    world.wait_session(session.session_id, timeout=15, what="the session listed running", state="running")
+
+    world.spawn("anydesk", with_child=False)
+
+    wait_for(
+        lambda: not session.live_pids(),
+        timeout=20,
+        what=f"the session's process tree {session.tree_pids()} to be gone",
+    )
+    row = world.wait_agent("it-agent", timeout=10, what="it-agent judged non-compliant", compliant=False)
+    assert "denied_process:anydesk" in row["reasons"], f"reasons do not name the denied process: {row}"
+    world.wait_session(session.session_id, timeout=15, what="the session recorded ended", state="ended")
+
+    def chain() -> tuple[int, int, int, int] | None:
+        entries = audit_entries(ctl.db_path)
+        by_index = list(enumerate(entries))
+        decision = next(
+            (
+                i
+                for i, e in by_index
+                if e["kind"] == "decision"
+                and e["subject"] == "it-agent"
+                and "denied_process:anydesk" in json.loads(e["data_json"]).get("reasons", [])
+                and any(
+                    a.get("session") == session.session_id
+                    for a in json.loads(e["data_json"]).get("actions", [])
+                )
+            ),
+            None,
+        )
+        if decision is None:
+            return None
+        report = max(
+            (
+                i
+                for i, e in by_index[:decision]
+                if e["kind"] == "verdict"
+                and e["subject"] == "it-agent"
+                and json.loads(e["data_json"]).get("status") == "ok"
+                and json.loads(e["data_json"]).get("kind") in ("posture", "event")
+            ),
+            default=None,
+        )
+        command = next(
+            (
+                i
+                for i, e in by_index[decision + 1 :]
+                if e["kind"] == "command"
+                and json.loads(e["data_json"]).get("session_id") == session.session_id
+            ),
+            None,
+        )
+        if report is None or command is None:
+            return None
+        command_id = json.loads(entries[command]["data_json"])["id"]
+        ack = next(
+            (
+                i
+                for i, e in by_index
+                if e["kind"] == "ack"
+                and json.loads(e["data_json"]).get("command_id") == command_id
+                and json.loads(e["data_json"]).get("result") == "ended"
+            ),
+            None,
+        )
+        if ack is None:
+            return None
+        return report, decision, command, ack
+
+    try:
+        report, decision, command, ack = wait_for(
+            chain, timeout=15, what="report, decision, command and ended-ack entries in the audit trail"
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\naudit trail:\n{_describe(audit_entries(ctl.db_path))}") from None
+    assert report < decision < command < ack, (
+        f"audit out of order: report@{report} decision@{decision} command@{command} ack@{ack}\n"
+        + _describe(audit_entries(ctl.db_path)[report : ack + 1])
+    )
+    verify = ctl.audit_verify()
+    assert verify.returncode == 0, (
+        f"audit verify failed on an untouched trail:\n{verify.stdout}{verify.stderr}"
+    )
+    ctl.assert_alive()
