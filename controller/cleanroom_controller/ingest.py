@@ -27,6 +27,7 @@ from cleanroom_protocol import (
     Kind,
     Posture,
     Status,
+    Verdict,
     VerdictStatus,
     agent_filter,
     parse_agent_topic,
@@ -54,8 +55,19 @@ _NEGATIVE_TTL_S = 5.0
 class Outcome(StrEnum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
-    RETAINED_REPLAY = "retained_replay"
+    OLD_STATUS = "old_status"  # retained replay or superseded Will: recorded, not counted
     REJECTED = "rejected"
+
+
+def _expected_old_status(channel: Channel, verdict: Verdict, retained: bool) -> str | None:
+    if channel is not Channel.STATUS or verdict.status not in (VerdictStatus.REPLAYED, VerdictStatus.STALE):
+        return None
+    if retained:
+        return "retained"
+    body = verdict.envelope.body if verdict.envelope is not None else {}
+    if body.get("state") == "offline" and body.get("reason") == "will":
+        return "superseded_will"
+    return None
 
 
 def subscriptions(share_group: str | None) -> list[str]:
@@ -158,28 +170,18 @@ class Ingest:
             ):
                 self._recorder.record("verdict", agent, {**base, "status": "duplicate"}, actor=agent)
                 return Outcome.DUPLICATE
-            if (
-                retained
-                and channel is Channel.STATUS
-                and verdict.status
-                in (
-                    VerdictStatus.REPLAYED,
-                    VerdictStatus.STALE,
-                )
-            ):
-                # The broker replays the retained status to every new subscription, e.g. after a restart.
+            expected = _expected_old_status(channel, verdict, retained)
+            if expected is not None:
+                # Signed by the agent (the signature is checked before seq and ts), only old: the broker
+                # replays the retained status to each new subscription, and a Will superseded by a newer
+                # connection can arrive late. Recorded, not counted as an attack.
                 self._recorder.record(
                     "verdict",
                     agent,
-                    {
-                        **base,
-                        "status": verdict.status.value,
-                        "detail": verdict.detail,
-                        "expected": "retained",
-                    },
+                    {**base, "status": verdict.status.value, "detail": verdict.detail, "expected": expected},
                     actor=agent,
                 )
-                return Outcome.RETAINED_REPLAY
+                return Outcome.OLD_STATUS
             counted_as = agent if self._keys.is_enrolled(agent) else UNENROLLED
             return self._reject(counted_as, topic, verdict.status, verdict.detail, now, base)
 

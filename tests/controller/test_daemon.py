@@ -209,14 +209,20 @@ async def test_retries_stop_when_the_endpoint_is_compliant_again(
         assert any(e.kind == "command.cancelled" for e in run.store.audit_entries())
 
 
-async def test_link_reconnects_and_resubscribes_after_a_broker_restart(mosquitto: Mosquitto, tmp_path: Path) -> None:
+async def test_link_reconnects_and_resubscribes_after_a_broker_restart(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
     """The fixture broker keeps no persistence: the controller must subscribe again on every connect."""
     a1 = Sender("a1")
     async with running_controller(mosquitto, tmp_path / "c", senders=(a1,)) as run:
         mosquitto.stop()
-        await until(lambda: not run.controller.link.connected, timeout=10, what="link noticed the broker is gone")
+        await until(
+            lambda: not run.controller.link.connected, timeout=10, what="link noticed the broker is gone"
+        )
         mosquitto.start()
         await until(lambda: run.controller.link.connected, timeout=20, what="link reconnected")
         async with agent_client(mosquitto) as c:
             await publish(c, "a1", Channel.POSTURE, a1.seal(Kind.POSTURE, posture()))
-            await until(lambda: run.store.endpoint("a1").compliant is True, timeout=5, what="posture after restart")
+            await until(
+                lambda: run.store.endpoint("a1").compliant is True, timeout=5, what="posture after restart"
+            )

@@ -149,10 +149,15 @@ def test_retained_status_never_seen_but_older_is_recorded_not_counted(tmp_path: 
     old_status = a1.seal(Kind.STATUS, Status(state=AgentState.ONLINE))
     topic = "cleanroom/v1/agents/a1/"
     assert ingest.handle(topic + "posture", a1.seal(Kind.POSTURE, posture("a1"))) is Outcome.ACCEPTED
-    assert ingest.handle(topic + "status", old_status, retained=True) is Outcome.RETAINED_REPLAY
+    assert ingest.handle(topic + "status", old_status, retained=True) is Outcome.OLD_STATUS
     assert store.reject_counts() == {}
     assert ingest.handle(topic + "status", old_status, retained=False) is Outcome.REJECTED
     assert store.reject_counts() == {"a1": {"replayed": 1}}
+    # A Will of an earlier connection arriving late (its seq is not the announced one) is not an attack.
+    superseded = a1.seal(Kind.STATUS, Status(state=AgentState.OFFLINE, reason="will"), seq=0)
+    assert ingest.handle(topic + "status", superseded) is Outcome.OLD_STATUS
+    assert store.reject_counts() == {"a1": {"replayed": 1}}
+    assert store.endpoint("a1").condition.value == "compliant"
     assert [d for d in verdicts(store, "replayed") if d.get("expected") == "retained"]
     # Garbage never raises.
     for junk in (b"", b"\xff\xfe", b"[]", b'{"v":1}', b"null"):
