@@ -63,6 +63,7 @@ class TextCheck:
     targets: tuple[str, ...] | None  # None: the owner did not answer TARGETS in time
     size: int | None  # bytes of the text conversion, None when unknown
     incremental: bool = False  # INCR transfer: size is the owner's announced lower bound
+    note: str = ""  # why the size is unknown
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def judge_text(check: TextCheck, max_bytes: int) -> TextVerdict:
     if not any(t in TEXT_TARGETS for t in check.targets):
         return TextVerdict(False, "no text target offered")
     if check.size is None:
-        return TextVerdict(False, "text size unknown")
+        return TextVerdict(False, f"text size unknown{': ' + check.note if check.note else ''}")
     if check.size > max_bytes:
         bound = "at least " if check.incremental else ""
         return TextVerdict(False, f"text of {bound}{check.size} bytes exceeds max_bytes {max_bytes}")

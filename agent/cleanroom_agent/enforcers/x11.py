@@ -243,6 +243,9 @@ class SelectionGuard(_XThread):
         handling = self._quick(name)
         pid = None
         if handling is None:
+            current = disp.get_selection_owner(self._atoms[name])
+            if getattr(current, "id", current) != owner:
+                return  # stale (deferred during a probe): the newer owner has its own notify
             pid = self._owner_pid(disp, owner)
             handling = self._decide(OwnerChange(name, owner, pid))
         blocked, reason = handling.action == "block", handling.reason
@@ -292,9 +295,10 @@ class SelectionGuard(_XThread):
 
     # "text with max_bytes": target names and a size, never the content --------------------------
     def _probe_text(self, disp: Any, name: str) -> TextCheck:
-        targets = self._convert(disp, name, self._targets_atom)
-        if targets is None:
-            return TextCheck(targets=None, size=None)
+        if self._convert(disp, name, self._targets_atom) is not True:
+            time.sleep(0.02)
+            if self._convert(disp, name, self._targets_atom) is not True:
+                return TextCheck(targets=None, size=None)
         try:
             prop = self._win.get_full_property(self._probe_prop, X.AnyPropertyType, sizehint=_MAX_TARGETS)
         finally:
@@ -306,13 +310,19 @@ class SelectionGuard(_XThread):
         )
         if text_target is None:
             return TextCheck(targets=names, size=None)
-        if self._convert(disp, name, disp.intern_atom(text_target)) is None:
-            return TextCheck(targets=names, size=None)
+        converted = self._convert(disp, name, disp.intern_atom(text_target))
+        if converted is not True:
+            # Some owners (xclip) answer one request at a time and can drop one that arrives while
+            # they finish the previous; ask once more before failing closed.
+            time.sleep(0.02)
+            converted = self._convert(disp, name, disp.intern_atom(text_target))
+        if converted is not True:
+            return TextCheck(targets=names, size=None, note=f"{text_target} conversion {converted}")
         try:
             # Length 0: the server returns type and bytes_after (the size) and no data.
             reply = self._win.get_property(self._probe_prop, X.AnyPropertyType, 0, 0)
             if reply is None:
-                return TextCheck(targets=names, size=None)
+                return TextCheck(targets=names, size=None, note="no property")
             if reply.property_type == self._incr_atom:
                 # INCR: the owner announces a lower bound of the size (a 32-bit number, not content).
                 bound = self._win.get_property(self._probe_prop, self._incr_atom, 0, 1)
@@ -323,8 +333,9 @@ class SelectionGuard(_XThread):
             self._win.delete_property(self._probe_prop)
             disp.flush()
 
-    def _convert(self, disp: Any, name: str, target: int) -> bool | None:
-        """ConvertSelection into our probe property and wait (bounded) for the SelectionNotify."""
+    def _convert(self, disp: Any, name: str, target: int) -> bool | str:
+        """ConvertSelection into our probe property and wait (bounded) for the SelectionNotify:
+        True, or why not ("refused", "timed out")."""
         self._win.convert_selection(self._atoms[name], target, self._probe_prop, X.CurrentTime)
         disp.flush()
         deadline = time.monotonic() + _PROBE_TIMEOUT_S
@@ -337,14 +348,14 @@ class SelectionGuard(_XThread):
                     and ev.target == target
                     and ev.selection == self._atoms[name]
                 ):
-                    return True if ev.property != X.NONE else None
+                    return True if ev.property != X.NONE else "refused"
                 if ev.type == X.SelectionRequest:
                     self._refuse(disp, ev)
                 else:
                     self._deferred.append(ev)
             left = deadline - time.monotonic()
             if left <= 0:
-                return None
+                return "timed out"
             select.select([disp.fileno()], [], [], left)
 
 

@@ -156,7 +156,7 @@ async def test_directional_from_session_text_passes_local_copy_is_blocked(
     owner = owner_in_foreground(guard.display, str(client), "PNG", "-t", "image/png")
     try:
         await wait_until(lambda: len(guard.blocked("CLIPBOARD")) >= 2, "image blocked")
-        assert "image/png" in str(guard.blocked("CLIPBOARD")[1].details["reason"])
+        assert "image/png" in str(guard.blocked("CLIPBOARD")[1].details["reason"]), guard.blocked("CLIPBOARD")
     finally:
         owner.kill()
         owner.wait(5)
