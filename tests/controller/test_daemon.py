@@ -226,3 +226,13 @@ async def test_link_reconnects_and_resubscribes_after_a_broker_restart(
             await until(
                 lambda: run.store.endpoint("a1").compliant is True, timeout=5, what="posture after restart"
             )
+
+
+async def test_shared_subscription_ingests(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    a1 = Sender("a1")
+    async with (
+        running_controller(mosquitto, tmp_path / "c", senders=(a1,), share_group="controllers") as run,
+        agent_client(mosquitto) as c,
+    ):
+        await publish(c, "a1", Channel.POSTURE, a1.seal(Kind.POSTURE, posture()))
+        await until(lambda: run.store.endpoint("a1").compliant is True, timeout=5, what="posture via $share")
