@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -46,6 +47,9 @@ from tests.support.mosquitto import Mosquitto
 from tests.support.wait import wait_for
 
 AGENT_ID = "ep-1"
+# The agent sees every process on the machine: a client name unique to this test run keeps other tests'
+# fake clients (and real ones) out of its sessions, and fail-closed from ending them. ≤ 15 chars (comm).
+CLIENT = f"vdi-{secrets.token_hex(4)}"
 
 
 @dataclass
@@ -79,12 +83,23 @@ def controller(tmp_path: Path) -> Controller:
 
 
 def policy_file(path: Path, version: int = 1, **sections: dict[str, Any]) -> Path:
+    """A bootstrap policy. Its capture deny list is empty unless given: the agent under test runs the real
+    enforcers, and a fanotify exec block is machine-wide (it would hit other tests running meanwhile)."""
+    sections.setdefault("capture", {"deny": []})
+    sections.setdefault("sessions", {"clients": [CLIENT]})
     lines = ['id = "test-policy"', f"version = {version}"]
     for name, values in sections.items():
         lines.append(f"[{name}]")
         lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def signed_policy(policy_id: str, version: int) -> Policy:
+    """A policy for the controller to sign, with the same test-safe sections as :func:`policy_file`."""
+    return Policy.model_validate(
+        {"id": policy_id, "version": version, "sessions": {"clients": [CLIENT]}, "capture": {"deny": []}}
+    )
 
 
 @dataclass
@@ -158,6 +173,7 @@ class AgentProcess:
     mode: str = "enforce"
     policy: Path | None = None
     extra: list[str] = field(default_factory=list)
+    socket_path: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -166,7 +182,7 @@ class AgentProcess:
 
     @property
     def socket(self) -> Path:
-        return self.workdir / "agent.sock"
+        return self.socket_path or self.workdir / "agent.sock"
 
     @property
     def log(self) -> Path:
@@ -238,8 +254,11 @@ def agent_factory(tmp_path: Path, controller: Controller) -> Iterator[Any]:
     started: list[AgentProcess] = []
 
     def make(broker_url: str, **kw: Any) -> AgentProcess:
-        agent = AgentProcess(tmp_path / f"agent{len(started)}", broker_url, controller, **kw)
-        agent.workdir.mkdir()
+        workdir = tmp_path / f"agent{len(started)}"
+        workdir.mkdir()
+        if "policy" not in kw:
+            kw["policy"] = policy_file(workdir / "policy.toml")
+        agent = AgentProcess(workdir, broker_url, controller, **kw)
         started.append(agent)
         return agent
 
@@ -276,9 +295,7 @@ class FakeClients:
             shutil.copy("/bin/bash", path)
         return path
 
-    def start(
-        self, name: str = "xfreerdp", script: str = "sleep 60 & sleep 60; true"
-    ) -> subprocess.Popen[bytes]:
+    def start(self, name: str = CLIENT, script: str = "sleep 60 & sleep 60; true") -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([str(self.binary(name)), "-c", script])
         self.procs.append(proc)
         return proc
@@ -302,4 +319,4 @@ def clients(tmp_path: Path) -> Iterator[FakeClients]:
     fc.cleanup()
 
 
-__all__ = ["AGENT_ID", "POLICY_TOPIC"]
+__all__ = ["AGENT_ID", "CLIENT", "POLICY_TOPIC"]

@@ -12,8 +12,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cleanroom_protocol import POLICY_TOPIC, AgentState, Channel, Kind, Policy, Status, agent_topic
-from tests.agent.conftest import AGENT_ID, Controller, FakeClients, Tap, events, policy_file
+from cleanroom_protocol import POLICY_TOPIC, AgentState, Channel, Kind, Status, agent_topic
+from tests.agent.conftest import AGENT_ID, Controller, FakeClients, Tap, events, policy_file, signed_policy
 from tests.support.mosquitto import Mosquitto
 from tests.support.wait import wait_for
 
@@ -39,11 +39,12 @@ def test_status_then_posture_all_signed_and_in_seq_order(
         assert verdict.ok, (m.topic, verdict)
         seqs.append(verdict.seq)
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "published out of seq order"
-    (seq, status, retained), *_ = statuses(tap, agent)
+    (seq, status, _retained), *_ = statuses(tap, agent)
     assert status.state is AgentState.ONLINE and status.reason == "connected" and status.will_seq is not None
     assert status.will_seq < seq
     posture = agent.verify(tap.on(Channel.POSTURE)[0].payload).body
-    assert posture.agent_id == AGENT_ID and posture.policy is None and posture.offline_since is None
+    assert posture.agent_id == AGENT_ID and posture.offline_since is None
+    assert posture.policy is not None and posture.policy.id == "test-policy"  # the bootstrap policy
     wait_for(lambda: agent.outbox_seqs() == [], timeout=5, what="an empty outbox")
     assert agent.stop() == 0
     last_seq, last, _ = statuses(tap, agent)[-1]
@@ -122,13 +123,13 @@ def test_end_session_command_policy_and_rejections(
     commands = agent_topic(AGENT_ID, Channel.COMMANDS)
 
     # a signed policy replaces the bootstrap one; an older one and a wrongly signed one are refused
-    tap.publish(POLICY_TOPIC, controller.policy(Policy(id="signed", version=5)), retain=True)
+    tap.publish(POLICY_TOPIC, controller.policy(signed_policy("signed", 5)), retain=True)
     wait_for(lambda: events(tap, agent, "policy.applied"), timeout=10, what="policy.applied")
-    tap.publish(POLICY_TOPIC, controller.policy(Policy(id="signed", version=4)), retain=True)
+    tap.publish(POLICY_TOPIC, controller.policy(signed_policy("signed", 4)), retain=True)
     wait_for(lambda: events(tap, agent, "policy.rejected"), timeout=10, what="older policy rejected")
     assert "older" in events(tap, agent, "policy.rejected")[0]["details"]["reason"]
     forged = Controller(Ed25519PrivateKey.generate(), controller.public_key_file)
-    tap.publish(POLICY_TOPIC, forged.policy(Policy(id="signed", version=9)), retain=True)
+    tap.publish(POLICY_TOPIC, forged.policy(signed_policy("signed", 9)), retain=True)
     wait_for(
         lambda: len(events(tap, agent, "policy.rejected")) == 2, timeout=10, what="forged policy rejected"
     )
