@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from .base import Enforcer, EventSink
@@ -32,13 +33,21 @@ def build_enforcers(
     display: str | None = None,
     sysfs_root: Path = Path("/sys"),
     exec_backend: ExecBackend = "fanotify",
+    names: Collection[str] | None = None,
 ) -> list[Enforcer]:
-    """The enforcers this agent runs. ``display``: the X display to guard (default: ``$DISPLAY`` at
-    start); ``sysfs_root``: where sysfs is mounted (tests point it at a temp tree); ``exec_backend``:
-    ``fanotify`` (blocking, needs root) or ``procconn`` (kill after the fact; degraded)."""
-    return [
-        ClipboardEnforcer(emit, display=display),
-        CaptureEnforcer(emit, display=display, exec_backend=exec_backend),
-        UsbEnforcer(emit, sysfs_root=sysfs_root),
-        MediaEnforcer(emit),
-    ]
+    """The enforcers this agent runs, in start order.
+
+    ``display``: the X display to guard (default: ``$DISPLAY`` at start); ``sysfs_root``: where sysfs is
+    mounted (tests point it at a temp tree); ``exec_backend``: ``fanotify`` (blocking, needs root) or
+    ``procconn`` (kill after the fact; degraded); ``names``: build only these (``clipboard``,
+    ``capture``, ``usb``, ``media``), e.g. a test that must not install a system-wide exec listener.
+    """
+    factories: dict[str, Callable[[], Enforcer]] = {
+        "clipboard": lambda: ClipboardEnforcer(emit, display=display),
+        "capture": lambda: CaptureEnforcer(emit, display=display, exec_backend=exec_backend),
+        "usb": lambda: UsbEnforcer(emit, sysfs_root=sysfs_root),
+        "media": lambda: MediaEnforcer(emit),
+    }
+    if names is not None and (unknown := set(names) - factories.keys()):
+        raise ValueError(f"unknown enforcer(s): {', '.join(sorted(unknown))}")
+    return [make() for name, make in factories.items() if names is None or name in names]

@@ -44,3 +44,9 @@ async def test_build_start_status_stop(tmp_path: Path, xvfb: str, monkeypatch: p
         for enforcer in enforcers:
             await enforcer.stop()
     assert {e.status().state for e in enforcers} == {EnforcerState.OFF}
+
+
+def test_build_a_subset() -> None:
+    assert [e.name for e in build_enforcers(lambda e: None, names=["usb", "media"])] == ["usb", "media"]
+    with pytest.raises(ValueError, match="unknown enforcer"):
+        build_enforcers(lambda e: None, names=["printer"])
