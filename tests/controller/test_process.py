@@ -37,9 +37,11 @@ async def test_run_with_embedded_broker_and_stop_on_sigterm(tmp_path: Path) -> N
         stdout=log, stderr=log, env=env,
     )  # fmt: skip
     try:
-        message = None
+        message: aiomqtt.Message | None = None
         async with asyncio.timeout(20):
-            while message is None:
+            # Until a fresh subscriber gets the policy as a *retained* message (a subscriber that was
+            # there before the publish gets it live, without the flag).
+            while message is None or not message.retain:
                 assert proc.poll() is None, (tmp_path / "controller.log").read_text()
                 try:
                     async with aiomqtt.Client("127.0.0.1", port, identifier="probe") as client:
@@ -48,7 +50,6 @@ async def test_run_with_embedded_broker_and_stop_on_sigterm(tmp_path: Path) -> N
                             message = await anext(aiter(client.messages))
                 except aiomqtt.MqttError:
                     await asyncio.sleep(0.2)  # not listening yet: retry until the deadline
-        assert message.retain
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, (tmp_path / "controller.log").read_text()
     finally:
