@@ -197,6 +197,10 @@ class Agent:
         self._last_fingerprint: str | None = None
         self._last_posture_sent = 0.0
         self._end_lock = asyncio.Lock()
+        # Snapshots are digested in the order they were taken: an older snapshot digested after a newer one
+        # would report a session as ended and started again.
+        self._observe_lock = asyncio.Lock()
+        self._fail_closed_backoff = 0.0
         self._posture_due = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -283,10 +287,11 @@ class Agent:
     # --- observing ---------------------------------------------------------------------------------
     async def observe(self) -> Observation:
         """Probe the host and process table now, report what started and ended, remember the result."""
-        procs, facts = await asyncio.gather(
-            asyncio.to_thread(self.processes.snapshot), asyncio.to_thread(self.probe.host_facts)
-        )
-        return self._digest(procs, facts)
+        async with self._observe_lock:
+            procs, facts = await asyncio.gather(
+                asyncio.to_thread(self.processes.snapshot), asyncio.to_thread(self.probe.host_facts)
+            )
+            return self._digest(procs, facts)
 
     def _digest(self, procs: list[ProcessSnapshot], facts: HostFacts) -> Observation:
         policy = self.in_force.effective
@@ -299,6 +304,8 @@ class Agent:
         for s in changes.started:
             self._event("session.started", session=s.id, client=s.client, pid=s.pid, user=s.user)
         for s in changes.ended:
+            if s.id in self._ended_by_us:
+                continue  # reported by end_sessions
             self._event("session.ended", session=s.id, client=s.client, reason="exited")
             self._launched.discard(s.id)
         self._sessions = {s.id: s for s in found}
@@ -380,9 +387,14 @@ class Agent:
                 session_count=len(self._sessions),
             )
             if reason is None:
+                self._fail_closed_backoff = 0.0
                 continue
+            if self._fail_closed_backoff > time.monotonic():
+                continue  # the last attempt left survivors: do not spin (and spam events) every poll
             log.warning("failing_closed", reason=reason, sessions=list(self._sessions))
             ended, failed = await self.end_sessions(list(self._sessions.values()), reason="fail_closed")
+            if failed:
+                self._fail_closed_backoff = time.monotonic() + 10.0
             self._event(
                 "agent.fail_closed",
                 Severity.CRITICAL,
@@ -394,22 +406,30 @@ class Agent:
     # --- ending sessions ---------------------------------------------------------------------------
     async def end_sessions(self, targets: list[SessionInfo], *, reason: str) -> tuple[list[str], list[str]]:
         """End each session's process tree; returns (ended ids, failed ids). Never in audit mode."""
-        assert self.mode is Mode.ENFORCE
+        if self.mode is not Mode.ENFORCE:  # audit mode ends nothing, whoever asks
+            return [], []
         ended, failed = [], []
         grace = self.in_force.effective.sessions.end_grace_s
         async with self._end_lock:
             for s in targets:
+                # Marked before the kill, so a probe digested meanwhile does not report it as "exited".
+                self._ended_by_us.add(s.id)
                 result: EndResult = await asyncio.to_thread(self.ender.end_tree, s.pid, s.started, grace)
                 if result.survivors:
+                    self._ended_by_us.discard(s.id)
                     failed.append(s.id)
                     log.error("session_not_ended", session=s.id, survivors=result.survivors)
                     continue
                 ended.append(s.id)
-                self._ended_by_us.add(s.id)
                 if len(self._ended_by_us) > MAX_REMEMBERED_IDS:
-                    self._ended_by_us.clear()
-                if self._sessions.pop(s.id, None) is not None or result.found:
-                    self._event("session.ended", session=s.id, client=s.client, reason=reason)
+                    self._ended_by_us = {s.id}
+                self._sessions.pop(s.id, None)
+                self._event(
+                    "session.ended",
+                    session=s.id,
+                    client=s.client,
+                    reason=reason if result.found else "exited",
+                )
                 self._launched.discard(s.id)
         self._posture_due.set()
         return ended, failed

@@ -152,6 +152,7 @@ def test_end_session_command_policy_and_rejections(
     tap.publish(commands, raw)  # redelivered (same seq)
     wait_for(lambda: len(tap.on(Channel.ACKS)) == 2, timeout=10, what="the ack again")
     assert agent.verify(tap.on(Channel.ACKS)[1].payload).body == ack
+    assert len(events(tap, agent, "session.ended")) == 1  # reported once, by whoever ended it
 
     # nothing to end → not_found; bad input → command.rejected, the agent keeps running
     tap.publish(commands, controller.command("cmd-2", "s-1-1"))
