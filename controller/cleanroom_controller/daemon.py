@@ -108,8 +108,12 @@ class Controller:
             await asyncio.sleep(0)  # a burst must not starve the link, timers and command tasks
 
     async def _publish_policy(self) -> None:
-        payload = self.policy.signed_document()
-        await self.link.publish(POLICY_TOPIC, payload, retain=True)
+        try:
+            payload = self.policy.signed_document()
+            await self.link.publish(POLICY_TOPIC, payload, retain=True)
+        except Exception:  # runs outside the task group (on connect): log, the next connect retries
+            log.exception("policy_publish_failed")
+            return
         self.recorder.record(
             "policy.published",
             self.policy.policy.id,
