@@ -47,7 +47,11 @@ class Mosquitto:
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
-            "persistence false\n"
+            # persistence: a restart must keep the controller's persistent session (clean_session=False)
+            # and its queued QoS 1 messages, as a production broker does.
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "autosave_interval 1\n"
             "max_inflight_messages 100\n"
             "max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else "")
         )
