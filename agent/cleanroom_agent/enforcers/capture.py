@@ -378,7 +378,7 @@ class CaptureEnforcer(Enforcer):
                     self._hash_cache.clear()
                 self._hash_cache[key] = hashed[0] if hashed else None
             sha = self._hash_cache[key]
-        uid = st.st_uid if rules.allowlist else None
+        uid = None
         if rules.allowlist:
             with contextlib.suppress(OSError):
                 uid = os.stat(f"/proc/{pid}").st_uid

@@ -81,12 +81,17 @@ unmount = true
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "stick", str(stick)], check=True)
     try:
 
-        def kinds() -> set[str] | None:
-            got = {row["kind"] for row in ctl.events() if row.get("agent") == "it-agent"}
-            wanted = {"clipboard.blocked", "exec.denied", "media.mounted", "media.unmounted"}
-            return got if wanted <= got else None
+        wanted = {"clipboard.blocked", "exec.denied", "media.mounted", "media.unmounted"}
+        got: set[str] = set()
 
-        wait_for(kinds, timeout=30, what="clipboard.blocked, exec.denied, media.* at the controller")
+        def arrived() -> bool:
+            got.update(row["kind"] for row in ctl.events() if row.get("agent") == "it-agent")
+            return wanted <= got
+
+        try:
+            wait_for(arrived, timeout=30, what="clipboard.blocked, exec.denied, media.* at the controller")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; missing {wanted - got}; got {sorted(got)}") from None
     finally:
         subprocess.run(["umount", "-l", str(stick)], capture_output=True, check=False)
     assert not (tmp_path / "shot.png").exists()
