@@ -41,7 +41,7 @@ def _decisions_for(world: Cleanroom, agent_id: str, condition: str) -> list[dict
 def test_killed_agent_is_recorded_offline_by_its_last_will_and_its_session_ended(world: Cleanroom) -> None:
     world.write_policy(heartbeat_s=1, max_offline_s=60)
     ctl = world.start_controller("--command-timeout", "60")
-    session = world.spawn("fake-vdi")
+    session = world.spawn_client()
     agent = world.add_agent("it-agent", keepalive=30)
     world.wait_agent(
         "it-agent", timeout=30, what="it-agent online and compliant", online=True, compliant=True
@@ -75,7 +75,7 @@ def test_killed_agent_is_recorded_offline_by_its_last_will_and_its_session_ended
 def test_frozen_agent_is_found_silent_and_its_session_ended_after_it_thaws(world: Cleanroom) -> None:
     world.write_policy(heartbeat_s=1, max_offline_s=120)
     ctl = world.start_controller("--command-timeout", "60")
-    session = world.spawn("fake-vdi")
+    session = world.spawn_client()
     agent = world.add_agent("it-agent", keepalive=60)
     world.wait_agent(
         "it-agent", timeout=30, what="it-agent online and compliant", online=True, compliant=True

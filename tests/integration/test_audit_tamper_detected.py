@@ -36,7 +36,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Control
         with cleanroom(root, broker) as world:
             world.write_policy(heartbeat_s=1)
             ctl = world.start_controller()
-            world.spawn("fake-vdi")
+            world.spawn_client()
             world.add_agent("it-agent")
             world.wait_agent(
                 "it-agent", timeout=30, what="it-agent online and compliant", online=True, compliant=True

@@ -93,11 +93,11 @@ def test_forged_replayed_malformed_oversized_and_unknown_messages_are_rejected_c
     publish(port, list(bad.values()))
 
     # Still alive and still judging: a good (violating) posture after the bad ones is accepted.
-    publish(port, [sim.posture(policy, denied=["anydesk"])])
+    publish(port, [sim.posture(policy, denied=[world.denied_name])])
     row = world.wait_agent(
         "sim-agent", timeout=20, what="the good violating posture after the bad input judged", compliant=False
     )
-    assert "denied_process:anydesk" in row["reasons"], f"unexpected reasons: {row}"
+    assert f"denied_process:{world.denied_name}" in row["reasons"], f"unexpected reasons: {row}"
 
     expected = {("sim-agent", s) for s in bad if s != "unknown_sender"} | {("stranger", "unknown_sender")}
 

@@ -72,7 +72,7 @@ def test_events_emitted_during_a_10s_broker_outage_are_stored_exactly_once(
     )
 
     # One session before the outage: its events go straight through.
-    before = world.spawn("fake-vdi")
+    before = world.spawn_client()
     wait_for(
         lambda: any(
             json.loads(m.payload)["body"].get("details", {}).get("session") == before.session_id
@@ -85,7 +85,7 @@ def test_events_emitted_during_a_10s_broker_outage_are_stored_exactly_once(
     mosquitto.stop()
     stopped_at = time.monotonic()
     spooled: dict[int, dict[str, Any]] = {}
-    during = [world.spawn("fake-vdi") for _ in range(3)]
+    during = [world.spawn_client() for _ in range(3)]
     for fake in during:
         _wait_spooled(agent, spooled, "session.started", fake.session_id)
     for fake in (before, during[0]):

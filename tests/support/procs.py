@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -78,8 +79,8 @@ def policy_toml(
     version: int = 1,
     heartbeat_s: int = 1,
     max_offline_s: int = 60,
-    clients: Sequence[str] = ("fake-vdi",),
-    deny: Sequence[str] = ("anydesk",),
+    clients: Sequence[str] = ("vdi-client",),
+    deny: Sequence[str] = ("denied-tool",),
     end_grace_s: float = 1.0,
     actions: Sequence[str] = ("end_session",),
 ) -> str:
@@ -273,6 +274,35 @@ class Controller(Daemon):
             [self.exe, "audit", "verify", "--data-dir", str(data_dir or self.data_dir)], check=False
         )
 
+    def db_rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of a read-only query on the live controller.db (a cheap pre-check; the CLI is the authority)."""
+        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+        con.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in con.execute(sql, tuple(params))]
+        finally:
+            con.close()
+
+    def db_gate(self, table: str, key_col: str, key: str, expected: dict[str, Any]) -> bool:
+        """Does controller.db already show what we wait for? Polled before the (slow, ~1.5 s) CLI so that
+        waits react fast; any surprise in the schema opens the gate and leaves the decision to the CLI."""
+        try:
+            rows = self.db_rows(f"SELECT * FROM {table} WHERE {key_col} = ?", (key,))  # noqa: S608
+        except sqlite3.Error:
+            return True
+        if not rows:
+            return False
+        row = rows[0]
+        for name, want in expected.items():
+            if name not in row:
+                continue
+            got = row[name]
+            if isinstance(want, bool) and got is not None:
+                got = bool(got)
+            if got != want:
+                return False
+        return True
+
     def snapshot_db(self, dest_dir: Path) -> Path:
         """A consistent copy of controller.db (WAL included, via SQLite's backup API) in ``dest_dir``."""
         dest_dir.mkdir(parents=True, exist_ok=True)
@@ -380,11 +410,7 @@ class FakeProcess:
     host: subprocess.Popen[bytes]
     pid: int
     child: int | None
-
-    @property
-    def session_id(self) -> str:
-        """The agent's session id for this client: ``s-{pid}-{int(create_time*1000)}``."""
-        return f"s-{self.pid}-{int(psutil.Process(self.pid).create_time() * 1000)}"
+    session_id: str = ""  # the agent's id for it as a session: ``s-{pid}-{int(create_time*1000)}``
 
     def tree_pids(self) -> list[int]:
         return [self.pid] + ([self.child] if self.child else [])
@@ -442,7 +468,8 @@ def spawn_fake(bin_dir: Path, name: str, *, with_child: bool = True) -> FakeProc
         except psutil.NoSuchProcess:
             return False
 
-    wait_for(execd, timeout=5, what=f"{name} (pid {fake.pid}) to be exec'd")
+    wait_for(execd, timeout=5, what=f"{name} (pid {fake.pid}) to be exec'd (refused by an exec enforcer?)")
+    fake.session_id = f"s-{fake.pid}-{int(psutil.Process(fake.pid).create_time() * 1000)}"
     return fake
 
 
@@ -533,6 +560,10 @@ class Cleanroom:
     fakes: list[FakeProcess] = field(default_factory=list)
     taps: list[WireTap] = field(default_factory=list)
     _sock_dir: Path = field(init=False)
+    # Names unique to this test: agents see every process on the machine, so a fixed name would let
+    # tests running side by side (or leftovers) end or flag each other's processes.
+    client_name: str = field(default_factory=lambda: f"vdi-{secrets.token_hex(4)}")
+    denied_name: str = field(default_factory=lambda: f"denied-{secrets.token_hex(3)}")
 
     def __post_init__(self) -> None:
         self.policy_path = self.root / "policy.toml"
@@ -541,6 +572,9 @@ class Cleanroom:
         self._sock_dir = Path(tempfile.mkdtemp(prefix="cr-it-"))
 
     def write_policy(self, **kwargs: Any) -> Path:
+        """The test policy (see :func:`policy_toml`); clients and deny default to this test's names."""
+        kwargs.setdefault("clients", [self.client_name])
+        kwargs.setdefault("deny", [self.denied_name])
         self.policy_path.write_text(policy_toml(**kwargs))
         return self.policy_path
 
@@ -581,6 +615,14 @@ class Cleanroom:
             agent.start()
         return agent
 
+    def spawn_client(self) -> FakeProcess:
+        """A fake VDI client session (with a child process) under this test's client name."""
+        return self.spawn(self.client_name)
+
+    def spawn_denied(self) -> FakeProcess:
+        """A running process the test policy denies (``processes.deny``)."""
+        return self.spawn(self.denied_name, with_child=False)
+
     def spawn(self, name: str, *, with_child: bool = True) -> FakeProcess:
         fake = spawn_fake(self.root / "bin", name, with_child=with_child)
         self.fakes.append(fake)
@@ -597,39 +639,41 @@ class Cleanroom:
         """Wait until `agents list --json` shows ``agent_id`` with every ``expected`` field value."""
         assert self.controller is not None
         ctl = self.controller
-        last: list[dict[str, Any] | None] = [None]
 
         def matches() -> dict[str, Any] | None:
             ctl.assert_alive()
+            if not ctl.db_gate("endpoints", "agent", agent_id, expected):
+                return None
             row = ctl.agent(agent_id)
-            last[0] = row
             if row is not None and all(row.get(k) == v for k, v in expected.items()):
                 return row
             return None
 
         try:
-            return wait_for(matches, timeout=timeout, what=what, interval=0.2)
+            return wait_for(matches, timeout=timeout, what=what, interval=0.1)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\nlast agents row for {agent_id}: {last[0]}") from None
+            raise AssertionError(
+                f"{exc}\n`agents list` row for {agent_id} now: {ctl.agent(agent_id)}"
+            ) from None
 
     def wait_session(self, session_id: str, *, timeout: float, what: str, **expected: Any) -> dict[str, Any]:
         assert self.controller is not None
         ctl = self.controller
-        last: list[Any] = [None]
 
         def matches() -> dict[str, Any] | None:
             ctl.assert_alive()
+            if not ctl.db_gate("sessions", "id", session_id, expected):
+                return None
             rows = ctl.sessions()
-            last[0] = rows
             row = next((s for s in rows if s.get("id") == session_id), None)
             if row is not None and all(row.get(k) == v for k, v in expected.items()):
                 return row
             return None
 
         try:
-            return wait_for(matches, timeout=timeout, what=what, interval=0.2)
+            return wait_for(matches, timeout=timeout, what=what, interval=0.1)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\nsessions list: {last[0]}") from None
+            raise AssertionError(f"{exc}\n`sessions list` now: {ctl.sessions()}") from None
 
     def close(self) -> None:
         for tap in self.taps:
