@@ -18,11 +18,12 @@ import typer
 from cleanroom_protocol import KeyFileError, Mode, load_or_create_private_key, load_public_key
 from cleanroom_protocol import public_key_pem as pem_of
 
-from .daemon import Agent, StartupError, initial_policy, snapshot_posture
-from .enforcers import build_enforcers
 from .localsock import AgentUnreachable, LocalSocketClient
 from .settings import DEFAULT_SOCKET, AgentSettings, SettingsError, load_settings
 from .spool import Spool
+
+# daemon (and with it the enforcers, X11, MQTT) is imported by the commands that need it: `launch` sits in
+# front of every VDI client start and should not pay for it.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="cleanroom endpoint agent")
 
@@ -84,6 +85,8 @@ def run(
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
 ) -> None:
     """Run the agent: report posture, track and end sessions, serve the launch gate."""
+    from .daemon import Agent, StartupError
+
     settings = settings_or_fail(
         config,
         broker=broker,
@@ -148,6 +151,9 @@ def check(
     controller_key: Annotated[Path | None, typer.Option(help="verify the persisted signed policy")] = None,
 ) -> None:
     """Print this endpoint's posture once and exit."""
+    from .daemon import StartupError, initial_policy, snapshot_posture
+    from .enforcers import build_enforcers
+
     settings = settings_or_fail(
         config, data_dir=data_dir, policy=policy, mode=mode, id=agent_id, controller_key=controller_key
     )

@@ -9,6 +9,7 @@ rejected (counted, reported through ``on_reject``), never fatal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 import time
@@ -186,7 +187,8 @@ class Link:
         while self._spool.count():
             self._drained.clear()
             self._wake.set()
-            await asyncio.wait_for(self._drained.wait(), 1.0) if self.connected else await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), 0.5)
 
     # --- incoming ----------------------------------------------------------------------------------
     async def _receive(self, client: aiomqtt.Client) -> None:

@@ -202,3 +202,38 @@ def test_fails_closed_when_cut_off_too_long(tmp_path: Path, agent_factory: Any, 
     )
     assert fail_closed[0]["details"]["reason"].startswith("offline_for_")
     assert fail_closed[0]["details"]["sessions"].startswith(f"s-{client.pid}-")
+
+
+def test_signed_policy_and_seq_survive_a_restart(
+    mosquitto: Mosquitto, tap: Tap, agent_factory: Any, controller: Controller
+) -> None:
+    agent = agent_factory(mosquitto.url)
+    agent.start()
+    wait_for(lambda: tap.on(Channel.POSTURE), timeout=15, what="a posture")
+    tap.publish(POLICY_TOPIC, controller.policy(signed_policy("signed", 7)), retain=True)
+    wait_for(lambda: events(tap, agent, "policy.applied"), timeout=10, what="policy.applied")
+    assert agent.stop() == 0
+    before = max(agent.verify(m.payload, max_skew_s=None).seq for m in tap.all())
+    tap.publish(POLICY_TOPIC, b"", retain=True)  # no retained policy any more: only the persisted one
+    count = len(tap.all())
+    agent.start()
+    first_posture = wait_for(
+        lambda: next(
+            (agent.verify(m.payload).body for m in tap.all()[count:] if m.topic.endswith("/posture")), None
+        ),
+        timeout=15,
+        what="a posture after the restart",
+    )
+    assert first_posture.policy is not None and (first_posture.policy.id, first_posture.policy.version) == (
+        "signed",
+        7,
+    )
+    assert min(agent.verify(m.payload, max_skew_s=None).seq for m in tap.all()[count:]) > before
+
+
+def test_posture_at_least_every_heartbeat(
+    tmp_path: Path, mosquitto: Mosquitto, tap: Tap, agent_factory: Any
+) -> None:
+    agent = agent_factory(mosquitto.url, policy=policy_file(tmp_path / "p.toml", report={"heartbeat_s": 1}))
+    agent.start()
+    wait_for(lambda: len(tap.on(Channel.POSTURE)) >= 4, timeout=10, what="postures at the heartbeat")
