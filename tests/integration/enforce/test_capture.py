@@ -100,7 +100,11 @@ async def test_capture_tools_denied_renamed_copy_and_loader_too(capture: Capture
     assert (await sh(str(decoy))).returncode == 126
     assert (await sh("/bin/true")).returncode == 0
     assert (await sh(f"{client} session-ok")).stdout.strip() == "session-ok"
-    await wait_until(lambda: len(capture.of("exec.denied")) >= 5, "five exec.denied events")
+    try:
+        await wait_until(lambda: len(capture.of("exec.denied")) >= 5, "five exec.denied events")
+    except AssertionError as exc:
+        seen = [(e.details["path"], e.details["matched"]) for e in capture.of("exec.denied")]
+        raise AssertionError(f"{exc}: {seen}") from None
     by = {str(e.details["matched"]) for e in capture.of("exec.denied")}
     assert by == {"name", "sha256", "loader"}
     renamed_event = next(e for e in capture.of("exec.denied") if e.details["matched"] == "sha256")
