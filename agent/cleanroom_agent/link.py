@@ -108,6 +108,9 @@ class Link:
                 await self._session()
             except* aiomqtt.MqttError as group:
                 log.warning("broker_connection_lost", error=str(group.exceptions[0]), attempt=attempt)
+            except* Exception as group:
+                # A bug or a local fault (disk full, ...) must not end the agent: log it and reconnect.
+                log.error("link_failed", error=repr(group.exceptions[0]), attempt=attempt, exc_info=group)
             finally:
                 if self.connected:
                     self.connected = False
