@@ -83,6 +83,12 @@ def test_launch_is_denied_with_reasons_while_a_denied_process_runs(
     wait_for(
         lambda: events(tap, running_agent, "process.denied_running"), timeout=10, what="denied process seen"
     )
+
+    def denied_in_posture() -> bool:  # a change is reported at once, not at the next heartbeat (30 s)
+        last = running_agent.verify(tap.on(Channel.POSTURE)[-1].payload).body
+        return any(p.name == "rogue-tool" for p in last.denied_processes)
+
+    wait_for(denied_in_posture, timeout=5, what="the denied process in a posture")
     done = launch(running_agent.socket, str(clients.binary(CLIENT)), "-c", "exit 0")
     assert done.returncode == 77
     assert "denied_process:rogue-tool" in done.stderr and "Traceback" not in done.stderr
