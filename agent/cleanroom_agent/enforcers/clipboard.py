@@ -58,7 +58,7 @@ class ClipboardEnforcer(Enforcer):
             return
         display = self._display or self._env.get("DISPLAY")
         self._guard = SelectionGuard(
-            display, self._decide, self._from_thread_outcome, self._from_thread_state
+            display, self._decide, self._from_thread_outcome, self._from_thread_state, quick=self._quick
         )
         self._guard.start()
         ready = await asyncio.to_thread(self._guard.ready.wait, 5.0)
@@ -89,6 +89,14 @@ class ClipboardEnforcer(Enforcer):
             policy.clipboard, direction, enforce=self._mode is Mode.ENFORCE, owner_name=who.name
         )
 
+    def _quick(self, selection: str) -> Handling | None:
+        """The handling when it does not depend on who owns the selection (modes block and allow):
+        the guard then acts before looking the owner up."""
+        policy = self._policy
+        if policy is None or policy.clipboard.mode == "directional":
+            return None
+        return clipboard_handling(policy.clipboard, "to_session", enforce=self._mode is Mode.ENFORCE)
+
     def _from_thread_outcome(self, outcome: SelectionOutcome) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._report, outcome)
@@ -112,6 +120,9 @@ class ClipboardEnforcer(Enforcer):
         suppressed = self._budget.take()
         if suppressed is None:
             return
+        policy = self._policy
+        who = self._lookup(outcome.pid, frozenset(policy.sessions.clients if policy else ()))
+        direction: Direction = "from_session" if who.in_session else "to_session"
         self._emit(
             Event(
                 kind="clipboard.blocked" if outcome.enforced else "clipboard.detected",
@@ -120,9 +131,9 @@ class ClipboardEnforcer(Enforcer):
                 blocked=outcome.enforced,
                 details={
                     "selection": outcome.selection,
-                    "direction": outcome.handling.direction,
+                    "direction": direction,
                     "pid": outcome.pid,
-                    "process": outcome.handling.owner_name,
+                    "process": outcome.handling.owner_name or who.name,
                     "reason": outcome.reason[:512],
                     "mode": self._mode.value,
                     "latency_ms": round(outcome.latency_s * 1000, 3),

@@ -265,11 +265,10 @@ class SelectionGuard(_XThread):
                 name, pid, handling, blocked, enforced, reason, time.monotonic() - seen
             )
             if pid is None:
-                # The X-Resource pid query holds up the server for a few ms on Xvfb (measured), which
-                # would delay the old owner's SelectionClear: look the owner up once things are quiet.
-                self._unresolved.append((owner, outcome))
-            else:
-                self._report(outcome)
+                # Acted first (the owner did not matter); the owner is still connected right after the
+                # take-over round trip, so ask for its pid now.
+                outcome = dataclasses.replace(outcome, pid=self._owner_pid(disp, owner))
+            self._report(outcome)
         for ev in self._deferred[:]:
             self._deferred.remove(ev)
             self._handle(disp, ev)
