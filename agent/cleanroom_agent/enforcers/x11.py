@@ -114,17 +114,9 @@ class _XThread:
             # pending_events() reads what the socket has; a closed connection raises here.
             while disp.pending_events():
                 self._handle(disp, disp.next_event())
-            r, _, _ = select.select([fd, self._wake_r], [], [], 0.005 if self._idle_work() else 5.0)
+            r, _, _ = select.select([fd, self._wake_r], [], [], 5.0)
             if self._wake_r in r:
                 return
-            if not r:
-                self._when_idle(disp)
-
-    def _idle_work(self) -> bool:
-        return False
-
-    def _when_idle(self, disp: Any) -> None:
-        """Called when nothing arrived for 5 ms while :meth:`_idle_work` said there was work."""
 
     def _setup(self, disp: Any) -> None:
         raise NotImplementedError
@@ -177,21 +169,11 @@ class SelectionGuard(_XThread):
         self._report = report
         self._state = state
         self._deferred: list[Any] = []
-        self._unresolved: list[tuple[int, SelectionOutcome]] = []
 
     def _on_state(self, problem: str | None) -> None:
         self._state(problem)
 
-    def _idle_work(self) -> bool:
-        return bool(self._unresolved)
-
-    def _when_idle(self, disp: Any) -> None:
-        pending, self._unresolved = self._unresolved[:64], []  # bounded: a flood reports the first 64
-        for owner, outcome in pending:
-            self._report(dataclasses.replace(outcome, pid=self._owner_pid(disp, owner)))
-
     def _setup(self, disp: Any) -> None:
-        self._unresolved = []
         if not disp.has_extension("XFIXES"):
             raise X11Unavailable("X server has no XFIXES extension")
         disp.xfixes_query_version()
