@@ -351,7 +351,10 @@ def controllers(
             if share_group:
                 argv += ["--share-group", "bench"]
             log = (logs / f"controller-{i}.log").open("ab")
-            procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
+            # Each process needs its own MQTT client id: with the default ("cleanroom-{id}") K processes
+            # take each other's connection over ("already connected, closing old connection").
+            env = {**os.environ, "CLEANROOM_CLIENT_ID": f"cleanroom-bench-{i}"}
+            procs.append(subprocess.Popen(argv, stdout=log, stderr=log, env=env))
         yield procs
     finally:
         for p in procs:
@@ -453,12 +456,46 @@ def measure_ceiling(
     return received / elapsed, received
 
 
+def await_ready(broker: Broker, data_dir: Path, probe: SimAgent, timeout: float = 60) -> None:
+    """The controllers listen once a probe posture (an agent outside the load; a fresh seq each try) is
+    stored; then 1 s more so that every member of the shared subscription has subscribed."""
+    pub = Publisher(broker.port, f"bench-probe-{probe.seq}")
+    pol = parse_policy(POLICY)
+    key = probe.key()
+    start = (
+        accepted_count(data_dir / "controller.db", prefix=probe.agent_id)[0]
+        if (data_dir / "controller.db").exists()
+        else 0
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            seq = probe.next_seq()
+            pub.send(
+                agent_topic(probe.agent_id, Channel.POSTURE),
+                seal(Kind.POSTURE, posture(probe.agent_id, pol), sender=probe.agent_id, seq=seq, key=key),
+            )
+            with contextlib.suppress(RuntimeError):
+                wait_until(
+                    lambda: accepted_count(data_dir / "controller.db", prefix=probe.agent_id)[0] > start,
+                    1.0,
+                    "probe",
+                )
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the controllers stored no probe posture within {timeout:.0f} s")
+    finally:
+        pub.close()
+    time.sleep(1.0)
+
+
 def measure_ingest(
     *,
     exe: str,
     broker: Broker,
     tmp: Path,
     agents: list[SimAgent],
+    probe: SimAgent,
     per_agent: int,
     k: int,
     share: bool,
@@ -493,29 +530,8 @@ def measure_ingest(
             )
             if p.poll() is not None:
                 raise RuntimeError(f"controller exited {p.returncode}; see {tmp}/controller-*.log")
-        # Readiness: a probe posture per agent 0 comes back as a stored message.
-        probe = agents[0]
-        pub = Publisher(broker.port, "bench-probe")
-        pol = parse_policy(POLICY)
-        probe.seq += 1
-        pub.send(
-            agent_topic(probe.agent_id, Channel.POSTURE),
-            seal(
-                Kind.POSTURE,
-                posture(probe.agent_id, pol),
-                sender=probe.agent_id,
-                seq=probe.seq,
-                key=probe.key(),
-            ),
-        )
-        wait_until(
-            lambda: accepted_count(data_dir / "controller.db")[0] >= 1, 30, "the controllers to store a probe"
-        )
-        time.sleep(
-            1.0
-        )  # all K subscribed (shared subscriptions hand out messages only to subscribed members)
-        pub.close()
-        base, _, _ = accepted_count(data_dir / "controller.db")
+        await_ready(broker, data_dir, probe)
+        base, _, _ = accepted_count(data_dir / "controller.db", prefix="agent-")
         usage = Usage([p.pid for p in procs])
         print(
             f"(b) publishing {signed} postures at full rate: {len(agents)} mosquitto_pub -l processes (one per agent)"
@@ -547,7 +563,7 @@ def measure_ingest(
         last, last_change = -1, time.monotonic()
         deadline = t_pub + max_wait
         while time.monotonic() < deadline:
-            n, _, _ = accepted_count(data_dir / "controller.db")
+            n, _, _ = accepted_count(data_dir / "controller.db", prefix="agent-")
             if n - base >= signed:
                 break
             if n != last:
@@ -557,9 +573,9 @@ def measure_ingest(
             time.sleep(0.5)
         wall = time.monotonic() - t_pub
         usage_line = usage.finish()
-        n = accepted_count(data_dir / "controller.db")[0]
+        n = accepted_count(data_dir / "controller.db", prefix="agent-")[0]
         stored = n - base
-        times = received_times(data_dir / "controller.db", "")[base:]
+        times = received_times(data_dir / "controller.db", "agent-")[base:]
         rejects = reject_total(data_dir / "controller.db")
         print(
             f"    stored {stored} of {signed} postures as accepted ({rejects} rejects counted) in {wall:.1f} s"
@@ -607,6 +623,7 @@ def measure_latency(
             wait_until(
                 lambda p=p: connected_to(p.pid, broker.port) or p.poll() is not None, 30, "controller connect"
             )
+        await_ready(broker, data_dir, background[-1])
         listener = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-victims")
         listener.on_message = on_message
         listener.connect("127.0.0.1", broker.port)
@@ -772,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 broker=broker,
                 tmp=tmp,
                 agents=agents,
+                probe=background[-1],
                 per_agent=max(1, args.messages // args.agents),
                 k=args.controllers,
                 share=share,

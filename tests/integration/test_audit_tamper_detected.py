@@ -128,4 +128,6 @@ def test_tampered_audit_row_fails_verify_naming_the_entry(
     done = ctl.audit_verify(copy)
     output = done.stdout + done.stderr
     assert done.returncode != 0, f"audit verify passed a trail with entry {target} {how}:\n{output}"
-    assert re.search(rf"\b{target}\b", output), f"audit verify did not name entry {target} ({how}):\n{output}"
+    assert re.search(rf"\bentry {target}\b", output), (
+        f"audit verify did not name entry {target} ({how}):\n{output}"
+    )
