@@ -52,7 +52,7 @@ AT_FDCWD = -100
 O_LARGEFILE = 0o100000
 METADATA = struct.Struct("=IBBHQii")
 RESPONSE = struct.Struct("=iI")
-MAX_HASH_BYTES = 512 * 1024 * 1024
+MAX_HASH_BYTES = 128 * 1024 * 1024  # every exec waits while a file is hashed: bound it
 MAX_OPEN_MARKS = 1024
 READ_BUFFER = 64 * 1024
 
@@ -181,7 +181,7 @@ class Listener:
         data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
         try:
             os.write(self.out_fd, data)
-        except BlockingIOError:
+        except OSError:  # full pipe (never wait for the agent) or the agent is gone
             self.stats["dropped_reports"] += 1
 
     def on_control(self) -> bool:
