@@ -46,6 +46,7 @@ import paho.mqtt.client as paho
 import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
 
 from cleanroom_protocol import (
     AgentState,
@@ -380,7 +381,7 @@ class Publisher:
     """A paho client on its own network thread (QoS 1)."""
 
     def __init__(self, port: int, client_id: str) -> None:
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.client.connect("127.0.0.1", port, keepalive=60)
@@ -414,11 +415,11 @@ def measure_ceiling(
         stdout=subprocess.PIPE,
     )
     assert sub.stdout is not None
-    stdout = sub.stdout
+    fd = sub.stdout.fileno()
     count = [0, time.monotonic()]
 
     def read() -> None:
-        while chunk := stdout.read1(1 << 16):
+        while chunk := os.read(fd, 1 << 16):
             count[0] += chunk.count(b"\n")
             count[1] = time.monotonic()
 
@@ -624,7 +625,7 @@ def measure_latency(
                 lambda p=p: connected_to(p.pid, broker.port) or p.poll() is not None, 30, "controller connect"
             )
         await_ready(broker, data_dir, background[-1])
-        listener = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-victims")
+        listener = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-victims")
         listener.on_message = on_message
         listener.connect("127.0.0.1", broker.port)
         listener.subscribe("cleanroom/v1/agents/+/commands", qos=1)

@@ -91,7 +91,9 @@ def test_frozen_agent_is_found_silent_and_its_session_ended_after_it_thaws(world
         )
         row = ctl.agent("it-agent")
         # `compliant` is the last posture's judgement; the endpoint's condition is what silence changes.
-        assert row is not None and row.get("condition") == "silent", f"agents list does not show silent: {row}"
+        assert row is not None and row.get("condition") == "silent", (
+            f"agents list does not show silent: {row}"
+        )
         assert session.live_pids() == session.tree_pids(), "the session ended while the agent was frozen?"
     finally:
         agent.thaw()

@@ -114,6 +114,7 @@ def test_events_emitted_during_a_10s_broker_outage_are_stored_exactly_once(
         rows = [e for e in ctl.events() if e.get("agent") == "it-agent"]
         return rows if set(emitted) <= {int(e["seq"]) for e in rows} else None
 
+    rows: list[dict[str, Any]] | None
     try:
         rows = wait_for(
             stored_all, timeout=30, what="every emitted event in `events list --json`", interval=0.3
@@ -122,6 +123,7 @@ def test_events_emitted_during_a_10s_broker_outage_are_stored_exactly_once(
         stored = sorted(int(e["seq"]) for e in ctl.events() if e.get("agent") == "it-agent")
         raise AssertionError(f"{exc}\nemitted seqs {sorted(emitted)}\nstored seqs {stored}") from None
 
+    assert rows is not None
     seqs = [int(e["seq"]) for e in rows]
     duplicates = sorted({s for s in seqs if seqs.count(s) > 1})
     assert not duplicates, f"events stored more than once (agent it-agent, seq): {duplicates}"

@@ -116,12 +116,15 @@ def test_denied_process_ends_the_session_tree_and_audit_shows_report_decision_co
             return None
         return report, decision, command, ack
 
+    found: tuple[int, int, int, int] | None
     try:
-        report, decision, command, ack = wait_for(
+        found = wait_for(
             chain, timeout=15, what="report, decision, command and ended-ack entries in the audit trail"
         )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\naudit trail:\n{_describe(audit_entries(ctl.db_path))}") from None
+    assert found is not None
+    report, decision, command, ack = found
     assert report < decision < command < ack, (
         f"audit out of order: report@{report} decision@{decision} command@{command} ack@{ack}\n"
         + _describe(audit_entries(ctl.db_path)[report : ack + 1])

@@ -36,6 +36,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel
 
 from cleanroom_protocol import (
@@ -497,9 +498,7 @@ class WireTap:
         self.messages: list[Tapped] = []
         self._lock = threading.Lock()
         self._connected = threading.Event()
-        self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=f"it-tap-{os.getpid()}-{id(self)}"
-        )
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"it-tap-{os.getpid()}-{id(self)}")
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -649,12 +648,15 @@ class Cleanroom:
                 return row
             return None
 
+        found: dict[str, Any] | None
         try:
-            return wait_for(matches, timeout=timeout, what=what, interval=0.1)
+            found = wait_for(matches, timeout=timeout, what=what, interval=0.1)
         except AssertionError as exc:
             raise AssertionError(
                 f"{exc}\n`agents list` row for {agent_id} now: {ctl.agent(agent_id)}"
             ) from None
+        assert found is not None
+        return found
 
     def wait_session(self, session_id: str, *, timeout: float, what: str, **expected: Any) -> dict[str, Any]:
         assert self.controller is not None
@@ -670,10 +672,13 @@ class Cleanroom:
                 return row
             return None
 
+        found: dict[str, Any] | None
         try:
-            return wait_for(matches, timeout=timeout, what=what, interval=0.1)
+            found = wait_for(matches, timeout=timeout, what=what, interval=0.1)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n`sessions list` now: {ctl.sessions()}") from None
+        assert found is not None
+        return found
 
     def close(self) -> None:
         for tap in self.taps:
@@ -717,7 +722,7 @@ def audit_table(con: sqlite3.Connection) -> str:
     for table in tables:
         cols = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
         if {"prev_hash", "hash", "kind"} <= cols:
-            return table
+            return str(table)
     raise AssertionError(f"no audit chain table (with prev_hash, hash, kind columns) among {tables}")
 
 
