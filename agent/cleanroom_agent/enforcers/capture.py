@@ -7,11 +7,12 @@ screenshot folders are watched.
   (``ld-linux… /usr/bin/scrot``) are refused at the loader's open. Optional allowlist mode for session
   users. Without fanotify: proc-connector exec notifications and SIGKILL (procconn.py), status degraded.
 * Print key: XGrabKey on the root window with AnyModifier (x11.PrintKeyGrab); presses are reported as
-  ``printkey.grabbed`` (enforce mode only: a grab swallows the key).
+  ``printkey.grabbed``. In audit mode the key is only observed through RECORD (x11.PrintKeyWatch) and
+  reported as ``printkey.detected``.
 * Screenshot folders (watchdog): a new image is ``screenshot.created``; removed when the policy says so.
 
 Audit mode: the listener answers allow and reports ``exec.detected``; the procconn fallback kills nothing;
-no key grab; images are reported and kept.
+Print is observed, not grabbed; images are reported and kept.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .base import Enforcer, EventSink
 from .execrules import ExecRules, judge_exec, split_allow
 from .fanotify import BOOTSTRAP, MAX_HASH_BYTES
 from .ratelimit import EventBudget
-from .x11 import PrintKeyGrab, display_problem
+from .x11 import PrintKeyGrab, PrintKeyWatch, X11Unavailable, display_problem
 
 ExecBackend = Literal["fanotify", "procconn"]
 SEARCH_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin", "/snap/bin")
@@ -200,6 +201,7 @@ class CaptureEnforcer(Enforcer):
         self._fallback: Any = None  # procconn.ExecWatcher
         self._exec_problem: str | None = None
         self._key: PrintKeyGrab | None = None
+        self._watch: PrintKeyWatch | None = None
         self._key_problem: str | None = None
         self._observer: Any = None  # watchdog Observer
         self._dirs_problem: str | None = None
@@ -408,12 +410,18 @@ class CaptureEnforcer(Enforcer):
         self._key_problem = None
         if not policy.capture.grab_print_key:
             return
-        if mode is not Mode.ENFORCE:
-            self._key_problem = "Print key not grabbed in audit mode (a grab would swallow it)"
-            return
         problem = display_problem(dict(self._env), self._display)
         if problem:
-            self._key_problem = f"Print key not grabbed: {problem}"
+            self._key_problem = f"Print key not watched: {problem}"
+            return
+        if mode is not Mode.ENFORCE:
+            # Audit: observe without grabbing (a grab would swallow the key).
+            watch = PrintKeyWatch(self._display or self._env.get("DISPLAY"), self._key_pressed)
+            try:
+                await asyncio.to_thread(watch.start)
+                self._watch = watch
+            except X11Unavailable as exc:
+                self._key_problem = f"Print key not watched: {exc}"
             return
         self._key = PrintKeyGrab(
             self._display or self._env.get("DISPLAY"), self._key_pressed, self._key_state
@@ -427,6 +435,9 @@ class CaptureEnforcer(Enforcer):
         key, self._key = self._key, None
         if key is not None:
             await asyncio.to_thread(key.stop)
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            await asyncio.to_thread(watch.stop)
 
     def _key_pressed(self, state: int) -> None:
         if self._loop is not None and self._budget.take() is not None:
@@ -441,12 +452,13 @@ class CaptureEnforcer(Enforcer):
         self._refresh_status()
 
     def _report_key(self, state: int) -> None:
+        grabbed = self._key is not None
         self._emit(
             Event(
-                kind="printkey.grabbed",
+                kind="printkey.grabbed" if grabbed else "printkey.detected",
                 at=time.time(),
                 severity=Severity.WARNING,
-                blocked=True,
+                blocked=grabbed,
                 details={"key": "Print", "modifiers": state, "mode": self._mode.value},
             )
         )

@@ -370,3 +370,83 @@ class PrintKeyGrab(_XThread):
     def _handle(self, disp: Any, ev: Any) -> None:
         if ev.type == X.KeyPress and ev.detail == self._keycode:
             self._pressed(int(ev.state))
+
+
+class PrintKeyWatch:
+    """Audit mode: observe Print presses through the RECORD extension without grabbing (the key still
+    reaches whoever listens). Two connections: a data connection blocked in RecordEnableContext in its
+    own thread, and a control connection that disables the context to stop it."""
+
+    def __init__(self, display_name: str | None, pressed: Callable[[int], None]) -> None:
+        self._display_name = display_name
+        self._pressed = pressed
+        self._ctrl: Any = None
+        self._ctx: Any = None
+        self._thread: threading.Thread | None = None
+        self.problem: str | None = None
+
+    def start(self) -> None:
+        """Raises :class:`X11Unavailable` when the display or RECORD is missing."""
+        from Xlib import XK
+        from Xlib.ext import record
+
+        self._ctrl = open_display(self._display_name)
+        if not self._ctrl.has_extension("RECORD"):
+            self._ctrl.close()
+            raise X11Unavailable("X server has no RECORD extension")
+        self._keycode = self._ctrl.keysym_to_keycode(XK.string_to_keysym("Print"))
+        self._ctx = self._ctrl.record_create_context(
+            0,
+            [record.AllClients],
+            [
+                {
+                    "core_requests": (0, 0),
+                    "core_replies": (0, 0),
+                    "ext_requests": (0, 0, 0, 0),
+                    "ext_replies": (0, 0, 0, 0),
+                    "delivered_events": (0, 0),
+                    "device_events": (X.KeyPress, X.KeyPress),
+                    "errors": (0, 0),
+                    "client_started": False,
+                    "client_died": False,
+                }
+            ],
+        )
+        self._ctrl.sync()
+        data = open_display(self._display_name)
+        self._thread = threading.Thread(target=self._run, args=(data,), name="printkey-record", daemon=True)
+        self._thread.start()
+
+    def _run(self, data: Any) -> None:
+        from Xlib.ext import record
+        from Xlib.protocol import rq
+
+        def on_reply(reply: Any) -> None:
+            if reply.category != record.FromServer or reply.client_swapped or not len(reply.data):
+                return
+            raw = reply.data
+            while len(raw):
+                ev, raw = rq.EventField(None).parse_binary_value(raw, data.display, None, None)
+                if ev.type == X.KeyPress and ev.detail == self._keycode:
+                    self._pressed(int(ev.state))
+
+        try:
+            data.record_enable_context(self._ctx, on_reply)  # returns when the context is disabled
+        except (error.XError, error.ConnectionClosedError, OSError) as exc:
+            self.problem = str(exc) or type(exc).__name__
+        finally:
+            data.close()
+
+    def stop(self) -> None:
+        if self._ctrl is None:
+            return
+        try:
+            self._ctrl.record_disable_context(self._ctx)
+            self._ctrl.sync()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._ctrl.record_free_context(self._ctx)
+            self._ctrl.close()
+        except (error.XError, error.ConnectionClosedError, OSError):
+            pass
+        self._ctrl = None

@@ -132,6 +132,15 @@ async def test_print_key_is_grabbed_and_reported(capture: Capture) -> None:
     await wait_until(lambda: len(capture.of("printkey.grabbed")) == 2, "second press (with shift)")
 
 
+async def test_print_key_in_audit_mode_is_observed_not_grabbed(capture: Capture) -> None:
+    await capture.enforcer.start(policy(), Mode.AUDIT)
+    assert capture.enforcer.status().reason is None
+    assert (await sh("xdotool key Print", capture.display)).returncode == 0
+    await wait_until(lambda: capture.of("printkey.detected"), "printkey.detected")
+    assert capture.of("printkey.detected")[0].blocked is False
+    assert capture.of("printkey.grabbed") == []
+
+
 async def test_screenshot_folder_images_reported_and_removed(capture: Capture, tmp_path: Path) -> None:
     folder = tmp_path / "Pictures"
     folder.mkdir()
