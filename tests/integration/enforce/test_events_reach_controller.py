@@ -80,7 +80,6 @@ unmount = true
     stick.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "stick", str(stick)], check=True)
     try:
-
         wanted = {"clipboard.blocked", "exec.denied", "media.mounted", "media.unmounted"}
         got: set[str] = set()
 
