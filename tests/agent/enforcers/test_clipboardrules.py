@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cleanroom_agent.enforcers.clipboardrules import (
+    Direction,
     TextCheck,
     client_clipboard_off,
     clipboard_handling,
@@ -14,9 +15,8 @@ from cleanroom_agent.enforcers.clipboardrules import (
 from cleanroom_protocol.policy import ClipboardSection
 
 
-@pytest.mark.parametrize("direction", ["to_session", "from_session"])
-def test_block_and_allow_ignore_direction(direction: str) -> None:
-    d = "to_session" if direction == "to_session" else "from_session"
+@pytest.mark.parametrize("d", ["to_session", "from_session"])
+def test_block_and_allow_ignore_direction(d: Direction) -> None:
     assert clipboard_handling(ClipboardSection(mode="block"), d, enforce=True).action == "block"
     assert clipboard_handling(ClipboardSection(mode="allow"), d, enforce=True).action == "allow"
 

@@ -102,17 +102,20 @@ async def guard(xvfb: str) -> AsyncIterator[Guard]:
 async def test_block_clears_both_selections_for_xclip_and_xsel(guard: Guard) -> None:
     await guard.enforcer.start(policy(mode="block"), Mode.ENFORCE)
     assert guard.enforcer.status().state is EnforcerState.ACTIVE
-    for copy, selection in [
+    copies: list[tuple[Callable[[], None], str]] = [
         (lambda: copy_xclip(guard.display, "clipboard"), "clipboard"),
         (lambda: copy_xclip(guard.display, "primary"), "primary"),
         (lambda: copy_xsel(guard.display, "-b"), "clipboard"),
         (lambda: copy_xsel(guard.display, "-p"), "primary"),
-    ]:
+    ]
+    for copy, selection in copies:
         before = len(guard.blocked(selection.upper()))
         copy()
-        await wait_until(
-            lambda s=selection, b=before: len(guard.blocked(s.upper())) > b, f"{selection} blocked"
-        )
+
+        def more_blocked(s: str = selection, b: int = before) -> bool:
+            return len(guard.blocked(s.upper())) > b
+
+        await wait_until(more_blocked, f"{selection} blocked")
         result = paste(guard.display, selection)
         assert result.returncode != 0
         assert CONTENT not in result.stdout

@@ -66,6 +66,7 @@ unmount = true
         return None
 
     found = wait_for(statuses, timeout=20, what="posture with capture and clipboard active")
+    assert found is not None
     assert found["usb"] == "unsupported"  # no USB bus on this machine
     assert found["media"] == "active"
 
