@@ -83,6 +83,16 @@ def run(
         float | None, typer.Option(help="posture probe interval in s (default 1)")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+    enforcers: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated enforcers to run (default all: clipboard,capture,usb,media; '' none)"
+        ),
+    ] = None,
+    sysfs_root: Annotated[Path | None, typer.Option(help="where sysfs is mounted (default /sys)")] = None,
+    exec_backend: Annotated[
+        str | None, typer.Option(help="fanotify (blocks, default) or procconn (kills after the fact)")
+    ] = None,
 ) -> None:
     """Run the agent: report posture, track and end sessions, serve the launch gate."""
     from .daemon import Agent, StartupError
@@ -100,6 +110,9 @@ def run(
         keepalive=keepalive,
         poll_interval=poll_interval,
         log_level=log_level,
+        enforcers=enforcers,
+        sysfs_root=sysfs_root,
+        exec_backend=exec_backend,
     )
     configure_logging(settings.log_level)
     if settings.controller_key is None:
@@ -152,7 +165,7 @@ def check(
 ) -> None:
     """Print this endpoint's posture once and exit."""
     from .daemon import StartupError, initial_policy, snapshot_posture
-    from .enforcers import build_enforcers
+    from .enforcers import build_configured_enforcers
 
     settings = settings_or_fail(
         config, data_dir=data_dir, policy=policy, mode=mode, id=agent_id, controller_key=controller_key
@@ -169,7 +182,9 @@ def check(
     finally:
         if spool is not None:
             spool.close()
-    posture, reasons = snapshot_posture(settings, in_force, build_enforcers(lambda _event: None))
+    posture, reasons = snapshot_posture(
+        settings, in_force, build_configured_enforcers(lambda _event: None, settings.enforcers)
+    )
     if as_json:
         typer.echo(json.dumps(posture.model_dump(mode="json"), sort_keys=True))
         return

@@ -53,7 +53,7 @@ from .decisions import (
     fail_closed_reason,
     launch_decision,
 )
-from .enforcers import Enforcer, build_enforcers
+from .enforcers import Enforcer, build_configured_enforcers
 from .link import Link, LinkCallbacks
 from .localsock import LocalSocketServer, Peer
 from .outbox import Outbox
@@ -171,7 +171,16 @@ class Agent:
         self.probe = probe or LinuxHostProbe()
         self.processes = processes or PsutilProcessTable()
         self.ender = ender or PsutilTreeEnder()
-        self.enforcers = list(enforcers) if enforcers is not None else build_enforcers(self.emit)
+        self.enforcers = (
+            list(enforcers)
+            if enforcers is not None
+            else build_configured_enforcers(
+                self.emit,
+                settings.enforcers,
+                sysfs_root=settings.sysfs_root,
+                exec_backend=settings.exec_backend,
+            )
+        )
         self.in_force = initial_policy(settings, spool, controller_key)
         self.link = Link(
             broker=settings.broker_address,

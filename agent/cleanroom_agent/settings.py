@@ -7,11 +7,17 @@ import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from cleanroom_protocol import Mode, is_valid_agent_id
 
@@ -53,7 +59,7 @@ def _default_id() -> str:
 
 
 class AgentSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLEANROOM_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="CLEANROOM_", extra="forbid", enable_decoding=False)
 
     broker: str = "mqtt://127.0.0.1:1883"
     data_dir: Path = DEFAULT_DATA_DIR
@@ -66,6 +72,16 @@ class AgentSettings(BaseSettings):
     keepalive: int = Field(default=10, ge=1, le=600)
     poll_interval: float = Field(default=1.0, gt=0, le=60)
     log_level: str = "info"
+    # Which enforcers run (the others report `off`). Tests and evaluation hosts switch off those that
+    # touch the whole machine (usb: authorized_default on the real root hubs; media: unmounting).
+    enforcers: list[Literal["clipboard", "capture", "usb", "media"]] = [
+        "clipboard",
+        "capture",
+        "usb",
+        "media",
+    ]
+    sysfs_root: Path = Path("/sys")
+    exec_backend: Literal["fanotify", "procconn"] = "fanotify"
 
     @field_validator("broker")
     @classmethod
@@ -78,6 +94,14 @@ class AgentSettings(BaseSettings):
     def _agent_id(cls, value: str) -> str:
         if not is_valid_agent_id(value):
             raise ValueError(f"{value!r} is not a valid id (letters, digits, . _ -; at most 64)")
+        return value
+
+    @field_validator("enforcers", mode="before")
+    @classmethod
+    def _enforcer_list(cls, value: Any) -> Any:
+        # flags and environment give a comma-separated list: "clipboard,capture"; "" or "none" is none
+        if isinstance(value, str):
+            return [] if value.strip() in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
         return value
 
     @field_validator("log_level")
@@ -137,3 +161,6 @@ def load_settings(config: Path | None = None, **flags: Any) -> AgentSettings:
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         raise SettingsError(f"invalid settings{where}: {problems}") from exc
+    except PydanticSettingsError as exc:
+        # an environment variable that does not parse (e.g. CLEANROOM_KEEPALIVE=soon)
+        raise SettingsError(f"invalid settings from the environment: {exc}") from exc

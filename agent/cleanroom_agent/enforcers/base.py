@@ -54,3 +54,22 @@ class Enforcer(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self) -> None: ...
+
+
+class DisabledEnforcer(Enforcer):
+    """Stands in for an enforcer the agent's settings switched off, so posture still names it (``off``,
+    with the reason) instead of leaving it out: an auditor sees it was off, not that it was forgotten."""
+
+    def __init__(self, emit: EventSink, name: str, reason: str) -> None:
+        self.name = name
+        super().__init__(emit)
+        self._status = EnforcerStatus(name=name, state=EnforcerState.OFF, reason=reason)
+
+    async def start(self, policy: Policy, mode: Mode) -> None:
+        return None
+
+    async def apply(self, policy: Policy, mode: Mode) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
