@@ -13,17 +13,19 @@ from cleanroom_protocol import (
     Event,
     Kind,
     Posture,
+    Severity,
     Status,
     agent_topic,
     seal,
 )
 
 from . import __version__
-from .spool import Spool
+from .spool import Spool, SpoolFull
 
 # Rows of these keys replace older unsent rows of the same key; events and acks never coalesce.
 COALESCE_POSTURE = "posture"
 COALESCE_STATUS = "status"
+DROPPED_KEY = "events_dropped_spool_full"
 
 
 class Outbox:
@@ -51,8 +53,25 @@ class Outbox:
     def posture(self, posture: Posture) -> int:
         return self._put(Kind.POSTURE, posture, Channel.POSTURE, coalesce=COALESCE_POSTURE)
 
-    def event(self, event: Event) -> int:
-        return self._put(Kind.EVENT, event, Channel.EVENTS)
+    def event(self, event: Event) -> int | None:
+        """Queue ``event``; ``None`` when the outbox is full (the event is counted, and the count goes out
+        as a ``spool.overflow`` event as soon as there is room again)."""
+        dropped = self.spool.get_int(DROPPED_KEY) or 0
+        try:
+            if dropped:
+                overflow = Event(
+                    kind="spool.overflow",
+                    at=event.at,
+                    severity=Severity.CRITICAL,
+                    details={"dropped": dropped},
+                )
+                self._put(Kind.EVENT, overflow, Channel.EVENTS)
+                self.spool.set_state(DROPPED_KEY, "0")
+                dropped = 0
+            return self._put(Kind.EVENT, event, Channel.EVENTS)
+        except SpoolFull:
+            self.spool.set_state(DROPPED_KEY, str(dropped + 1))
+            return None
 
     def ack(self, ack: Ack) -> int:
         return self._put(Kind.ACK, ack, Channel.ACKS)

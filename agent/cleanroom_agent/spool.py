@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any
 
 MAX_REMEMBERED_COMMANDS = 1000
+# An endpoint cut off for days keeps its events, but not without limit: ~100,000 signed events is
+# ~60 MB on disk. Past it new events are refused and counted (see Outbox.event), never silently lost.
+MAX_OUTBOX_ROWS = 100_000
+
+
+class SpoolFull(Exception):
+    """The outbox holds ``max_rows`` unsent rows; only coalescing rows (posture, status) still fit."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -45,7 +53,8 @@ class OutboxRow:
 class Spool:
     """Outbox + seq counter + key/value state. Thread-safe (one connection behind a lock)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_rows: int = MAX_OUTBOX_ROWS) -> None:
+        self.max_rows = max_rows
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self._lock = threading.Lock()
@@ -59,6 +68,7 @@ class Spool:
             "INSERT OR IGNORE INTO counter (name, value) VALUES ('seq', ?)", (int(time.time() * 1000),)
         )
         self._listeners: list[Callable[[], None]] = []
+        self._rows = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
@@ -92,14 +102,20 @@ class Spool:
         """Allocate a seq, sign with ``make_payload(seq)`` and store the row, in one transaction.
 
         With ``coalesce_key`` a newer row replaces older *unsent* rows of the same key (posture, status).
+        Raises :class:`SpoolFull` for a non-coalescing row when ``max_rows`` rows wait.
         """
         with self._lock:
+            if coalesce_key is None and self._rows >= self.max_rows:
+                raise SpoolFull(f"{self.path}: {self._rows} unsent rows")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._allocate()
                 payload = make_payload(seq)
+                replaced = 0
                 if coalesce_key is not None:
-                    self._db.execute("DELETE FROM outbox WHERE coalesce_key = ?", (coalesce_key,))
+                    replaced = self._db.execute(
+                        "DELETE FROM outbox WHERE coalesce_key = ?", (coalesce_key,)
+                    ).rowcount
                 self._db.execute(
                     "INSERT INTO outbox (seq, topic, payload, retain, coalesce_key) VALUES (?, ?, ?, ?, ?)",
                     (seq, topic, payload, int(retain), coalesce_key),
@@ -108,6 +124,7 @@ class Spool:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._rows += 1 - replaced
         for listener in self._listeners:
             listener()
         return seq
@@ -136,7 +153,7 @@ class Spool:
     def delete(self, seq: int) -> None:
         """The broker acknowledged ``seq``: it leaves the outbox."""
         with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            self._rows -= self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
 
     # key/value state ---------------------------------------------------------------------------------
     def get_state(self, key: str) -> str | None:

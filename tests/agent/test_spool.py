@@ -117,3 +117,32 @@ def test_outbox_signs_with_the_allocated_seq(tmp_path: Path) -> None:
     assert verdict.ok and verdict.seq == seq
     w = verify(will, public_key_for=lambda s: pub, last_seq=status_seq, will_seq=will_seq)
     assert w.ok and w.is_will
+
+
+def test_a_full_outbox_counts_refused_events_and_reports_them_when_room_frees(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(tmp_path / "agent.db", max_rows=3)
+    outbox = Outbox(spool, agent_id="ep-1", key=key)
+    seqs = [outbox.event(Event(kind="session.started", at=float(i))) for i in range(3)]
+    assert None not in seqs
+    assert outbox.event(Event(kind="session.ended", at=3.0)) is None
+    assert outbox.event(Event(kind="session.ended", at=4.0)) is None
+    assert spool.count() == 3
+    # coalescing rows still fit: posture and status must keep flowing while events wait
+    outbox.status(Status(state=AgentState.ONLINE))
+    assert spool.count() == 4
+    # the count survives a restart
+    spool.close()
+    spool = Spool(tmp_path / "agent.db", max_rows=3)
+    outbox = Outbox(spool, agent_id="ep-1", key=key)
+    for row in spool.pending()[:3]:
+        spool.delete(row.seq)
+    assert outbox.event(Event(kind="session.started", at=5.0)) is not None
+    bodies = [
+        verify(r.payload, public_key_for=lambda _s: key.public_key(), max_skew_s=None).body
+        for r in spool.pending()
+    ]
+    kinds = [b.kind for b in bodies if isinstance(b, Event)]
+    assert kinds[-2:] == ["spool.overflow", "session.started"]
+    overflow = next(b for b in bodies if isinstance(b, Event) and b.kind == "spool.overflow")
+    assert overflow.details == {"dropped": 2}
