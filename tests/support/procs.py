@@ -336,6 +336,7 @@ class Agent(Daemon):
         mode: str = "enforce",
         keepalive: float = 2,
         poll_interval: float = 0.2,
+        enforcers: str = "",
         extra: Sequence[str] = (),
     ) -> None:
         self.agent_id = agent_id
@@ -364,6 +365,10 @@ class Agent(Daemon):
             f"{poll_interval:g}",
             "--log-level",
             "debug",
+            # Enforcers act on the whole machine (a fanotify exec listener, USB root hubs in /sys,
+            # unmounting): only tests about them switch them on, the others see them reported `off`.
+            "--enforcers",
+            enforcers,
             *extra,
         ]
         super().__init__(f"agent {agent_id}", argv, data_dir.parent / f"{data_dir.name}.log")
@@ -592,7 +597,14 @@ class Cleanroom:
         return ctl
 
     def add_agent(
-        self, agent_id: str = "it-agent", *, start: bool = True, mode: str = "enforce", keepalive: float = 2
+        self,
+        agent_id: str = "it-agent",
+        *,
+        start: bool = True,
+        mode: str = "enforce",
+        keepalive: float = 2,
+        enforcers: str = "",
+        extra: Sequence[str] = (),
     ) -> Agent:
         """Create the agent's key (`identity`), enrol it (`agents add`) and start it."""
         assert self.controller is not None, "start the controller first"
@@ -605,6 +617,8 @@ class Cleanroom:
             socket_path=self._sock_dir / f"{agent_id}.sock",
             mode=mode,
             keepalive=keepalive,
+            enforcers=enforcers,
+            extra=extra,
         )
         pub = self.root / f"{agent_id}.pub"
         pub.write_text(agent.identity_pem())

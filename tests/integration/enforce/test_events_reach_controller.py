@@ -54,7 +54,9 @@ unmount = true
     )
     ctl = world.start_controller()
     tap = world.tap()
-    world.add_agent("it-agent")
+    sysfs = tmp_path / "sys"  # an empty sysfs: no USB bus, and the real root hubs stay untouched
+    sysfs.mkdir()
+    world.add_agent("it-agent", enforcers="clipboard,capture,usb,media", extra=["--sysfs-root", str(sysfs)])
     world.wait_agent("it-agent", timeout=30, what="it-agent online", online=True)
 
     def statuses() -> dict[str, str] | None:
