@@ -93,14 +93,17 @@ def main() -> int:
         print("\nstopping…")
         return 0
     finally:
-        for _name, proc in reversed(procs):
+        # One at a time, last started first: the agent says goodbye (status offline) while the controller
+        # and the broker are still there to hear it.
+        for name, proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for _name, proc in reversed(procs):
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                print(f"{name} did not stop within 10 s; killing it", file=sys.stderr)
                 proc.kill()
+                proc.wait()
 
 
 def _cli(*args: str) -> str:

@@ -116,6 +116,11 @@ class Link:
                     self.connected = False
                     self.offline_since = time.time()
                     self._cb.on_disconnected()
+            # aiomqtt turns a cancellation inside the client context into MqttError ("Disconnected during
+            # message iteration"); caught above, it would swallow the shutdown and reconnect forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             if self._ever_connected_this_round:
                 attempt = 0
             attempt += 1

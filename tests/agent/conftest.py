@@ -200,6 +200,8 @@ class AgentProcess:
             "--keepalive", "2",
             "--poll-interval", "0.2",
             "--log-level", "debug",
+            # the enforcers act on the whole machine; their own tests switch them on
+            "--enforcers", "",
         ]  # fmt: skip
         if self.policy is not None:
             argv += ["--policy", str(self.policy)]
