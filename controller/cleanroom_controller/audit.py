@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
 from cleanroom_protocol import canonical_json
@@ -60,15 +62,50 @@ def entry_hash(
     return hashlib.sha256(prev_hash.encode("ascii") + canonical_json(entry)).hexdigest()
 
 
+def _scalar(value: object) -> bytes:
+    """Canonical JSON of one scalar, without a ``json.dumps`` call for the common types (same bytes)."""
+    if type(value) is str:
+        return _encode_str(value).encode("utf-8")
+    if type(value) is int:
+        return str(value).encode("ascii")
+    if type(value) is float and math.isfinite(value):
+        return repr(value).encode("ascii")  # what json does for a finite float
+    return canonical_json(value)
+
+
+def entry_bytes(*, id: int, ts: float, kind: str, actor: str, subject: str, data_json: str) -> bytes:
+    """``canonical_json({id, ts, kind, actor, subject, data})`` assembled from ``data_json`` (already canonical)
+    without parsing it back: keys in sorted order (actor, data, id, kind, subject, ts). Byte-identical to what
+    :func:`entry_hash` hashes when ``data_json`` is canonical JSON of a string-keyed mapping (tested)."""
+    return b"".join(
+        (
+            b'{"actor":',
+            _scalar(actor),
+            b',"data":',
+            data_json.encode("utf-8"),
+            b',"id":',
+            _scalar(id),
+            b',"kind":',
+            _scalar(kind),
+            b',"subject":',
+            _scalar(subject),
+            b',"ts":',
+            _scalar(ts),
+            b"}",
+        )
+    )
+
+
 def make_entry(
     prev_id: int, prev_hash: str, *, ts: float, kind: str, actor: str, subject: str, data: Mapping[str, Any]
 ) -> AuditEntry:
-    """The entry that follows ``(prev_id, prev_hash)`` (``(0, GENESIS)`` for the first)."""
-    data_json = canonical_json(dict(data)).decode("utf-8")
+    """The entry that follows ``(prev_id, prev_hash)`` (``(0, GENESIS)`` for the first).
+
+    ``data`` is encoded once; its keys must be strings (as JSON would make them anyway)."""
+    data_json = canonical_json(data if isinstance(data, dict) else dict(data)).decode("utf-8")
     new_id = prev_id + 1
-    digest = entry_hash(
-        prev_hash, id=new_id, ts=ts, kind=kind, actor=actor, subject=subject, data_json=data_json
-    )
+    body = entry_bytes(id=new_id, ts=ts, kind=kind, actor=actor, subject=subject, data_json=data_json)
+    digest = hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
     return AuditEntry(new_id, ts, kind, actor, subject, data_json, prev_hash, digest)
 
 

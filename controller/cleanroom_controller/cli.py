@@ -100,6 +100,10 @@ def run(
         ),
     ] = None,
     share_group: Annotated[str | None, typer.Option("--share-group", help="$share group for ingest.")] = None,
+    client_id: Annotated[
+        str | None,
+        typer.Option("--client-id", help="MQTT client id, unique per process (stable: persistent session)."),
+    ] = None,
     id: Annotated[
         str | None, typer.Option("--id", help="Controller id (signer of commands, policy).")
     ] = None,
@@ -118,6 +122,7 @@ def run(
         policy=policy,
         embedded_broker=embedded_broker,
         share_group=share_group,
+        client_id=client_id,
         id=id,
         command_timeout=command_timeout,
         log_level=log_level,

@@ -16,6 +16,7 @@ from cleanroom_protocol import POLICY_TOPIC, load_or_create_private_key
 
 from .actions import ActionRunner
 from .broker import EmbeddedBroker
+from .decide import EndSession
 from .drivers.agent import AgentDriver
 from .ingest import Ingest, KeyCache, subscriptions
 from .link import BrokerLink
@@ -30,7 +31,12 @@ from .tracker import Tracker
 log = structlog.get_logger("cleanroom.controller")
 
 KEY_NAME = "controller.key"
-INBOX_SIZE = 10_000  # messages between the broker link and ingest
+INBOX_SIZE = 2_000  # messages between the broker link and ingest (already PUBACKed: see README)
+# A batch (one SQLite transaction) ends at whichever comes first: the inbox is empty, this many messages,
+# or this much time spent applying it. The time budget bounds how long a violation waits for its commit.
+BATCH_MAX = 500
+BATCH_BUDGET_S = 0.010  # collecting; applying a full batch takes about as long again
+IDLE_TURNS = 20  # loop turns without a new message that end the collection (a message needs ~4)
 DEDUP_WINDOW_S = 24 * 3600.0  # how long accepted messages' digests are kept to recognise redeliveries
 PRUNE_EVERY_S = 300.0
 
@@ -52,11 +58,13 @@ class Controller:
         )
         self.address = parse_broker_url(settings.broker)
         self._tg: asyncio.TaskGroup | None = None
+        self._deferred: list[EndSession] = []
         self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=INBOX_SIZE)
         self.link = BrokerLink(
             self.address,
             client_id=settings.mqtt_client_id,
             keepalive=settings.keepalive,
+            persistent=settings.persistent_session,
             subscriptions=subscriptions(settings.share_group),
             on_message=self._on_message,
             on_connect=self._publish_policy,
@@ -76,7 +84,7 @@ class Controller:
             store=self.store,
             recorder=self.recorder,
             policy=lambda: self.policy.policy,
-            act=self.actions.submit,
+            act=self._deferred.append,  # submitted after the batch commits (see _submit_deferred)
             recovered=self._recovered,
         )
         self.ingest = Ingest(
@@ -86,6 +94,7 @@ class Controller:
             keys=KeyCache(self.store),
             max_skew_s=settings.max_skew_s,
             on_ack=self.driver.ack_received,
+            shared=settings.share_group is not None,
         )
 
     def _recovered(self, agent: str) -> None:
@@ -103,9 +112,40 @@ class Controller:
 
     async def _ingest(self) -> None:
         while True:
-            topic, payload, retained = await self._inbox.get()
-            self.ingest.handle(topic, payload, retained=retained)  # never raises on bad input
+            batch = await self._collect()
+            try:
+                self.ingest.handle_batch(batch)  # never raises on bad input
+            except Exception:  # the commit itself failed (disk full, I/O error): the batch is lost, logged
+                self._deferred.clear()
+                log.exception("ingest_batch_failed")
+            self._submit_deferred()
             await asyncio.sleep(0)  # a burst must not starve the link, timers and command tasks
+
+    async def _collect(self) -> list[tuple[str, bytes, bool]]:
+        """The next batch: what is queued, plus what arrives while the loop turns, until the size or time
+        budget is reached or a few turns bring nothing (the link hands over one message per socket read, so
+        waiting for the loop is how a burst becomes one batch; at a low rate a lone message goes at once)."""
+        batch = [await self._inbox.get()]
+        started = time.monotonic()
+        idle_turns = 0
+        while len(batch) < BATCH_MAX and idle_turns < IDLE_TURNS:
+            if self._inbox.empty():
+                if time.monotonic() - started >= BATCH_BUDGET_S:
+                    break
+                idle_turns += 1
+                await asyncio.sleep(0)
+                continue
+            idle_turns = 0
+            while len(batch) < BATCH_MAX and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+        return batch
+
+    def _submit_deferred(self) -> None:
+        """Actions decided in a batch start only once it is committed (their decision is durable)."""
+        actions = list(self._deferred)
+        self._deferred.clear()  # in place: the tracker holds this list's append
+        for action in actions:
+            self.actions.submit(action)
 
     async def _publish_policy(self) -> None:
         try:
@@ -128,10 +168,12 @@ class Controller:
             now = time.time()
             try:
                 self.tracker.tick(now)
+                self._submit_deferred()
                 if now - last_prune > PRUNE_EVERY_S:
                     last_prune = now
                     self.store.prune_messages(now - DEDUP_WINDOW_S)
             except Exception:
+                self._deferred.clear()
                 log.exception("silence_check_failed")
 
     async def _resume_commands(self) -> None:

@@ -61,9 +61,10 @@ def seen(ep: EndpointState, *, now: float, seq: int) -> EndpointState:
 def after_posture(
     ep: EndpointState, judgement: Judgement, *, now: float, seq: int, mode: str, policy_ref: str | None
 ) -> EndpointState:
-    ep = seen(ep, now=now, seq=seq)
     return replace(
         ep,
+        last_seen=now,
+        last_seq=seq if ep.last_seq is None else max(ep.last_seq, seq),
         online=True,
         compliant=judgement.compliant,
         reasons=judgement.reasons,

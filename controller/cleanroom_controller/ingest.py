@@ -11,8 +11,9 @@ status and audited. Nothing here raises on bad input.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 
 import structlog
@@ -107,7 +108,21 @@ class KeyCache:
         return self(agent) is not None
 
 
+Item = tuple[str, bytes, bool]  # topic, payload, retained
+
+
 class Ingest:
+    """Verifies and applies messages in batches: one SQLite transaction per batch (each message in its own
+    savepoint, so a bug on one rolls back only that one), audit entries chained per message in arrival order.
+
+    ``shared``: this process is one of a ``--share-group``. The broker then deals one agent's messages over
+    the group's processes, each of which sees an increasing subsequence (the broker keeps per-publisher order),
+    so the replay rule is per process: *replayed = seq not above the last seq this process accepted from
+    that sender*. The database's UNIQUE (agent, seq) stops a message from being acted on twice across the
+    group, endpoint state only moves forward (the tracker ignores older seqs) and the stale window bounds the
+    rest. Without a share group the stored last_seq is the rule (one writer).
+    """
+
     def __init__(
         self,
         *,
@@ -118,6 +133,7 @@ class Ingest:
         max_skew_s: float,
         on_ack: Callable[[str, Ack], None] | None = None,
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
     ) -> None:
         self._store = store
         self._recorder = recorder
@@ -126,16 +142,32 @@ class Ingest:
         self._max_skew_s = max_skew_s
         self._on_ack = on_ack
         self._clock = clock
+        self._shared = shared
+        self._accepted: dict[str, int] = {}  # shared: last seq accepted by this process, per sender
 
     def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> Outcome:
+        return self.handle_batch([(topic, payload, retained)])[0]
+
+    def handle_batch(self, items: Iterable[Item]) -> list[Outcome]:
+        """Apply ``items`` in order in one transaction; ``items`` may be a generator that decides when the
+        batch ends (the daemon stops at a size or time budget, or when its queue is empty). Raises only when
+        the transaction itself cannot commit (then none of the batch is stored)."""
+        outcomes: list[Outcome] = []
+        with self._store.transaction():
+            for topic, payload, retained in items:
+                outcomes.append(self._handle_one(topic, payload, retained))
+        return outcomes
+
+    def _handle_one(self, topic: str, payload: bytes, retained: bool) -> Outcome:
         try:
-            # One transaction per message: verdict, state, decision and audit land together or not at all.
-            with self._store.transaction():
+            # Verdict, state, decision and audit of one message land together or not at all.
+            with self._store.savepoint():
                 return self._handle(topic, payload, retained)
         except Exception:  # a bug on one message must not stop ingest; it is logged and audited
             log.exception("ingest_error", topic=topic[:200])
             try:
-                self._recorder.record("ingest.error", topic[:200], {"bytes": len(payload)})
+                with self._store.savepoint():
+                    self._recorder.record("ingest.error", topic[:200], {"bytes": len(payload)})
             except Exception:
                 log.exception("audit_failed")
             return Outcome.REJECTED
@@ -152,7 +184,7 @@ class Ingest:
         verdict = verify(
             payload,
             public_key_for=self._keys,
-            last_seq=ep.last_seq,
+            last_seq=self._accepted.get(agent) if self._shared else ep.last_seq,
             now=now,
             max_skew_s=self._max_skew_s,
             will_seq=ep.will_seq,
@@ -185,38 +217,54 @@ class Ingest:
             counted_as = agent if self._keys.is_enrolled(agent) else UNENROLLED
             return self._reject(counted_as, topic, verdict.status, verdict.detail, now, base)
 
-        assert verdict.envelope is not None  # ok verdicts carry both
-        seq = verdict.envelope.seq
-        if not self._store.record_message(agent, seq, verdict.envelope.kind.value, digest, now):
-            # Only a Last Will (exempt from the replay check) can be accepted twice: the retained copy.
-            self._recorder.record("verdict", agent, {**base, "status": "duplicate"}, actor=agent)
-            return Outcome.DUPLICATE
+        envelope = verdict.envelope
+        assert envelope is not None  # ok verdicts carry both
+        seq = envelope.seq
+        kind = envelope.kind.value
+        if not self._store.record_message(agent, seq, kind, digest, now):
+            if self._store.message_digest(agent, seq) == digest:
+                # A Last Will (exempt from the replay check) again, or with a share group a redelivery
+                # another process of the group already accepted.
+                self._recorder.record("verdict", agent, {**base, "status": "duplicate"}, actor=agent)
+                return Outcome.DUPLICATE
+            # Same (agent, seq), other bytes: accepted once already (by this or another process).
+            return self._reject(
+                agent,
+                topic,
+                VerdictStatus.REPLAYED,
+                f"seq {seq} already accepted with other content",
+                now,
+                base,
+            )
+        if self._shared and not verdict.is_will:
+            self._accepted[agent] = max(seq, self._accepted.get(agent, seq))
         self._recorder.record(
             "verdict",
             agent,
-            {**base, "status": "ok", "kind": verdict.envelope.kind.value, "will": verdict.is_will},
+            {**base, "status": "ok", "kind": kind, "will": verdict.is_will},
             actor=agent,
         )
         body = verdict.body
         if isinstance(body, Posture):
-            self._tracker.on_posture(agent, body, seq=seq, now=now)
+            posture_json = json.dumps(envelope.body, separators=(",", ":"), ensure_ascii=False)
+            self._tracker.on_posture(agent, body, seq=seq, now=now, before=ep, posture_json=posture_json)
         elif isinstance(body, Status):
-            self._tracker.on_status(agent, body, seq=seq, now=now, is_will=verdict.is_will)
+            self._tracker.on_status(agent, body, seq=seq, now=now, is_will=verdict.is_will, before=ep)
         elif isinstance(body, Event):
             self._store.add_event(
                 agent,
                 seq,
                 kind=body.kind,
-                ts=verdict.envelope.ts,
+                ts=envelope.ts,
                 at=body.at,
                 severity=body.severity.value,
                 blocked=body.blocked,
                 details=dict(body.details),
                 now=now,
             )
-            self._tracker.on_event(agent, body, seq=seq, now=now)
+            self._tracker.on_event(agent, body, seq=seq, now=now, before=ep)
         elif isinstance(body, Ack):
-            self._tracker.on_ack(agent, body, seq=seq, now=now)
+            self._tracker.on_ack(agent, body, seq=seq, now=now, before=ep)
             if self._on_ack is not None:
                 self._on_ack(agent, body)
         return Outcome.ACCEPTED

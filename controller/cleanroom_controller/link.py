@@ -1,4 +1,4 @@
-"""The controller's one MQTT connection: persistent session (clean_session=False, so QoS 1 commands and
+"""The controller's one MQTT connection: persistent session (clean_session=not self._persistent, so QoS 1 commands and
 agent messages queue across reconnects), subscriptions on connect, jittered reconnect backoff, and a
 ``publish`` that waits for the link instead of failing while it is down."""
 
@@ -31,6 +31,7 @@ class BrokerLink:
         *,
         client_id: str,
         keepalive: int,
+        persistent: bool = True,
         subscriptions: list[str],
         on_message: MessageHandler,
         on_connect: ConnectHook | None = None,
@@ -38,6 +39,7 @@ class BrokerLink:
         self._address = address
         self._client_id = client_id
         self._keepalive = keepalive
+        self._persistent = persistent
         self._subscriptions = subscriptions
         self._on_message = on_message
         self._on_connect = on_connect
@@ -69,7 +71,7 @@ class BrokerLink:
                     self._address.host,
                     self._address.port,
                     identifier=self._client_id,
-                    clean_session=False,
+                    clean_session=not self._persistent,
                     keepalive=self._keepalive,
                     tls_params=aiomqtt.TLSParameters() if self._address.tls else None,
                     max_concurrent_outgoing_calls=200,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ class ControllerSettings(BaseSettings):
     embedded_broker: bool = False
     share_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     id: str = Field(default="controller", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    client_id: str | None = None  # MQTT client id; default "cleanroom-{id}" (must be unique per process)
+    client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,128}$")  # unique per process
     command_timeout: float = Field(default=5.0, gt=0, le=3600)
     command_attempts: int = Field(default=6, ge=1, le=100)
     keepalive: int = Field(default=10, ge=1, le=3600)
@@ -37,7 +38,20 @@ class ControllerSettings(BaseSettings):
 
     @property
     def mqtt_client_id(self) -> str:
-        return self.client_id or f"cleanroom-{self.id}"
+        """``client_id`` if given; with a share group ``cleanroom-{id}-{group}-{pid}`` (two processes with one
+        id would take each other's connection over); else ``cleanroom-{id}``."""
+        if self.client_id:
+            return self.client_id
+        if self.share_group:
+            return f"cleanroom-{self.id}-{self.share_group}-{os.getpid()}"
+        return f"cleanroom-{self.id}"
+
+    @property
+    def persistent_session(self) -> bool:
+        """A persistent MQTT session needs a client id that survives restarts: given, or the fixed default.
+        A pid-derived id (share group, no ``client_id``) uses a clean session, so that a dead process does not
+        leave a session behind at the broker that keeps taking its share of the group's messages."""
+        return bool(self.client_id) or not self.share_group
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cleanroom_protocol import canonical_json
-
 from .audit import GENESIS, AuditEntry, ChainHead, make_entry
 from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
 
@@ -93,6 +91,8 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._tip: tuple[int, str] | None = None  # audit chain tip, cached inside one transaction
+        self._head_dirty = False
 
     @classmethod
     def open(cls, data_dir: Path) -> Store:
@@ -103,17 +103,41 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; nested use joins the outer one (ingest makes each message atomic)."""
+        """One write transaction; nested use joins the outer one (ingest applies a whole batch in one).
+
+        Inside it the audit chain tip is cached (``BEGIN IMMEDIATE`` holds the write lock, so nobody else can
+        append meanwhile) and the head record is written once, just before ``COMMIT``."""
         if self._db.in_transaction:
             yield self._db
             return
         self._db.execute("BEGIN IMMEDIATE")
+        self._tip = None
+        self._head_dirty = False
         try:
             yield self._db
+            if self._head_dirty:
+                self._write_head()
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        finally:
+            self._tip = None
+            self._head_dirty = False
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A unit inside the current transaction that rolls back alone (one message of a batch)."""
+        self._db.execute("SAVEPOINT unit")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO unit")
+            self._db.execute("RELEASE unit")
+            self._tip = None  # entries appended in the unit are gone: re-read the tip
+            raise
+        self._db.execute("RELEASE unit")
 
     # -- meta and counters -------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -180,7 +204,8 @@ class Store:
             policy=r["policy"],
         )
 
-    def save_endpoint(self, ep: EndpointState, *, posture: dict[str, Any] | None = None) -> None:
+    def save_endpoint(self, ep: EndpointState, *, posture: str | None = None) -> None:
+        """``posture``: the last posture body as JSON text (stored as given; ``None`` keeps the stored one)."""
         self._db.execute(
             """INSERT INTO endpoints (agent, condition, online, compliant, reasons, last_seen, last_seq, will_seq,
                    mode, policy, posture, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
@@ -200,7 +225,7 @@ class Store:
                 ep.will_seq,
                 ep.mode,
                 ep.policy,
-                None if posture is None else json.dumps(posture),
+                posture,
                 time.time(),
             ),
         )
@@ -414,10 +439,13 @@ class Store:
     def append_audit(
         self, kind: str, actor: str, subject: str, data: dict[str, Any], ts: float | None = None
     ) -> AuditEntry:
-        """Chain and store one entry; the tip is read inside the write transaction (several writers)."""
+        """Chain and store one entry. The tip is read inside the write transaction (several writers: the
+        daemon, CLI commands, other processes of a share group) and cached until that transaction ends."""
         with self.transaction() as db:
-            row = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-            prev_id, prev_hash = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+            if self._tip is None:
+                row = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+                self._tip = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+            prev_id, prev_hash = self._tip
             entry = make_entry(
                 prev_id,
                 prev_hash,
@@ -425,7 +453,7 @@ class Store:
                 kind=kind,
                 actor=actor,
                 subject=subject,
-                data=json.loads(canonical_json(data)),
+                data=data,
             )
             db.execute(
                 "INSERT INTO audit (id, ts, kind, actor, subject, data, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?)",
@@ -440,11 +468,19 @@ class Store:
                     entry.hash,
                 ),
             )
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_head', ?)",
-                (json.dumps({"id": entry.id, "hash": entry.hash}),),
-            )
+            self._tip = (entry.id, entry.hash)
+            self._head_dirty = True
         return entry
+
+    def _write_head(self) -> None:
+        tip = self._tip
+        if tip is None:
+            row = self._db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+            tip = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_head', ?)",
+            (json.dumps({"id": tip[0], "hash": tip[1]}),),
+        )
 
     def audit_entries(self, after_id: int = 0, limit: int | None = None) -> Iterator[AuditEntry]:
         q = "SELECT id, ts, kind, actor, subject, data, prev_hash, hash FROM audit WHERE id > ? ORDER BY id"

@@ -3,6 +3,7 @@ records decisions and hands actions to the runner. The only place that turns fac
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -22,6 +23,10 @@ log = structlog.get_logger("cleanroom.controller.tracker")
 ActionSink = Callable[[EndSession], None]
 
 
+def _older(ep: EndpointState, seq: int) -> bool:
+    return ep.last_seq is not None and seq <= ep.last_seq
+
+
 class Tracker:
     def __init__(
         self,
@@ -39,27 +44,61 @@ class Tracker:
         self._recovered = recovered
 
     # -- facts ---------------------------------------------------------------------------------------------
-    def on_posture(self, agent: str, posture: Posture, *, seq: int, now: float) -> Decision | None:
-        before = self._store.endpoint(agent)
+    # ``before``: the endpoint as the caller just read it in the same transaction (saves a read); ``None``
+    # reads it. Endpoint state only moves forward: a message whose seq is not above the stored last_seq
+    # (possible with a shared subscription, where another process already applied a newer one) counts as
+    # liveness only and never overwrites newer state.
+    def on_posture(
+        self,
+        agent: str,
+        posture: Posture,
+        *,
+        seq: int,
+        now: float,
+        before: EndpointState | None = None,
+        posture_json: str | None = None,
+    ) -> Decision | None:
+        before = self._store.endpoint(agent) if before is None else before
+        if _older(before, seq):
+            return self._conclude(before, decide.after_liveness(before, now=now, seq=seq), now=now)
         policy = self._policy()
         verdict = judge(posture, policy)
         ref = f"{posture.policy.id}@{posture.policy.version}" if posture.policy else None
         after = decide.after_posture(
             before, verdict, now=now, seq=seq, mode=posture.mode.value, policy_ref=ref
         )
-        for change in decide.reconcile_sessions(agent, self._store.sessions(agent), posture.sessions):
+        sessions = self._store.sessions(agent)
+        changes = decide.reconcile_sessions(agent, sessions, posture.sessions)
+        for change in changes:
             self._save_session_change(change)
-        return self._conclude(before, after, posture=posture.model_dump(mode="json"), now=now)
+        if changes:
+            by_id = {s.id: s for s in sessions}
+            by_id.update((c.id, c) for c in changes)
+            sessions = list(by_id.values())
+        if posture_json is None:
+            posture_json = json.dumps(posture.model_dump(mode="json"), separators=(",", ":"))
+        return self._conclude(before, after, posture=posture_json, now=now, sessions=sessions)
 
     def on_status(
-        self, agent: str, status: Status, *, seq: int, now: float, is_will: bool
+        self,
+        agent: str,
+        status: Status,
+        *,
+        seq: int,
+        now: float,
+        is_will: bool,
+        before: EndpointState | None = None,
     ) -> Decision | None:
-        before = self._store.endpoint(agent)
+        before = self._store.endpoint(agent) if before is None else before
+        if not is_will and _older(before, seq):
+            return self._conclude(before, decide.after_liveness(before, now=now, seq=seq), now=now)
         after = decide.after_status(before, status, now=now, seq=seq, is_will=is_will)
         return self._conclude(before, after, now=now)
 
-    def on_event(self, agent: str, event: Event, *, seq: int, now: float) -> Decision | None:
-        before = self._store.endpoint(agent)
+    def on_event(
+        self, agent: str, event: Event, *, seq: int, now: float, before: EndpointState | None = None
+    ) -> Decision | None:
+        before = self._store.endpoint(agent) if before is None else before
         after = decide.after_liveness(before, now=now, seq=seq)
         session_id = event.details.get("session")
         if isinstance(session_id, str) and event.kind in ("session.started", "session.ended"):
@@ -83,8 +122,10 @@ class Tracker:
                 self._save_session_change(decide.ended(known, str(event.details.get("reason") or "ended")))
         return self._conclude(before, after, now=now)
 
-    def on_ack(self, agent: str, ack: Ack, *, seq: int, now: float) -> Decision | None:
-        before = self._store.endpoint(agent)
+    def on_ack(
+        self, agent: str, ack: Ack, *, seq: int, now: float, before: EndpointState | None = None
+    ) -> Decision | None:
+        before = self._store.endpoint(agent) if before is None else before
         after = decide.after_liveness(before, now=now, seq=seq)
         command = self._store.command(ack.command_id)
         if command is None or command.agent != agent:
@@ -119,9 +160,14 @@ class Tracker:
         return self._conclude(before, after, now=now)
 
     def tick(self, now: float) -> list[Decision]:
-        """Silence check: every endpoint with nothing accepted for 3 × heartbeat becomes silent."""
+        """Silence check: every endpoint with nothing accepted for 3 × heartbeat becomes silent. One
+        transaction, so that processes of a share group do not both decide the same silence."""
         heartbeat = self._policy().report.heartbeat_s
-        decisions = []
+        decisions: list[Decision] = []
+        with self._store.transaction():
+            return self._tick(now, heartbeat, decisions)
+
+    def _tick(self, now: float, heartbeat: float, decisions: list[Decision]) -> list[Decision]:
         for ep in self._store.endpoints():
             if decide.silence_due(ep, now=now, heartbeat_s=heartbeat):
                 decision = self._conclude(ep, decide.silent(ep, now=now), now=now)
@@ -149,7 +195,8 @@ class Tracker:
         after: EndpointState,
         *,
         now: float,
-        posture: dict[str, object] | None = None,
+        posture: str | None = None,
+        sessions: list[SessionRecord] | None = None,
     ) -> Decision | None:
         self._store.save_endpoint(after, posture=posture)
         if (
@@ -158,7 +205,11 @@ class Tracker:
             and before.condition is not Condition.COMPLIANT
         ):
             self._recovered(after.agent)  # pending end requests are moot now
-        decision = decide.decide(before, after, self._store.sessions(after.agent), self._policy(), now=now)
+        if sessions is None:
+            # Sessions matter only for a condition that ends them (a cheap skip for the common compliant case).
+            acting = after.condition in decide.ACTING_CONDITIONS
+            sessions = self._store.sessions(after.agent) if acting else []
+        decision = decide.decide(before, after, sessions, self._policy(), now=now)
         if decision is None:
             return None
         actions = [

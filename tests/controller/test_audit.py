@@ -6,6 +6,7 @@ access to the database would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -185,3 +186,47 @@ def test_store_append_chains_across_writers(tmp_path: Path) -> None:
     a.append_audit("x", "daemon", "s", {})
     assert check(a) is None
     assert [e.id for e in a.audit_entries()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("ts", "actor", "subject", "data"),
+    [
+        (1000.0, "a1", "a1", {"n": 1, "status": "ok"}),
+        (
+            1763849999.123456,
+            'ctl:"x"\\',
+            "é ü 漢 \u2028 \x01",
+            {"nested": {"b": [1, 2.5, None, True]}, "a": "z"},
+        ),
+        (1e-7, "", "", {}),
+        (1e16, "x", "y", {"big": 2**62, "neg": -0.0, "s": "\ud7ff"}),
+        (5, "int-ts", "s", {"k": [{"z": 1, "a": 2}]}),
+    ],
+)
+def test_fast_entry_hash_equals_the_reference(ts: float, actor: str, subject: str, data: dict) -> None:
+    """make_entry assembles the canonical entry without re-parsing ``data``: same hash as entry_hash."""
+    from cleanroom_controller.audit import entry_hash
+
+    e = make_entry(3, "ab" * 32, ts=ts, kind="verdict", actor=actor, subject=subject, data=data)
+    assert e.hash == entry_hash(
+        "ab" * 32, id=4, ts=ts, kind="verdict", actor=actor, subject=subject, data_json=e.data_json
+    )
+    assert (
+        verify_chain([make_entry(0, GENESIS, ts=ts, kind="k", actor=actor, subject=subject, data=data)])
+        is None
+    )
+
+
+def test_a_batch_chains_in_order_and_writes_the_head_once(tmp_path: Path) -> None:
+    s = Store.open(tmp_path)
+    with s.transaction():
+        for i in range(5):
+            s.append_audit("verdict", "a1", "a1", {"n": i})
+        with contextlib.suppress(RuntimeError), s.savepoint():
+            s.append_audit("verdict", "a1", "a1", {"n": "rolled back"})
+            raise RuntimeError("a bug on one message")
+        s.append_audit("verdict", "a1", "a1", {"n": 5})
+    entries = list(s.audit_entries())
+    assert [e.data["n"] for e in entries] == [0, 1, 2, 3, 4, 5]
+    assert verify_chain(entries, s.audit_head()) is None
+    assert s.audit_head() == ChainHead(6, entries[-1].hash)

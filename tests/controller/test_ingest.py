@@ -7,16 +7,17 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cleanroom_controller import Store, Tracker
+from cleanroom_controller import Store, Tracker, verify_chain
 from cleanroom_controller.ingest import Ingest, KeyCache, Outcome
 from cleanroom_controller.recorder import Recorder
 from cleanroom_protocol import AgentState, Channel, Event, Kind, Status
 from tests.support.mosquitto import Mosquitto
 
 from .harness import agent_client, publish, running_controller, until
-from .helpers import Sender, enrol, posture, shipped_policy
+from .helpers import Sender, enrol, posture, session, shipped_policy
 
 
 def verdicts(store, status: str) -> list[dict]:
@@ -164,3 +165,100 @@ def test_retained_status_never_seen_but_older_is_recorded_not_counted(tmp_path: 
         assert ingest.handle(topic + "events", junk) is Outcome.REJECTED
     assert ingest.handle("cleanroom/v1/agents/a1/commands", b"{}") is Outcome.REJECTED
     assert ingest.handle("elsewhere", b"{}") is Outcome.REJECTED
+
+
+def _ingest(store: Store, *, shared: bool = False, acts: list | None = None) -> tuple[Ingest, Tracker]:
+    recorder = Recorder(store, "controller:test")
+    policy = shipped_policy()
+    sink = acts.append if acts is not None else (lambda _: None)
+    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=sink)
+    keys = KeyCache(store)
+    return Ingest(
+        store=store, recorder=recorder, tracker=tracker, keys=keys, max_skew_s=300, shared=shared
+    ), tracker
+
+
+def test_a_batch_is_one_transaction_and_a_bug_rolls_back_only_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.open(tmp_path)
+    a1, a2 = Sender("a1"), Sender("a2")
+    enrol(store, "a1", a1.key)
+    enrol(store, "a2", a2.key)
+    acts: list = []
+    ingest, tracker = _ingest(store, acts=acts)
+    reader = Store.open(tmp_path)  # another connection sees nothing until the batch commits
+    real_on_event = tracker.on_event
+
+    def buggy_on_event(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tracker, "on_event", buggy_on_event)
+    items = [
+        (
+            "cleanroom/v1/agents/a1/posture",
+            a1.seal(Kind.POSTURE, posture("a1", sessions=(session(),))),
+            False,
+        ),
+        ("cleanroom/v1/agents/a2/events", a2.seal(Kind.EVENT, Event(kind="x", at=time.time())), False),
+        (
+            "cleanroom/v1/agents/a1/posture",
+            a1.seal(Kind.POSTURE, posture("a1", denied=("scrot",), sessions=(session(),))),
+            False,
+        ),
+    ]
+    seen_mid_batch: list[int] = []
+
+    def watched():
+        for i, item in enumerate(items):
+            if i == 2:
+                seen_mid_batch.append(len(list(reader.audit_entries())))
+            yield item
+
+    outcomes = ingest.handle_batch(watched())
+    monkeypatch.setattr(tracker, "on_event", real_on_event)
+    assert outcomes == [Outcome.ACCEPTED, Outcome.REJECTED, Outcome.ACCEPTED]
+    assert seen_mid_batch == [0]  # the batch was not committed yet
+    kinds = [(e.kind, e.data.get("status")) for e in reader.audit_entries()]
+    assert kinds == [
+        ("verdict", "ok"),
+        ("session", None),
+        ("decision", None),
+        ("ingest.error", None),
+        ("verdict", "ok"),
+        ("decision", None),
+    ]
+    assert reader.events() == []  # the buggy message left nothing behind
+    assert [a.session_id for a in acts] == ["s-100-1"]
+    assert reader.endpoint("a1").reasons == ("denied_process:scrot",)
+    assert verify_chain(list(reader.audit_entries()), reader.audit_head()) is None
+
+
+def test_shared_group_replay_rule_is_per_process_and_state_only_moves_forward(tmp_path: Path) -> None:
+    """Two ingests on one database, as two processes of a share group: the broker deals a1's seqs 1..4
+    round-robin, and each process finishes its share in its own time."""
+    a1 = Sender("a1")
+    store_p, store_q = Store.open(tmp_path), Store.open(tmp_path)
+    enrol(store_p, "a1", a1.key)
+    p, _ = _ingest(store_p, shared=True)
+    q, _ = _ingest(store_q, shared=True)
+    topic = "cleanroom/v1/agents/a1/posture"
+    m1 = a1.seal(Kind.POSTURE, posture("a1"))
+    m2 = a1.seal(Kind.POSTURE, posture("a1", denied=("scrot",)))
+    m3 = a1.seal(Kind.POSTURE, posture("a1", denied=("obs",)))
+    m4 = a1.seal(Kind.POSTURE, posture("a1"))
+    assert q.handle(topic, m2) is Outcome.ACCEPTED
+    assert q.handle(topic, m4) is Outcome.ACCEPTED
+    # p lags: its seqs 1 and 3 are below what q accepted, but above what p accepted: not replays.
+    assert p.handle(topic, m1) is Outcome.ACCEPTED
+    assert p.handle(topic, m3) is Outcome.ACCEPTED
+    ep = store_p.endpoint("a1")
+    assert (ep.last_seq, ep.condition.value, ep.reasons) == (4, "compliant", ())  # m4 stands
+    # A redelivery of what the other process accepted is a duplicate; other bytes with that seq a replay.
+    assert p.handle(topic, m2) is Outcome.DUPLICATE
+    forged_reuse = a1.seal(Kind.POSTURE, posture("a1", denied=("anydesk",)), seq=4)
+    assert p.handle(topic, forged_reuse) is Outcome.REJECTED
+    # Within one process the usual rule holds.
+    assert p.handle(topic, a1.seal(Kind.POSTURE, posture("a1"), seq=2)) is Outcome.REJECTED
+    assert store_p.reject_counts() == {"a1": {"replayed": 2}}
+    assert store_p.endpoint("a1").reasons == ()

@@ -52,7 +52,7 @@ def test_endpoint_roundtrip_and_reject_counts(tmp_path: Path) -> None:
     ep = EndpointState(
         "a1", Condition.VIOLATION, True, False, ("denied_process:scrot",), 5.0, 9, 4, "enforce"
     )
-    store.save_endpoint(ep, posture={"x": 1})
+    store.save_endpoint(ep, posture='{"x": 1}')
     assert store.endpoint("a1") == ep
     store.count_reject("a1", "bad_signature", 1.0)
     store.count_reject("a1", "bad_signature", 2.0)
