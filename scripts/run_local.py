@@ -43,6 +43,8 @@ def main() -> int:
     mosquitto = shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
     )
+    if os.environ.get("CLEANROOM_RUN_BROKER") == "embedded":  # the evaluation broker, Mosquitto or not
+        mosquitto = None
     controller_args = [
         str(BIN / "cleanroom-controller"), "run", "--broker", broker_url,
         "--data-dir", str(controller_dir), "--policy", str(POLICY),
