@@ -235,6 +235,9 @@ def launch(
         raise typer.Exit(EXIT_DENIED)
     if reasons:
         typer.echo(f"cleanroom-agent: audit mode, would deny: {', '.join(reasons)}", err=True)
+    extra = [str(a) for a in answer.get("client_args", []) if isinstance(a, str)]
+    if extra:  # e.g. FreeRDP's -clipboard: the client's own redirection off, under the agent's X11 guard
+        command = [command[0], *extra, *command[1:]]
     try:
         child = subprocess.Popen(command)
     except OSError as exc:

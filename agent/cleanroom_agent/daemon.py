@@ -53,7 +53,7 @@ from .decisions import (
     fail_closed_reason,
     launch_decision,
 )
-from .enforcers import Enforcer, build_configured_enforcers
+from .enforcers import Enforcer, build_configured_enforcers, client_clipboard_off
 from .link import Link, LinkCallbacks
 from .localsock import LocalSocketServer, Peer
 from .outbox import Outbox
@@ -511,6 +511,18 @@ class Agent:
         self._posture_due.set()
 
     # --- local socket ------------------------------------------------------------------------------
+    def _client_args(self, client: str) -> list[str]:
+        """Arguments that switch the VDI client's own clipboard redirection off (a second layer under the
+        X11 guard), when the policy blocks the clipboard and the agent enforces."""
+        clipboard = self.in_force.effective.clipboard
+        if (
+            self.mode is not Mode.ENFORCE
+            or clipboard.mode == "allow"
+            or not clipboard.disable_client_redirection
+        ):
+            return []
+        return list(client_clipboard_off(client).args)
+
     async def handle_local(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         op = request["op"]
         if op == "launch_check":
@@ -539,6 +551,7 @@ class Agent:
                 "allowed": decision.allowed,
                 "reasons": decision.reasons,
                 "audit_only": decision.audit_only,
+                "client_args": self._client_args(client),
             }
         if op == "register":
             return await self._register(request.get("pid"), peer)

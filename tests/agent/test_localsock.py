@@ -168,3 +168,21 @@ async def test_server_bounds_and_rejects_bad_requests(tmp_path: Path) -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_freerdp_is_launched_with_its_own_clipboard_redirection_off(
+    tmp_path: Path, mosquitto: Mosquitto, tap: Tap, agent_factory: Any, public_dir: Path
+) -> None:
+    """The second clipboard layer: in enforce mode with the clipboard blocked, `launch` adds FreeRDP's
+    `-clipboard`. The "client" is /bin/echo copied as `xfreerdp`, so it prints the arguments it got."""
+    policy = policy_file(tmp_path / "p.toml", sessions={"clients": ["xfreerdp"]}, clipboard={"mode": "block"})
+    agent = agent_factory(mosquitto.url, policy=policy, socket_path=public_dir / "agent.sock")
+    agent.start()
+    wait_for(lambda: tap.on(Channel.POSTURE), timeout=15, what="the agent online")
+    client = tmp_path / "bin" / "xfreerdp"
+    client.parent.mkdir(exist_ok=True)
+    client.write_bytes(Path("/bin/echo").read_bytes())
+    client.chmod(0o755)
+    done = launch(agent.socket, str(client), "/v:desktop.example")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["-clipboard", "/v:desktop.example"]
