@@ -1,17 +1,91 @@
 """cleanroom controller: verifies agents' messages, judges posture against policy, ends non-compliant
-sessions and keeps a tamper-evident audit trail."""
+sessions and keeps a tamper-evident audit trail.
 
-from .audit import GENESIS, AuditEntry, ChainHead, ChainProblem, Tamper, entry_hash, make_entry, verify_chain
-from .broker import EmbeddedBroker, mosquitto_config, write_mosquitto_config
-from .decide import Decision, EndSession, plan_end_sessions, reconcile_sessions, retry_delay
-from .drivers import AgentDriver, Outcome, Publisher, SessionDriver
-from .ingest import Ingest, KeyCache, subscriptions
+Public names are re-exported here but imported on first use (PEP 562): ``cleanroom-controller agents list``
+and friends then load only what they need (the protocol models, structlog and aiomqtt take ~1 s to import).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# ``judge`` is also a submodule's name: importing the submodule would shadow a lazily loaded function,
+# so it is bound eagerly (judge.py itself imports the protocol only when called).
 from .judge import Judgement, judge
-from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
-from .policy_keeper import NoPolicyError, PolicyKeeper
-from .settings import BrokerAddress, ControllerSettings, SettingsError, load_settings, parse_broker_url
-from .store import AgentExistsError, Store
-from .tracker import Tracker
+
+if TYPE_CHECKING:
+    from .audit import (
+        GENESIS,
+        AuditEntry,
+        ChainHead,
+        ChainProblem,
+        Tamper,
+        entry_hash,
+        make_entry,
+        verify_chain,
+    )
+    from .broker import EmbeddedBroker, mosquitto_config, write_mosquitto_config
+    from .decide import Decision, EndSession, plan_end_sessions, reconcile_sessions, retry_delay
+    from .drivers import AgentDriver, Outcome, Publisher, SessionDriver
+    from .ingest import Ingest, KeyCache, subscriptions
+    from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
+    from .policy_keeper import NoPolicyError, PolicyKeeper
+    from .settings import BrokerAddress, ControllerSettings, SettingsError, load_settings, parse_broker_url
+    from .store import AgentExistsError, Store
+    from .tracker import Tracker
+
+_LAZY = {
+    "AgentDriver": "drivers",
+    "AgentExistsError": "store",
+    "AuditEntry": "audit",
+    "BrokerAddress": "settings",
+    "ChainHead": "audit",
+    "ChainProblem": "audit",
+    "CommandRecord": "models",
+    "CommandState": "models",
+    "Condition": "models",
+    "ControllerSettings": "settings",
+    "Decision": "decide",
+    "EmbeddedBroker": "broker",
+    "EndSession": "decide",
+    "EndpointState": "models",
+    "GENESIS": "audit",
+    "Ingest": "ingest",
+    "KeyCache": "ingest",
+    "NoPolicyError": "policy_keeper",
+    "Outcome": "drivers",
+    "PolicyKeeper": "policy_keeper",
+    "Publisher": "drivers",
+    "SessionDriver": "drivers",
+    "SessionRecord": "models",
+    "SessionState": "models",
+    "SettingsError": "settings",
+    "Store": "store",
+    "Tamper": "audit",
+    "Tracker": "tracker",
+    "entry_hash": "audit",
+    "load_settings": "settings",
+    "make_entry": "audit",
+    "mosquitto_config": "broker",
+    "parse_broker_url": "settings",
+    "plan_end_sessions": "decide",
+    "reconcile_sessions": "decide",
+    "retry_delay": "decide",
+    "subscriptions": "ingest",
+    "verify_chain": "audit",
+    "write_mosquitto_config": "broker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -23,9 +23,18 @@ from enum import StrEnum
 from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
-from cleanroom_protocol import canonical_json
-
 GENESIS = "0" * 64
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8, no NaN: the same encoding as ``cleanroom_protocol.canonical_json``
+    (a test holds them equal), defined here because the audit format is the controller's own and because
+    ``audit verify`` should not pay for importing the protocol's models."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
 # How far an entry's original id is searched for around its stored id, to tell a renumbered
 # (deleted / inserted / reordered) entry from an edited one. Only runs on the first bad entry.
 _ID_SEARCH = 64

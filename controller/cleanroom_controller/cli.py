@@ -15,18 +15,9 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-from cleanroom_protocol import (
-    KeyFileError,
-    fingerprint,
-    is_valid_agent_id,
-    load_or_create_private_key,
-    load_public_key,
-    public_key_pem,
-)
-
+# Only what every command needs is imported here: the list and verify commands stay quick to start. The
+# protocol (pydantic models), structlog and the daemon are imported by the commands that use them.
 from .audit import verify_chain
-from .logs import configure_logging
-from .policy_keeper import NoPolicyError
 from .settings import ControllerSettings, SettingsError, load_settings
 from .store import DB_NAME, AgentExistsError, Store
 from .views import agent_rows, event_rows, session_rows, unenrolled_rejects
@@ -113,7 +104,11 @@ def run(
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error")] = None,
 ) -> None:
     """Run the controller daemon until SIGTERM/SIGINT."""
+    from cleanroom_protocol import KeyFileError
+
     from .daemon import Controller
+    from .logs import configure_logging
+    from .policy_keeper import NoPolicyError
 
     settings = _settings(
         config,
@@ -142,6 +137,8 @@ def run(
 @app.command()
 def identity(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Print the controller public key (PEM); creates controller.key (0600) on first use."""
+    from cleanroom_protocol import KeyFileError, fingerprint, load_or_create_private_key, public_key_pem
+
     settings = _settings(config, data_dir=data_dir)
     try:
         key, created = load_or_create_private_key(settings.data_dir / "controller.key")
@@ -160,6 +157,14 @@ def agents_add(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Enrol an agent with its public key (``cleanroom-agent identity`` prints it)."""
+    from cleanroom_protocol import (
+        KeyFileError,
+        fingerprint,
+        is_valid_agent_id,
+        load_public_key,
+        public_key_pem,
+    )
+
     if not is_valid_agent_id(agent_id):
         fail(f"invalid agent id {agent_id!r}: letters, digits, '.', '_', '-'; at most 64; no '/', '+', '#'")
     try:

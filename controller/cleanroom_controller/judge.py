@@ -7,8 +7,10 @@ so both sides give the same answer for the same posture.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cleanroom_protocol import Policy, Posture, violations
+if TYPE_CHECKING:  # imported when judging: the package re-exports ``judge`` and must stay quick to import
+    from cleanroom_protocol import Policy, Posture
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,5 +20,7 @@ class Judgement:
 
 
 def judge(posture: Posture, policy: Policy) -> Judgement:
+    from cleanroom_protocol import violations
+
     reasons = tuple(violations(posture, policy))
     return Judgement(compliant=not reasons, reasons=reasons)

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from .models import Condition, EndpointState
 from .store import Store
+
+_NAMED_CONDITIONS = (Condition.SILENT, Condition.OFFLINE)
+
+
+def _reasons(ep: EndpointState) -> list[str]:
+    """The condition's reasons; ``silent``/``offline`` named first, so ``reasons`` alone says why an endpoint
+    is not compliant (e.g. ``["offline", "will"]``, ``["silent", "no_report_for:93s"]``)."""
+    reasons = list(ep.reasons)
+    if ep.condition in _NAMED_CONDITIONS and ep.condition.value not in reasons:
+        reasons.insert(0, ep.condition.value)
+    return reasons
 
 
 def agent_rows(store: Store) -> list[dict[str, Any]]:
@@ -20,8 +32,10 @@ def agent_rows(store: Store) -> list[dict[str, Any]]:
             {
                 "id": ep.agent,
                 "online": ep.online,
-                "compliant": ep.compliant,
-                "reasons": list(ep.reasons),
+                # Known compliant now, not "the last posture was": a silent or offline endpoint (or one
+                # back online without a posture yet) is not known to be compliant.
+                "compliant": ep.condition is Condition.COMPLIANT,
+                "reasons": _reasons(ep),
                 "last_seen": ep.last_seen,
                 "condition": ep.condition.value,
                 "mode": ep.mode,

@@ -230,3 +230,10 @@ def test_a_batch_chains_in_order_and_writes_the_head_once(tmp_path: Path) -> Non
     assert [e.data["n"] for e in entries] == [0, 1, 2, 3, 4, 5]
     assert verify_chain(entries, s.audit_head()) is None
     assert s.audit_head() == ChainHead(6, entries[-1].hash)
+
+
+def test_audit_canonical_json_is_the_protocols() -> None:
+    from cleanroom_controller.audit import canonical_json as audit_canonical
+
+    for value in ({"b": 1, "a": [1.5, None, "é\u2028"]}, "x", 1e16, {"z": {"y": True}}):
+        assert audit_canonical(value) == canonical_json(value)
