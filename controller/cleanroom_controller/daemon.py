@@ -36,7 +36,8 @@ INBOX_SIZE = 2_000  # messages between the broker link and ingest (already PUBAC
 # or this much time spent applying it. The time budget bounds how long a violation waits for its commit.
 BATCH_MAX = 500
 BATCH_BUDGET_S = 0.010  # collecting; applying a full batch takes about as long again
-IDLE_TURNS = 20  # loop turns without a new message that end the collection (a message needs ~4)
+IDLE_WAIT_S = 0.0005  # one wait for more messages; the loop serves the socket meanwhile
+IDLE_WAITS = 2  # consecutive waits that bring nothing end the collection
 DEDUP_WINDOW_S = 24 * 3600.0  # how long accepted messages' digests are kept to recognise redeliveries
 PRUNE_EVERY_S = 300.0
 
@@ -122,20 +123,21 @@ class Controller:
             await asyncio.sleep(0)  # a burst must not starve the link, timers and command tasks
 
     async def _collect(self) -> list[tuple[str, bytes, bool]]:
-        """The next batch: what is queued, plus what arrives while the loop turns, until the size or time
-        budget is reached or a few turns bring nothing (the link hands over one message per socket read, so
-        waiting for the loop is how a burst becomes one batch; at a low rate a lone message goes at once)."""
+        """The next batch: what is queued, plus what arrives while the loop serves the socket, until the
+        size or time budget is reached or a short idle wait brings nothing. The link hands over one message
+        per socket read, so waiting (in select, not spinning) is how a burst becomes one batch; a lone
+        message at a low rate waits at most ``IDLE_WAITS × IDLE_WAIT_S``."""
         batch = [await self._inbox.get()]
         started = time.monotonic()
-        idle_turns = 0
-        while len(batch) < BATCH_MAX and idle_turns < IDLE_TURNS:
+        idle = 0
+        while len(batch) < BATCH_MAX and idle < IDLE_WAITS:
             if self._inbox.empty():
                 if time.monotonic() - started >= BATCH_BUDGET_S:
                     break
-                idle_turns += 1
-                await asyncio.sleep(0)
+                idle += 1
+                await asyncio.sleep(IDLE_WAIT_S)
                 continue
-            idle_turns = 0
+            idle = 0
             while len(batch) < BATCH_MAX and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
         return batch

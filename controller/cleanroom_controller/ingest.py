@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cleanroom_protocol import (
     AGENT_TO_CONTROLLER,
     Ack,
+    AgentState,
     Channel,
     Event,
     KeyFileError,
@@ -69,6 +70,34 @@ def _expected_old_status(channel: Channel, verdict: Verdict, retained: bool) -> 
     if body.get("state") == "offline" and body.get("reason") == "will":
         return "superseded_will"
     return None
+
+
+def sequence_check(
+    signed: Verdict, *, last_seq: int | None, will_seq: int | None, now: float, max_skew_s: float | None
+) -> Verdict:
+    """The checks :func:`cleanroom_protocol.verify` makes after the signature and body (Last Will, stale,
+    replayed), applied to a verdict verified without them. Ingest verifies signatures before it takes the
+    database's write lock and applies these under it, where last_seq and will_seq are current. Same order
+    and results as ``verify`` with those arguments (a test holds them equal)."""
+    env, body = signed.envelope, signed.body
+    if not signed.ok or env is None:
+        return signed
+    if (
+        will_seq is not None
+        and env.seq == will_seq
+        and isinstance(body, Status)
+        and body.state is AgentState.OFFLINE
+    ):
+        return Verdict(VerdictStatus.OK, "last will", env, body, is_will=True)
+    if max_skew_s is not None:
+        skew = now - env.ts
+        if abs(skew) > max_skew_s:
+            return Verdict(
+                VerdictStatus.STALE, f"ts is {skew:+.0f} s from now (window ±{max_skew_s:.0f} s)", env
+            )
+    if last_seq is not None and env.seq <= last_seq:
+        return Verdict(VerdictStatus.REPLAYED, f"seq {env.seq} not above last accepted {last_seq}", env)
+    return signed
 
 
 def subscriptions(share_group: str | None) -> list[str]:
@@ -149,20 +178,44 @@ class Ingest:
         return self.handle_batch([(topic, payload, retained)])[0]
 
     def handle_batch(self, items: Iterable[Item]) -> list[Outcome]:
-        """Apply ``items`` in order in one transaction; ``items`` may be a generator that decides when the
-        batch ends (the daemon stops at a size or time budget, or when its queue is empty). Raises only when
-        the transaction itself cannot commit (then none of the batch is stored)."""
+        """Apply ``items`` in order in one transaction. Signatures (the costly part) are checked first,
+        without the write lock, so that processes of a share group verify in parallel and hold the lock only
+        to apply. Raises only when the transaction itself cannot commit (then none of the batch is stored)."""
+        checked = [
+            (topic, payload, retained, self._check_signature(topic, payload))
+            for topic, payload, retained in items
+        ]
         outcomes: list[Outcome] = []
         with self._store.transaction():
-            for topic, payload, retained in items:
-                outcomes.append(self._handle_one(topic, payload, retained))
+            for topic, payload, retained, signed in checked:
+                outcomes.append(self._handle_one(topic, payload, retained, signed))
         return outcomes
 
-    def _handle_one(self, topic: str, payload: bytes, retained: bool) -> Outcome:
+    def _check_signature(self, topic: str, payload: bytes) -> Verdict | None:
+        """Everything ``verify`` checks except seq and ts; ``None`` for a topic that is not an agent's."""
+        try:
+            parsed = parse_agent_topic(topic)
+            if parsed is None or parsed[1] not in KIND_OF_CHANNEL:
+                return None
+            agent, channel = parsed
+            return verify(
+                payload,
+                public_key_for=self._keys,
+                last_seq=None,
+                max_skew_s=None,
+                will_seq=None,
+                expected_sender=agent,
+                expected_kind=KIND_OF_CHANNEL[channel],
+            )
+        except Exception:  # a bug must not lose the batch; the apply step records it per message
+            log.exception("verify_error", topic=topic[:200])
+            return Verdict(VerdictStatus.MALFORMED, "internal error while verifying")
+
+    def _handle_one(self, topic: str, payload: bytes, retained: bool, signed: Verdict | None) -> Outcome:
         try:
             # Verdict, state, decision and audit of one message land together or not at all.
             with self._store.savepoint():
-                return self._handle(topic, payload, retained)
+                return self._handle(topic, payload, retained, signed)
         except Exception:  # a bug on one message must not stop ingest; it is logged and audited
             log.exception("ingest_error", topic=topic[:200])
             try:
@@ -172,24 +225,21 @@ class Ingest:
                 log.exception("audit_failed")
             return Outcome.REJECTED
 
-    def _handle(self, topic: str, payload: bytes, retained: bool) -> Outcome:
+    def _handle(self, topic: str, payload: bytes, retained: bool, signed: Verdict | None) -> Outcome:
         now = self._clock()
         parsed = parse_agent_topic(topic)
-        if parsed is None or parsed[1] not in KIND_OF_CHANNEL:
+        if signed is None or parsed is None:
             return self._reject(
                 UNKNOWN_TOPIC, topic, VerdictStatus.MALFORMED, "not an agent-to-controller topic", now
             )
         agent, channel = parsed
         ep = self._store.endpoint(agent)
-        verdict = verify(
-            payload,
-            public_key_for=self._keys,
+        verdict = sequence_check(
+            signed,
             last_seq=self._accepted.get(agent) if self._shared else ep.last_seq,
+            will_seq=ep.will_seq,
             now=now,
             max_skew_s=self._max_skew_s,
-            will_seq=ep.will_seq,
-            expected_sender=agent,
-            expected_kind=KIND_OF_CHANNEL[channel],
         )
         digest = hashlib.sha256(payload).hexdigest()
         base = {"topic": topic, "seq": verdict.seq, "retained": retained, "bytes": len(payload)}

@@ -262,3 +262,40 @@ def test_shared_group_replay_rule_is_per_process_and_state_only_moves_forward(tm
     assert p.handle(topic, a1.seal(Kind.POSTURE, posture("a1"), seq=2)) is Outcome.REJECTED
     assert store_p.reject_counts() == {"a1": {"replayed": 2}}
     assert store_p.endpoint("a1").reasons == ()
+
+
+def test_signature_first_then_sequence_equals_protocol_verify() -> None:
+    """Ingest splits verify: signature before the write lock, seq/ts/will under it. Same verdicts."""
+    from cleanroom_controller.ingest import sequence_check
+    from cleanroom_protocol import verify
+
+    a1 = Sender("a1")
+    now = time.time()
+    messages = [
+        a1.seal(Kind.POSTURE, posture("a1"), seq=5),
+        a1.seal(Kind.POSTURE, posture("a1"), seq=5, ts=now - 3600),
+        a1.seal(Kind.STATUS, Status(state=AgentState.OFFLINE, reason="will"), seq=3, ts=now - 3600),
+        a1.seal(Kind.STATUS, Status(state=AgentState.ONLINE), seq=3),
+        Sender("a1").seal(Kind.POSTURE, posture("a1"), seq=9),  # another key: bad signature
+        b"{}",
+    ]
+    for raw in messages:
+        for last_seq in (None, 2, 5, 7):
+            for will_seq in (None, 3):
+                full = verify(
+                    raw,
+                    public_key_for=lambda _: a1.key.public_key(),
+                    last_seq=last_seq,
+                    now=now,
+                    max_skew_s=300,
+                    will_seq=will_seq,
+                    expected_sender="a1",
+                )
+                signed = verify(
+                    raw,
+                    public_key_for=lambda _: a1.key.public_key(),
+                    max_skew_s=None,
+                    expected_sender="a1",
+                )
+                split = sequence_check(signed, last_seq=last_seq, will_seq=will_seq, now=now, max_skew_s=300)
+                assert (split.status, split.is_will, split.detail) == (full.status, full.is_will, full.detail)
