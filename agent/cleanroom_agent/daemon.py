@@ -251,6 +251,7 @@ class Agent:
         if was_connected:
             drained = await self.link.drain(SHUTDOWN_DRAIN_S)
             log.info("outbox_drained" if drained else "outbox_not_drained", pending=self.spool.count())
+        self.link.request_stop()
         raise _Shutdown
 
     async def _enforcers_task(self) -> None:

@@ -91,6 +91,7 @@ class Link:
         self._last_rate_report = 0.0
         self.connected = False
         self._ever_connected_this_round = False
+        self._stopping = False
         self.offline_since: float | None = time.time()
         self.rejected = 0
         self.published = 0
@@ -101,6 +102,10 @@ class Link:
         self._wake.set()
 
     # --- connection loop ---------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """The agent is stopping: a lost connection from now on ends :meth:`run` instead of reconnecting."""
+        self._stopping = True
+
     async def run(self) -> None:
         attempt = 0
         while True:
@@ -116,11 +121,12 @@ class Link:
                     self.connected = False
                     self.offline_since = time.time()
                     self._cb.on_disconnected()
-            # aiomqtt turns a cancellation inside the client context into MqttError ("Disconnected during
-            # message iteration"); caught above, it would swallow the shutdown and reconnect forever.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            # A cancellation inside aiomqtt's client context can surface as MqttError ("Disconnected during
+            # message iteration"); caught above, it would swallow the shutdown and reconnect forever. An
+            # explicit flag, not task.cancelling(): on 3.11 a TaskGroup whose child failed leaves its parent's
+            # cancel count raised, so cancelling() is non-zero after an ordinary disconnect.
+            if self._stopping:
+                return
             if self._ever_connected_this_round:
                 attempt = 0
             attempt += 1
