@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cleanroom_protocol import (
     AGENT_TO_CONTROLLER,
     Ack,
-    AgentState,
     Channel,
     Event,
     KeyFileError,
@@ -32,6 +31,7 @@ from cleanroom_protocol import (
     Verdict,
     VerdictStatus,
     agent_filter,
+    check_sequence,
     parse_agent_topic,
     parse_public_key,
     verify,
@@ -70,34 +70,6 @@ def _expected_old_status(channel: Channel, verdict: Verdict, retained: bool) -> 
     if body.get("state") == "offline" and body.get("reason") == "will":
         return "superseded_will"
     return None
-
-
-def sequence_check(
-    signed: Verdict, *, last_seq: int | None, will_seq: int | None, now: float, max_skew_s: float | None
-) -> Verdict:
-    """The checks :func:`cleanroom_protocol.verify` makes after the signature and body (Last Will, stale,
-    replayed), applied to a verdict verified without them. Ingest verifies signatures before it takes the
-    database's write lock and applies these under it, where last_seq and will_seq are current. Same order
-    and results as ``verify`` with those arguments (a test holds them equal)."""
-    env, body = signed.envelope, signed.body
-    if not signed.ok or env is None:
-        return signed
-    if (
-        will_seq is not None
-        and env.seq == will_seq
-        and isinstance(body, Status)
-        and body.state is AgentState.OFFLINE
-    ):
-        return Verdict(VerdictStatus.OK, "last will", env, body, is_will=True)
-    if max_skew_s is not None:
-        skew = now - env.ts
-        if abs(skew) > max_skew_s:
-            return Verdict(
-                VerdictStatus.STALE, f"ts is {skew:+.0f} s from now (window ±{max_skew_s:.0f} s)", env
-            )
-    if last_seq is not None and env.seq <= last_seq:
-        return Verdict(VerdictStatus.REPLAYED, f"seq {env.seq} not above last accepted {last_seq}", env)
-    return signed
 
 
 def subscriptions(share_group: str | None) -> list[str]:
@@ -234,7 +206,7 @@ class Ingest:
             )
         agent, channel = parsed
         ep = self._store.endpoint(agent)
-        verdict = sequence_check(
+        verdict = check_sequence(
             signed,
             last_seq=self._accepted.get(agent) if self._shared else ep.last_seq,
             will_seq=ep.will_seq,

@@ -10,6 +10,7 @@ from .envelope import (
     PublicKeyLookup,
     Verdict,
     VerdictStatus,
+    check_sequence,
     seal,
     verify,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "agent_filter",
     "agent_topic",
     "canonical_json",
+    "check_sequence",
     "fingerprint",
     "is_valid_agent_id",
     "load_or_create_private_key",

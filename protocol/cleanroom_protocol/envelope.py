@@ -162,16 +162,37 @@ def verify(
     except ValidationError as exc:
         return Verdict(VerdictStatus.MALFORMED, _first_error(exc, f"{env.kind.value} body"), env)
 
-    is_will = (
+    return check_sequence(
+        Verdict(VerdictStatus.OK, "", env, body),
+        last_seq=last_seq,
+        will_seq=will_seq,
+        now=time.time() if now is None else now,
+        max_skew_s=max_skew_s,
+    )
+
+
+def check_sequence(
+    signed: Verdict, *, last_seq: int | None, will_seq: int | None, now: float, max_skew_s: float | None
+) -> Verdict:
+    """The checks after signature and body: Last Will recognition, staleness, replay.
+
+    :func:`verify` ends with this. A receiver that verifies signatures in parallel (before it holds the
+    state that ``last_seq`` and ``will_seq`` come from) calls :func:`verify` with ``last_seq=None,
+    max_skew_s=None, will_seq=None`` and this afterwards, under its lock. A verdict that is not ok is
+    returned as it is.
+    """
+    env, body = signed.envelope, signed.body
+    if not signed.ok or env is None:
+        return signed
+    if (
         will_seq is not None
         and env.seq == will_seq
         and isinstance(body, Status)
         and body.state is AgentState.OFFLINE
-    )
-    if is_will:
+    ):
         return Verdict(VerdictStatus.OK, "last will", env, body, is_will=True)
     if max_skew_s is not None:
-        skew = (time.time() if now is None else now) - env.ts
+        skew = now - env.ts
         if abs(skew) > max_skew_s:
             return Verdict(
                 VerdictStatus.STALE, f"ts is {skew:+.0f} s from now (window ±{max_skew_s:.0f} s)", env

@@ -266,8 +266,7 @@ def test_shared_group_replay_rule_is_per_process_and_state_only_moves_forward(tm
 
 def test_signature_first_then_sequence_equals_protocol_verify() -> None:
     """Ingest splits verify: signature before the write lock, seq/ts/will under it. Same verdicts."""
-    from cleanroom_controller.ingest import sequence_check
-    from cleanroom_protocol import verify
+    from cleanroom_protocol import check_sequence, verify
 
     a1 = Sender("a1")
     now = time.time()
@@ -297,5 +296,5 @@ def test_signature_first_then_sequence_equals_protocol_verify() -> None:
                     max_skew_s=None,
                     expected_sender="a1",
                 )
-                split = sequence_check(signed, last_seq=last_seq, will_seq=will_seq, now=now, max_skew_s=300)
+                split = check_sequence(signed, last_seq=last_seq, will_seq=will_seq, now=now, max_skew_s=300)
                 assert (split.status, split.is_will, split.detail) == (full.status, full.is_will, full.detail)
