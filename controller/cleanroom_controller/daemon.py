@@ -223,7 +223,7 @@ class Controller:
                     tg.create_task(self._silence_ticker(), name="silence_ticker")
                     tg.create_task(self._watch_policy(), name="policy_watcher")
                     tg.create_task(self._resume_commands(), name="command_retries")
-                    tg.create_task(self._stop_on(stop), name="stop")
+                    tg.create_task(self._stop_on(stop, self.link), name="stop")
             except* Stop:
                 pass
         finally:
@@ -238,6 +238,7 @@ class Controller:
             log.info("controller_stopped")
 
     @staticmethod
-    async def _stop_on(stop: asyncio.Event) -> None:
+    async def _stop_on(stop: asyncio.Event, link: BrokerLink) -> None:
         await stop.wait()
+        link.request_stop()
         raise Stop

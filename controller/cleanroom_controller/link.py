@@ -41,6 +41,7 @@ class BrokerLink:
         self._keepalive = keepalive
         self._persistent = persistent
         self._subscriptions = subscriptions
+        self._stopping = False
         self._on_message = on_message
         self._on_connect = on_connect
         self._client: aiomqtt.Client | None = None
@@ -62,6 +63,10 @@ class BrokerLink:
             except aiomqtt.MqttError as exc:
                 log.warning("publish_failed", topic=topic, error=str(exc))
                 self._connected.clear()
+
+    def request_stop(self) -> None:
+        """The controller is stopping: a lost connection from now on ends :meth:`run`, no reconnect."""
+        self._stopping = True
 
     async def run(self) -> None:
         attempt = 0
@@ -92,6 +97,10 @@ class BrokerLink:
             except Exception as exc:  # MqttError, OSError, TLS errors: all mean "reconnect later"
                 self._connected.clear()
                 self._client = None
+                # A cancellation inside aiomqtt's client context can surface as MqttError; while stopping
+                # that must end the loop, not start a reconnect nobody cancels again.
+                if self._stopping:
+                    return
                 attempt += 1
                 delay = backoff(attempt)
                 log.warning("broker_disconnected", error=str(exc), retry_in=round(delay, 2), attempt=attempt)
