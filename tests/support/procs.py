@@ -27,7 +27,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -652,45 +652,56 @@ class Cleanroom:
         """Wait until `agents list --json` shows ``agent_id`` with every ``expected`` field value."""
         assert self.controller is not None
         ctl = self.controller
-
-        def matches() -> dict[str, Any] | None:
-            ctl.assert_alive()
-            if not ctl.db_gate("endpoints", "agent", agent_id, expected):
-                return None
-            row = ctl.agent(agent_id)
-            if row is not None and all(row.get(k) == v for k, v in expected.items()):
-                return row
-            return None
-
-        found: dict[str, Any] | None
-        try:
-            found = wait_for(matches, timeout=timeout, what=what, interval=0.1)
-        except AssertionError as exc:
-            raise AssertionError(
-                f"{exc}\n`agents list` row for {agent_id} now: {ctl.agent(agent_id)}"
-            ) from None
-        assert found is not None
-        return found
+        return self._wait_row(
+            ("endpoints", "agent", agent_id),
+            lambda: ctl.agent(agent_id),
+            lambda: f"`agents list` row for {agent_id} now: {ctl.agent(agent_id)}",
+            timeout=timeout,
+            what=what,
+            expected=expected,
+        )
 
     def wait_session(self, session_id: str, *, timeout: float, what: str, **expected: Any) -> dict[str, Any]:
+        """Wait until `sessions list --json` shows ``session_id`` with every ``expected`` field value."""
         assert self.controller is not None
         ctl = self.controller
+        return self._wait_row(
+            ("sessions", "id", session_id),
+            lambda: next((s for s in ctl.sessions() if s.get("id") == session_id), None),
+            lambda: f"`sessions list` now: {ctl.sessions()}",
+            timeout=timeout,
+            what=what,
+            expected=expected,
+        )
+
+    def _wait_row(
+        self,
+        gate: tuple[str, str, str],
+        fetch: Callable[[], dict[str, Any] | None],
+        describe: Callable[[], str],
+        *,
+        timeout: float,
+        what: str,
+        expected: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Poll the cheap read-only DB gate, then confirm through the real CLI row from ``fetch``."""
+        assert self.controller is not None
+        ctl = self.controller
+        table, column, key = gate
 
         def matches() -> dict[str, Any] | None:
             ctl.assert_alive()
-            if not ctl.db_gate("sessions", "id", session_id, expected):
+            if not ctl.db_gate(table, column, key, expected):
                 return None
-            rows = ctl.sessions()
-            row = next((s for s in rows if s.get("id") == session_id), None)
+            row = fetch()
             if row is not None and all(row.get(k) == v for k, v in expected.items()):
                 return row
             return None
 
-        found: dict[str, Any] | None
         try:
             found = wait_for(matches, timeout=timeout, what=what, interval=0.1)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n`sessions list` now: {ctl.sessions()}") from None
+            raise AssertionError(f"{exc}\n{describe()}") from None
         assert found is not None
         return found
 
