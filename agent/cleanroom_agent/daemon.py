@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ from cleanroom_protocol import (
 from . import __version__
 from .decisions import (
     NO_POLICY,
+    LaunchDecision,
     PolicyChoice,
     PolicyInForce,
     PolicySource,
@@ -55,9 +57,17 @@ from .decisions import (
 )
 from .enforcers import Enforcer, build_configured_enforcers, client_clipboard_off
 from .link import Link, LinkCallbacks
-from .localsock import LocalSocketServer, Peer
+from .localsock import PENDING_EXEC_S, LocalSocketServer, Peer, may_read_posture, resolve_group
 from .outbox import Outbox
 from .posture import HostFacts, HostProbe, LinuxHostProbe, assemble_posture, find_denied, fingerprint
+from .procevents import (
+    ObserveCoalescer,
+    ProcConnectorEvents,
+    ProcessEventsOff,
+    ProcessEventSource,
+    ProcessEventsUnavailable,
+    interest_for,
+)
 from .sessions import (
     EndResult,
     ProcessSnapshot,
@@ -65,6 +75,7 @@ from .sessions import (
     PsutilProcessTable,
     PsutilTreeEnder,
     TreeEnder,
+    client_name,
     diff_sessions,
     find_sessions,
     session_id,
@@ -76,7 +87,11 @@ log = structlog.get_logger("cleanroom_agent.daemon")
 
 POLICY_DOCUMENT = "policy_document"
 SHUTDOWN_DRAIN_S = 3.0
+# While process events are live the poll re-reads only host facts; the process table is re-read on events
+# and at least this often (a safety net for what events do not show: comm renames, forks in a tree).
+PROCESS_RESCAN_S = 10.0
 MAX_REMEMBERED_IDS = 10_000
+MAX_PENDING_LAUNCHES = 1024
 
 
 class _Shutdown(Exception):
@@ -163,6 +178,7 @@ class Agent:
         processes: ProcessTable | None = None,
         ender: TreeEnder | None = None,
         enforcers: Sequence[Enforcer] | None = None,
+        process_events: ProcessEventSource | None = None,
     ) -> None:
         self.settings = settings
         self.mode = settings.mode
@@ -197,7 +213,13 @@ class Agent:
                 on_connected=self._on_connected,
             ),
         )
+        try:
+            self._admin_gid = resolve_group(settings.admin_group) if settings.admin_group else None
+        except ValueError as exc:
+            raise StartupError(f"agent settings: {exc}") from exc
         self.server = LocalSocketServer(settings.socket, self.handle_local)
+        # Launches answered but not yet seen running their client: session id -> the check that drops it.
+        self._pending_launches: dict[str, asyncio.TimerHandle] = {}
         self.latest: Observation | None = None
         self._sessions: dict[str, SessionInfo] = {}
         self._launched: set[str] = set()
@@ -211,6 +233,13 @@ class Agent:
         self._observe_lock = asyncio.Lock()
         self._fail_closed_backoff = 0.0
         self._posture_due = asyncio.Event()
+        self.process_events: ProcessEventSource = process_events or (
+            ProcConnectorEvents() if settings.process_events else ProcessEventsOff()
+        )
+        self._events_live = False  # the source runs: process-table changes arrive as events
+        self._coalescer = ObserveCoalescer()
+        self._last_process_scan = float("-inf")
+        self._posture_holds = 0
         self._stop = asyncio.Event()
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -233,6 +262,7 @@ class Agent:
                 tg.create_task(self._enforcers_task(), name="enforcers")
                 tg.create_task(self.link.run(), name="link")
                 tg.create_task(self._posture_loop(), name="posture")
+                tg.create_task(self._process_events_task(), name="procevents")
                 tg.create_task(self._heartbeat_loop(), name="heartbeat")
                 tg.create_task(self._failclosed_loop(), name="failclosed")
                 tg.create_task(self.server.serve(), name="localsock")
@@ -255,12 +285,14 @@ class Agent:
         raise _Shutdown
 
     async def _enforcers_task(self) -> None:
-        policy = self.in_force.effective
-        for enforcer in self.enforcers:
-            try:
-                await enforcer.start(policy, self.mode)
-            except Exception:
-                log.exception("enforcer_start_failed", enforcer=getattr(enforcer, "name", "?"))
+        with self._posture_held():
+            for enforcer in self.enforcers:
+                try:
+                    # The policy in force now, not when this task began: a signed policy may have arrived
+                    # meanwhile, and an apply() before start() is a no-op, so this start must carry it.
+                    await enforcer.start(self.in_force.effective, self.mode)
+                except Exception:
+                    log.exception("enforcer_start_failed", enforcer=getattr(enforcer, "name", "?"))
         try:
             await asyncio.Event().wait()
         finally:
@@ -295,13 +327,84 @@ class Agent:
             self._send_posture(self._rebuild_posture(self.latest), force=True)
 
     # --- observing ---------------------------------------------------------------------------------
-    async def observe(self) -> Observation:
-        """Probe the host and process table now, report what started and ended, remember the result."""
+    async def observe(self, *, processes: bool = True) -> Observation:
+        """Probe the host and process table now, report what started and ended, remember the result.
+
+        ``processes=False`` reuses the last process table (the poll, while process events say when the
+        table changes); every other caller wants it read now."""
         async with self._observe_lock:
+            started = time.monotonic()
+            if not processes and self.latest is not None:
+                return self._digest(self.latest.processes, await asyncio.to_thread(self.probe.host_facts))
             procs, facts = await asyncio.gather(
                 asyncio.to_thread(self.processes.snapshot), asyncio.to_thread(self.probe.host_facts)
             )
-            return self._digest(procs, facts)
+            obs = self._digest(procs, facts)
+            self._last_process_scan = started
+            # This table covers the process events before `started`; later ones still owe an observe.
+            self._arm_observe(self._coalescer.observed(started, time.monotonic()))
+            policy = self.in_force.effective
+            self.process_events.set_interest(
+                interest_for(policy.processes.deny, policy.sessions.clients, obs.sessions, obs.denied)
+            )
+            return obs
+
+    # --- process events ----------------------------------------------------------------------------
+    async def _process_events_task(self) -> None:
+        """Run the process-event source; without it the poll re-reads the process table every time."""
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # in the source's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(self._on_process_event)
+
+        policy = self.in_force.effective
+        self.process_events.set_interest(
+            interest_for(policy.processes.deny, policy.sessions.clients, self._sessions.values(), [])
+        )
+        try:
+            self.process_events.start(wake)
+        except ProcessEventsUnavailable as exc:
+            log.warning("process_events_off", reason=str(exc), poll_s=self.settings.poll_interval)
+            self._event("agent.process_events_off", Severity.WARNING, reason=str(exc)[:500])
+            return
+        self._events_live = True
+        log.info("process_events_on")
+        self._posture_due.set()  # a process started before the source did is seen by this full observe
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._events_live = False
+            self.process_events.stop()
+
+    def _on_process_event(self) -> None:
+        """The source woke us (in the loop): owe an observe, coalesced; or, if it failed, back to the poll."""
+        self.process_events.rearm()
+        failure = self.process_events.failure
+        if failure is not None:
+            if self._events_live:
+                self._events_live = False
+                log.error("process_events_off", reason=failure, poll_s=self.settings.poll_interval)
+                self._event("agent.process_events_off", Severity.WARNING, reason=failure)
+            self._posture_due.set()
+            return
+        self._arm_observe(self._coalescer.event(time.monotonic()))
+
+    def _arm_observe(self, delay: float | None) -> None:
+        if delay is not None:
+            asyncio.get_running_loop().call_later(delay, self._process_observe_due)
+
+    def _process_observe_due(self) -> None:
+        if self._coalescer.fired():  # still owed: no other observe covered the events meanwhile
+            self._posture_due.set()
+
+    def _process_scan_due(self, woken: bool) -> bool:
+        """Read the process table in this posture round? Always when asked (an event, a policy, an end)
+        or without live events; on a plain poll tick only once the safety-net interval has passed."""
+        if woken or not self._events_live:
+            return True
+        rescan = max(PROCESS_RESCAN_S, self.settings.poll_interval)
+        return time.monotonic() - self._last_process_scan >= rescan
 
     def _digest(self, procs: list[ProcessSnapshot], facts: HostFacts) -> Observation:
         policy = self.in_force.effective
@@ -350,36 +453,60 @@ class Agent:
         obs.posture = self._posture(obs.facts, obs.denied, list(self._sessions.values()))
         return obs.posture
 
-    def _send_posture(self, posture: Posture, *, force: bool = False) -> None:
+    @contextlib.contextmanager
+    def _posture_held(self) -> Iterator[None]:
+        """No posture leaves while enforcers start or apply a policy: it would report rules half in force,
+        and the controller would act on that transient. On release the settled posture is sent at once;
+        a failed start or apply shows in it (degraded, no policy hash), so holding hides nothing."""
+        self._posture_holds += 1
+        try:
+            yield
+        finally:
+            self._posture_holds -= 1
+            if not self._posture_holds and self.latest is not None:
+                self._send_posture(self._rebuild_posture(self.latest), force=True)
+            self._posture_due.set()
+
+    def _send_posture(self, posture: Posture, *, force: bool = False) -> bool:
+        """Queue ``posture`` (unless unchanged and not forced, or held); True when it was queued."""
+        if self._posture_holds:
+            return False
         fp = fingerprint(posture)
         if not force and fp == self._last_fingerprint:
-            return
+            return False
         try:
             self.outbox.posture(posture)
         except ValueError as exc:  # over the message size limit
             log.error("posture_not_sent", error=str(exc))
-            return
+            return False
         self._last_fingerprint = fp
         self._last_posture_sent = time.monotonic()
+        return True
 
     async def _posture_loop(self) -> None:
+        woken = True
         while True:
+            # Cleared before observing: a request made while this observe runs gets an observe of its own.
+            self._posture_due.clear()
             try:
-                obs = await self.observe()
+                obs = await self.observe(processes=self._process_scan_due(woken))
                 self._send_posture(obs.posture)
             except Exception:
                 log.exception("posture_probe_failed")
-            self._posture_due.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._posture_due.wait(), self.settings.poll_interval)
+                woken = True
+            except TimeoutError:
+                woken = False
 
     async def _heartbeat_loop(self) -> None:
         while True:
             heartbeat = self.in_force.effective.report.heartbeat_s
             due = self._last_posture_sent + heartbeat - time.monotonic()
             if due <= 0 and self.latest is not None:
-                self._send_posture(self._rebuild_posture(self.latest), force=True)
-                continue
+                if self._send_posture(self._rebuild_posture(self.latest), force=True):
+                    continue
+                due = 0.1  # held or not sendable: try again shortly, never spin
             await asyncio.sleep(max(0.1, min(due, 1.0)))
 
     async def _failclosed_loop(self) -> None:
@@ -501,15 +628,15 @@ class Agent:
                 else "older",
             )
             return
-        self.in_force = PolicyInForce(policy, PolicySource.SIGNED)
-        self.spool.set_state(POLICY_DOCUMENT, raw.decode("utf-8"))
-        self._event("policy.applied", id=policy.id, version=policy.version)
-        for enforcer in self.enforcers:
-            try:
-                await enforcer.apply(policy, self.mode)
-            except Exception:
-                log.exception("enforcer_apply_failed", enforcer=getattr(enforcer, "name", "?"))
-        self._posture_due.set()
+        with self._posture_held():
+            self.in_force = PolicyInForce(policy, PolicySource.SIGNED)
+            self.spool.set_state(POLICY_DOCUMENT, raw.decode("utf-8"))
+            self._event("policy.applied", id=policy.id, version=policy.version)
+            for enforcer in self.enforcers:
+                try:
+                    await enforcer.apply(policy, self.mode)
+                except Exception:
+                    log.exception("enforcer_apply_failed", enforcer=getattr(enforcer, "name", "?"))
 
     # --- local socket ------------------------------------------------------------------------------
     def _client_args(self, client: str) -> list[str]:
@@ -526,59 +653,100 @@ class Agent:
 
     async def handle_local(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         op = request["op"]
-        if op == "launch_check":
+        if op in ("launch", "launch_check"):
             client = request.get("client")
             if not isinstance(client, str) or not client or len(client) > 255 or "/" in client:
                 return {"ok": False, "error": "client must be an executable name"}
-            obs = await self.observe()
-            decision = launch_decision(
-                posture=obs.posture,
-                in_force=self.in_force,
-                client=client,
-                offline_since=self.link.offline_since,
-                now=time.time(),
-            )
-            self._event(
-                "launch.allowed" if decision.allowed else "launch.denied",
-                Severity.INFO if decision.allowed and not decision.reasons else Severity.WARNING,
-                blocked=not decision.allowed,
-                client=client,
-                reasons=",".join(decision.reasons)[:4000],
-                uid=peer.uid,
-                audit_only=decision.audit_only,
-            )
-            return {
-                "ok": True,
-                "allowed": decision.allowed,
-                "reasons": decision.reasons,
-                "audit_only": decision.audit_only,
-                "client_args": self._client_args(client),
-            }
+            if op == "launch_check":  # read-only: nothing registered, no event
+                decision = await self._launch_decision(client)
+                return self._launch_answer(client, decision)
+            return await self._launch(client, peer)
         if op == "register":
-            return await self._register(request.get("pid"), peer)
+            return {
+                "ok": False,
+                "error": "register is refused: a client started before it is registered never passed the "
+                'gate; use {"op": "launch"} (cleanroom-agent launch), which registers the asking process',
+            }
         if op == "posture":
+            if not may_read_posture(peer, self._admin_gid):
+                return {"ok": False, "error": "posture is for root and the agent's admin_group only"}
             obs = await self.observe()
             return {"ok": True, "posture": obs.posture.model_dump(mode="json")}
         return {"ok": False, "error": f"unknown op {op[:64]!r}"}
 
-    async def _register(self, pid: object, peer: Peer) -> dict[str, Any]:
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-            return {"ok": False, "error": "pid must be a positive integer"}
+    async def _launch_decision(self, client: str) -> LaunchDecision:
+        obs = await self.observe()
+        return launch_decision(
+            posture=obs.posture,
+            in_force=self.in_force,
+            client=client,
+            offline_since=self.link.offline_since,
+            now=time.time(),
+        )
+
+    def _launch_answer(self, client: str, decision: LaunchDecision) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "allowed": decision.allowed,
+            "reasons": decision.reasons,
+            "audit_only": decision.audit_only,
+            "client_args": self._client_args(client),
+        }
+
+    async def _launch(self, client: str, peer: Peer) -> dict[str, Any]:
+        """The gate in one step: judge, and if allowed register the asking process itself (the kernel's
+        peer pid, never a pid from the request) as the session of ``client`` before it execs the client."""
+        if peer.start_time is None:
+            return {"ok": False, "error": f"the asking process {peer.pid} cannot be identified (gone?)"}
+        if len(self._pending_launches) >= MAX_PENDING_LAUNCHES:
+            return {"ok": False, "error": "too many launches pending; try again in a few seconds"}
+        decision = await self._launch_decision(client)
+        sid = session_id(peer.pid, peer.start_time) if decision.allowed else None
+        self._event(
+            "launch.allowed" if decision.allowed else "launch.denied",
+            Severity.INFO if decision.allowed and not decision.reasons else Severity.WARNING,
+            blocked=not decision.allowed,
+            client=client,
+            reasons=",".join(decision.reasons)[:4000],
+            uid=peer.uid,
+            pid=peer.pid,
+            audit_only=decision.audit_only,
+            **({"session": sid} if sid else {}),
+        )
+        answer = self._launch_answer(client, decision)
+        if sid is not None:
+            self._launched.add(sid)
+            if len(self._launched) > MAX_REMEMBERED_IDS:
+                self._launched = {sid}
+            previous = self._pending_launches.pop(sid, None)
+            if previous is not None:
+                previous.cancel()
+            self._pending_launches[sid] = asyncio.get_running_loop().call_later(
+                PENDING_EXEC_S, self._settle_launch, sid, peer.pid, peer.start_time, client
+            )
+        answer["session"] = sid
+        return answer
+
+    def _settle_launch(self, sid: str, pid: int, start_time: float, client: str) -> None:
+        """``PENDING_EXEC_S`` after an allowed launch: the process must be running the client by now, or
+        its registration is dropped (a later exec of the client is a session that never passed the gate)."""
+        self._pending_launches.pop(sid, None)
         try:
             proc = psutil.Process(pid)
-            owner = proc.uids().real
-            created = proc.create_time()
-        except psutil.NoSuchProcess:
-            return {"ok": False, "error": f"no process {pid}"}
-        if peer.uid != 0 and owner != peer.uid:
-            return {"ok": False, "error": f"process {pid} does not belong to uid {peer.uid}"}
-        sid = session_id(pid, created)
-        self._launched.add(sid)
-        if len(self._launched) > MAX_REMEMBERED_IDS:
-            self._launched = {sid}
-        obs = await self.observe()
-        if not any(s.id == sid for s in obs.sessions):
+            with proc.oneshot():
+                exe = proc.exe()
+                snapshot = ProcessSnapshot(
+                    pid=pid,
+                    ppid=proc.ppid(),
+                    name=proc.name(),
+                    exe_name=os.path.basename(exe) if exe else None,
+                    create_time=proc.create_time(),
+                )
+            running_client = (
+                snapshot.create_time == start_time and client_name(snapshot, [client]) is not None
+            )
+        except psutil.Error:
+            running_client = False
+        if not running_client:
             self._launched.discard(sid)
-            return {"ok": False, "error": f"process {pid} is not a session client"}
-        self._posture_due.set()
-        return {"ok": True, "session": sid}
+            log.info("launch_not_executed", session=sid, client=client)

@@ -46,6 +46,10 @@ class EnforcerStatus(_Body):
     name: Name
     state: EnforcerState
     reason: Text | None = None
+    # Hash of the policy whose rules this enforcer has in force (confirmed by its backend), None while it
+    # enforces none. Compliance requires it to equal the judged policy's hash: `active` alone could be the
+    # shipped defaults still running after a new policy arrived.
+    policy: Name | None = None
 
 
 class PolicyRef(_Body):

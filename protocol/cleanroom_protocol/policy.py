@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -123,13 +124,19 @@ class Policy(BaseModel):
     usb: UsbSection = UsbSection()
     media: MediaSection = MediaSection()
 
+    @cached_property
+    def digest(self) -> str:
+        """``sha256:`` over the canonical JSON of the whole policy: what agents report and compliance
+        compares. Cached: the policy is frozen, and the controller judges every posture against it."""
+        return "sha256:" + hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
+
 
 class PolicyError(ValueError):
     """A policy file or document that must not replace the policy in force."""
 
 
 def policy_hash(policy: Policy) -> str:
-    return "sha256:" + hashlib.sha256(canonical_json(policy.model_dump(mode="json"))).hexdigest()
+    return policy.digest
 
 
 def load_policy(path: Path) -> Policy:

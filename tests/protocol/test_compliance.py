@@ -27,7 +27,7 @@ def posture(**changes: object) -> Posture:
         "policy": PolicyRef(id="p", version=3, hash=policy_hash(POLICY)), "hostname": "h", "os": "o",
         "kernel": "k", "display_server": "x11", "boot_time": 0.0, "users": [], "mounts": [],
         "denied_processes": [], "sessions": [],
-        "enforcers": [EnforcerStatus(name="clipboard", state=EnforcerState.ACTIVE)],
+        "enforcers": [EnforcerStatus(name="clipboard", state=EnforcerState.ACTIVE, policy=policy_hash(POLICY))],
     }  # fmt: skip
     base.update(changes)
     return Posture.model_validate(base)
@@ -71,4 +71,19 @@ def test_missing_policy_and_absent_enforcer() -> None:
 
 
 def test_newer_policy_on_the_agent_is_not_outdated() -> None:
-    assert violations(posture(policy=PolicyRef(id="p", version=4, hash="h")), POLICY) == []
+    newer = EnforcerStatus(name="clipboard", state=EnforcerState.ACTIVE, policy="h")
+    assert violations(posture(policy=PolicyRef(id="p", version=4, hash="h"), enforcers=[newer]), POLICY) == []
+
+
+def test_same_version_with_other_content_is_a_mismatch() -> None:
+    assert violations(posture(policy=PolicyRef(id="p", version=3, hash="sha256:other")), POLICY) == [
+        "policy_mismatch:p@3",
+        "enforcer_policy_mismatch:clipboard",
+    ]
+
+
+def test_an_active_enforcer_must_enforce_the_reported_policy() -> None:
+    """`active` with the shipped defaults (no hash, or another policy's) is not the policy judged."""
+    for enforced in (None, "sha256:defaults"):
+        stale = EnforcerStatus(name="clipboard", state=EnforcerState.ACTIVE, policy=enforced)
+        assert violations(posture(enforcers=[stale]), POLICY) == ["enforcer_policy_mismatch:clipboard"]

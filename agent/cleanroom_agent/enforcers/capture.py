@@ -131,6 +131,9 @@ class ListenerProcess:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.stats_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self.rules_sent: ExecRules | None = None  # what the listener was last given
+        self._generation = 0
+        self._applied: dict[int, asyncio.Future[None]] = {}
 
     @classmethod
     async def spawn(cls, rules: ExecRules) -> ListenerProcess:
@@ -145,8 +148,28 @@ class ListenerProcess:
             stderr=asyncio.subprocess.DEVNULL,
         )
         listener = cls(proc)
-        await listener.send({"rules": rules.to_dict()})
+        listener.rules_sent = rules
+        await listener.send({"rules": rules.to_dict()})  # the first line: read before the mark is placed
         return listener
+
+    async def replace_rules(self, rules: ExecRules) -> None:
+        """Send new rules and wait until the listener confirms they are in force (its reader task calls
+        :meth:`confirmed`). Raises TimeoutError or OSError when it does not."""
+        self._generation += 1
+        gen = self._generation
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._applied[gen] = waiter
+        try:
+            await self.send({"rules": rules.to_dict(), "gen": gen})
+            await asyncio.wait_for(asyncio.shield(waiter), _READY_TIMEOUT_S)
+            self.rules_sent = rules
+        finally:
+            self._applied.pop(gen, None)
+
+    def confirmed(self, gen: object) -> None:
+        waiter = self._applied.get(gen) if isinstance(gen, int) else None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def send(self, message: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -210,7 +233,7 @@ class CaptureEnforcer(Enforcer):
         self._hash_cache: dict[tuple[int, int, int, int], str | None] = {}
 
     # lifecycle -------------------------------------------------------------------------------------
-    async def start(self, policy: Policy, mode: Mode) -> None:
+    async def _start(self, policy: Policy, mode: Mode) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._policy, self._mode = policy, mode
@@ -220,13 +243,21 @@ class CaptureEnforcer(Enforcer):
         self._start_dirs(policy)
         self._refresh_status()
 
-    async def apply(self, policy: Policy, mode: Mode) -> None:
+    async def _apply(self, policy: Policy, mode: Mode) -> None:
         old_policy, old_mode = self._policy, self._mode
         self._policy, self._mode = policy, mode
         self._rules = await self._build_rules(policy, mode)
         if self._listener is not None:
-            with contextlib.suppress(OSError, ConnectionError):
-                await self._listener.send({"rules": self._rules.to_dict()})
+            try:
+                await self._listener.replace_rules(self._rules)
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                # Not confirmed: the listener may still hold the old rules. Say so (degraded) and let the
+                # base report no policy as enforced; a dead listener is restarted with the new rules.
+                self._exec_problem = (
+                    f"exec listener did not confirm the new rules: {exc or type(exc).__name__}"
+                )
+                self._refresh_status()
+                raise
         if old_policy is None or (old_policy.capture.grab_print_key, old_mode) != (
             policy.capture.grab_print_key,
             mode,
@@ -238,7 +269,7 @@ class CaptureEnforcer(Enforcer):
             self._start_dirs(policy)
         self._refresh_status()
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         self._stopping = True
         if self._reader is not None:
             self._reader.cancel()
@@ -309,6 +340,8 @@ class CaptureEnforcer(Enforcer):
                 break
             if "event" in message:
                 self._report_exec(message["event"])
+            elif "applied" in message:
+                listener.confirmed(message["applied"])
             elif "stats" in message:
                 for waiter in listener.stats_waiters:
                     if not waiter.done():
@@ -325,13 +358,18 @@ class CaptureEnforcer(Enforcer):
         while not self._stopping:
             attempt += 1
             await asyncio.sleep(min(30.0, 0.2 * 1.5 ** min(10, attempt)))
-            problem = await self._start_listener()
-            if problem is None:
-                self._exec_problem = None
+            # Under the lifecycle lock: an apply meanwhile would otherwise find no listener to send to,
+            # and the restarted one would run the rules of before.
+            async with self._lifecycle:
+                if self._stopping:
+                    return
+                problem = await self._start_listener()
+                if problem is None:
+                    self._exec_problem = None
+                    self._refresh_status()
+                    return
+                self._exec_problem = f"exec listener restart failed: {problem}"
                 self._refresh_status()
-                return
-            self._exec_problem = f"exec listener restart failed: {problem}"
-            self._refresh_status()
 
     def _report_exec(self, data: dict[str, Any]) -> None:
         kind = "exec.denied" if data.get("kind") == "exec.denied" else "exec.detected"

@@ -49,7 +49,7 @@ class ClipboardEnforcer(Enforcer):
         self._mode = Mode.ENFORCE
         self._budget = EventBudget()
 
-    async def start(self, policy: Policy, mode: Mode) -> None:
+    async def _start(self, policy: Policy, mode: Mode) -> None:
         self._loop = asyncio.get_running_loop()
         self._policy, self._mode = policy, mode
         problem = display_problem(dict(self._env), self._display)
@@ -69,11 +69,11 @@ class ClipboardEnforcer(Enforcer):
         else:
             self._set_status(EnforcerState.ACTIVE)
 
-    async def apply(self, policy: Policy, mode: Mode) -> None:
+    async def _apply(self, policy: Policy, mode: Mode) -> None:
         # Read by the guard thread; a reference swap of immutable objects is atomic.
         self._policy, self._mode = policy, mode
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         guard, self._guard = self._guard, None
         if guard is not None:
             await asyncio.to_thread(guard.stop)

@@ -202,7 +202,8 @@ class Listener:
                 if "rules" in message:
                     self.rules = ExecRules.from_dict(message["rules"])
                     self.fan.watch_opens(self.rules.open_marks)
-                    self.send({"applied": True})
+                    # The agent reports the policy as enforced only once this arrives.
+                    self.send({"applied": message.get("gen", True)})
                 if message.get("stats"):
                     self.send(
                         {

@@ -124,7 +124,7 @@ class MediaEnforcer(Enforcer):
         self._rescan = threading.Event()
         self._lock = threading.Lock()
 
-    async def start(self, policy: Policy, mode: Mode) -> None:
+    async def _start(self, policy: Policy, mode: Mode) -> None:
         self._loop = asyncio.get_running_loop()
         self._policy, self._mode = policy, mode
         self._stopping = False
@@ -141,7 +141,7 @@ class MediaEnforcer(Enforcer):
         self._start_observer(policy)
         self._set_status(EnforcerState.ACTIVE)
 
-    async def apply(self, policy: Policy, mode: Mode) -> None:
+    async def _apply(self, policy: Policy, mode: Mode) -> None:
         old = self._policy
         self._policy, self._mode = policy, mode
         if (
@@ -154,7 +154,7 @@ class MediaEnforcer(Enforcer):
             mounts = await asyncio.to_thread(self._table.read)
             await asyncio.to_thread(self._judge, mounts, {}, "policy")
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         self._stopping = True
         self._stop_observer()
         if self._thread is not None:

@@ -60,7 +60,7 @@ class UsbEnforcer(Enforcer):
         self.rejected_uevents = 0
 
     # lifecycle -------------------------------------------------------------------------------------
-    async def start(self, policy: Policy, mode: Mode) -> None:
+    async def _start(self, policy: Policy, mode: Mode) -> None:
         self._loop = asyncio.get_running_loop()
         self._configure(policy, mode)
         if not self._sysfs.available():
@@ -79,7 +79,7 @@ class UsbEnforcer(Enforcer):
             problems.append(f"no uevent socket ({exc.strerror or exc}): new devices are not judged")
         self._update_status(problems)
 
-    async def apply(self, policy: Policy, mode: Mode) -> None:
+    async def _apply(self, policy: Policy, mode: Mode) -> None:
         self._configure(policy, mode)
         if self._status.state is EnforcerState.UNSUPPORTED:
             return
@@ -89,7 +89,7 @@ class UsbEnforcer(Enforcer):
             problems.append("no uevent socket: new devices are not judged")
         self._update_status(problems)
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         if self._sock is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self._sock.fileno())
