@@ -1,10 +1,16 @@
-"""Ed25519 key files: private keys are created 0600 and never overwritten; public keys are PEM."""
+"""Ed25519 key files: private keys are created 0600 whole (temp file, fsync, link) and never overwritten,
+read without following symlinks and only when owned by this user and not group/world-readable; public
+keys are PEM."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import os
+import secrets
+import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -15,38 +21,93 @@ class KeyFileError(Exception):
     """A key file is missing, unreadable, of the wrong type or too open."""
 
 
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
 def load_or_create_private_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
     """Load the key at ``path``, creating it (mode 0600, parent 0700) on first use.
 
-    Returns the key and whether it was created now.
+    Returns the key and whether it was created now. A new key is written whole to a temporary file beside
+    ``path``, fsynced, then linked into place: a crash leaves either no key or a complete one (never an
+    empty file that would stop every later start), and of two processes starting at once exactly one key
+    wins (``link`` fails when the name exists, where ``rename`` would replace it).
     """
-    if path.exists():
-        return load_private_key(path), False
+    try:
+        return _load_existing_private_key(path), False
+    except FileNotFoundError:
+        pass
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # O_EXCL: two processes starting at once must not both write a key; 0600 from the first byte.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return load_private_key(path), False
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-        f.flush()
-        os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return _load_existing_private_key(path), False  # another process created it first: use theirs
+        _fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return key, True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_private_file(path: Path, what: str = "private key") -> bytes:
+    """The bytes of a secret file, opened without following a symlink and checked on the opened file
+    (no stat-then-open race): a regular file, owned by this process's user, mode 0600 or stricter.
+    Raises FileNotFoundError when it does not exist, KeyFileError naming the file otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KeyFileError(f"{path}: {what} is a symbolic link; refusing to follow it") from exc
+        raise KeyFileError(f"{path}: cannot read {what}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path}: {what} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise KeyFileError(
+                f"{path}: {what} is owned by uid {st.st_uid}, not by this process (uid {os.geteuid()})"
+            )
+        mode = st.st_mode & 0o777
+        if mode & 0o077:
+            raise KeyFileError(f"{path}: {what} is mode {mode:04o}; it must be 0600 (chmod 600 {path})")
+        data = f.read(MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path}: {what} is larger than {MAX_KEY_FILE_BYTES} bytes")
+    if not data:
+        raise KeyFileError(f"{path}: {what} is empty; remove it to create a new one")
+    return data
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     try:
-        mode = path.stat().st_mode & 0o777
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read private key: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise KeyFileError(f"{path}: private key is mode {mode:04o}; it must be 0600 (chmod 600 {path})")
+        return _load_existing_private_key(path)
+    except FileNotFoundError as exc:
+        raise KeyFileError(f"{path}: cannot read private key: no such file") from exc
+
+
+def _load_existing_private_key(path: Path) -> Ed25519PrivateKey:
+    """Raises FileNotFoundError when there is no key, KeyFileError for any other problem."""
+    data = read_private_file(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except ValueError as exc:
