@@ -82,6 +82,8 @@ class AgentSettings(BaseSettings):
     ]
     sysfs_root: Path = Path("/sys")
     exec_backend: Literal["fanotify", "procconn"] = "fanotify"
+    # Re-observe on exec/exit events from the proc connector (procevents.py); off: only the poll does.
+    process_events: bool = True
 
     @field_validator("broker")
     @classmethod
