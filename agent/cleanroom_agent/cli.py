@@ -6,8 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -217,12 +215,15 @@ def launch(
         Path | None, typer.Option(help=f"agent socket (default $CLEANROOM_SOCKET or {DEFAULT_SOCKET})")
     ] = None,
 ) -> None:
-    """Start a VDI client only if the agent says this endpoint is compliant now; exit with its exit code."""
+    """Start a VDI client only if the agent says this endpoint is compliant now; exit with its exit code.
+
+    One step: the agent judges and registers this very process as the session, then this process execs
+    the client (same pid), so the agent tracks the session before the client runs."""
     path = socket or Path(os.environ.get("CLEANROOM_SOCKET") or DEFAULT_SOCKET)
-    client = LocalSocketClient(path)
     name = os.path.basename(command[0])
     try:
-        answer = client.request({"op": "launch_check", "client": name})
+        # The agent gets the client's name only: argv may carry secrets (FreeRDP's /p:password).
+        answer = LocalSocketClient(path).request({"op": "launch", "client": name})
     except AgentUnreachable as exc:
         fail(f"{exc}; is cleanroom-agent running?", EXIT_UNAVAILABLE)
     if not answer.get("ok"):
@@ -238,30 +239,16 @@ def launch(
     extra = [str(a) for a in answer.get("client_args", []) if isinstance(a, str)]
     if extra:  # e.g. FreeRDP's -clipboard: the client's own redirection off, under the agent's X11 guard
         command = [command[0], *extra, *command[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
     try:
-        child = subprocess.Popen(command)
+        # The client's exit code is this process's from here on.
+        os.execvp(command[0], command)  # noqa: S606 - the user's own command, as they typed it
     except OSError as exc:
         fail(
             f"cannot start {command[0]}: {exc.strerror or exc}",
             127 if isinstance(exc, FileNotFoundError) else 126,
         )
-    try:
-        registered = client.request({"op": "register", "pid": child.pid})
-    except AgentUnreachable as exc:
-        registered = {"ok": False, "error": str(exc)}
-    if not registered.get("ok"):
-        # Not tracked means not controllable: fail closed.
-        child.terminate()
-        child.wait()
-        fail(f"could not register the session: {registered.get('error')}", EXIT_SOFTWARE)
-
-    def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    code = child.wait()
-    raise typer.Exit(128 - code if code < 0 else code)
 
 
 def main() -> None:

@@ -69,6 +69,8 @@ class AgentSettings(BaseSettings):
     controller_id: str = "controller"
     policy: Path | None = None
     socket: Path = DEFAULT_SOCKET
+    # Group (name or gid) whose members may read the posture over the local socket; none: root only.
+    admin_group: str | None = Field(default=None, min_length=1, max_length=64)
     keepalive: int = Field(default=10, ge=1, le=600)
     poll_interval: float = Field(default=1.0, gt=0, le=60)
     log_level: str = "info"
