@@ -60,7 +60,7 @@ class Tracker:
     ) -> Decision | None:
         before = self._store.endpoint(agent) if before is None else before
         if _older(before, seq):
-            return self._conclude(before, decide.after_liveness(before, now=now, seq=seq), now=now)
+            return self._conclude(before, decide.after_liveness(before, now=now, seq=seq), now=now, cause=seq)
         policy = self._policy()
         verdict = judge(posture, policy)
         ref = f"{posture.policy.id}@{posture.policy.version}" if posture.policy else None
@@ -77,7 +77,7 @@ class Tracker:
             sessions = list(by_id.values())
         if posture_json is None:
             posture_json = json.dumps(posture.model_dump(mode="json"), separators=(",", ":"))
-        return self._conclude(before, after, posture=posture_json, now=now, sessions=sessions)
+        return self._conclude(before, after, posture=posture_json, now=now, sessions=sessions, cause=seq)
 
     def on_status(
         self,
@@ -91,9 +91,9 @@ class Tracker:
     ) -> Decision | None:
         before = self._store.endpoint(agent) if before is None else before
         if not is_will and _older(before, seq):
-            return self._conclude(before, decide.after_liveness(before, now=now, seq=seq), now=now)
+            return self._conclude(before, decide.after_liveness(before, now=now, seq=seq), now=now, cause=seq)
         after = decide.after_status(before, status, now=now, seq=seq, is_will=is_will)
-        return self._conclude(before, after, now=now)
+        return self._conclude(before, after, now=now, cause=seq)
 
     def on_event(
         self, agent: str, event: Event, *, seq: int, now: float, before: EndpointState | None = None
@@ -120,7 +120,7 @@ class Tracker:
                 event.kind == "session.ended" and known is not None and known.state is not SessionState.ENDED
             ):
                 self._save_session_change(decide.ended(known, str(event.details.get("reason") or "ended")))
-        return self._conclude(before, after, now=now)
+        return self._conclude(before, after, now=now, cause=seq)
 
     def on_ack(
         self, agent: str, ack: Ack, *, seq: int, now: float, before: EndpointState | None = None
@@ -157,7 +157,7 @@ class Tracker:
                     self._save_session_change(
                         replace(decide.after_ack(session, ack.result.value), command_id=command.id)
                     )
-        return self._conclude(before, after, now=now)
+        return self._conclude(before, after, now=now, cause=seq)
 
     def tick(self, now: float) -> list[Decision]:
         """Silence check: every endpoint with nothing accepted for 3 × heartbeat becomes silent. One
@@ -197,7 +197,10 @@ class Tracker:
         now: float,
         posture: str | None = None,
         sessions: list[SessionRecord] | None = None,
+        cause: int | None = None,
     ) -> Decision | None:
+        """``cause``: the seq of the agent's message that led here (None for the silence clock), recorded
+        in the decision's audit entry so an auditor can follow a decision back to its evidence."""
         self._store.save_endpoint(after, posture=posture)
         if (
             self._recovered is not None
@@ -221,7 +224,12 @@ class Tracker:
         self._recorder.record(
             "decision",
             decision.agent,
-            {"condition": decision.condition.value, "reasons": list(decision.reasons), "actions": actions},
+            {
+                "condition": decision.condition.value,
+                "reasons": list(decision.reasons),
+                "actions": actions,
+                "cause_seq": cause,
+            },
         )
         log.info(
             "decision",

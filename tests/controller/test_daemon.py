@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
 
+from cleanroom_controller import AuditEntry
 from cleanroom_protocol import (
     POLICY_TOPIC,
     Ack,
@@ -85,14 +87,28 @@ async def test_violation_ends_the_session_and_the_audit_shows_the_order(
             what="outcome",
         )
 
-        kinds = [e.kind for e in run.store.audit_entries()]
-        report = max(
-            i
-            for i, e in enumerate(run.store.audit_entries())
-            if e.kind == "verdict" and e.data.get("seq") == 2
+        # Each entry found by its own identity over the whole trail, so every comparison below can fail.
+        entries = list(run.store.audit_entries())
+
+        def where(what: str, match: Callable[[AuditEntry], bool]) -> int:
+            found = [i for i, e in enumerate(entries) if match(e)]
+            assert len(found) == 1, (
+                f"{what}: expected one entry, found {found} in {[e.kind for e in entries]}"
+            )
+            return found[0]
+
+        report = where("report", lambda e: e.kind == "verdict" and e.data.get("seq") == 2)
+        decision = where(
+            "decision",
+            lambda e: (
+                e.kind == "decision"
+                and e.data.get("cause_seq") == 2
+                and "denied_process:scrot" in e.data.get("reasons", [])
+            ),
         )
-        order = [kinds.index("decision", report), kinds.index("command"), kinds.index("ack")]
-        assert report < order[0] < order[1] < order[2], kinds
+        sent = where("command", lambda e: e.kind == "command" and e.data.get("id") == command.id)
+        acked = where("ack", lambda e: e.kind == "ack" and e.data.get("command_id") == command.id)
+        assert report < decision < sent < acked, [e.kind for e in entries]
         assert run.store.command(command.id).result == "ended"
 
 
@@ -212,13 +228,16 @@ async def test_retries_stop_when_the_endpoint_is_compliant_again(
 async def test_link_reconnects_and_resubscribes_after_a_broker_restart(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    """The fixture broker keeps no persistence: the controller must subscribe again on every connect."""
+    """The broker comes back without its persisted sessions (as a replaced or wiped broker does): the
+    controller's subscriptions are gone with them, so only a controller that subscribes again on every
+    connect sees the posture sent after the restart."""
     a1 = Sender("a1")
     async with running_controller(mosquitto, tmp_path / "c", senders=(a1,)) as run:
         mosquitto.stop()
         await until(
             lambda: not run.controller.link.connected, timeout=10, what="link noticed the broker is gone"
         )
+        mosquitto.forget_sessions()
         mosquitto.start()
         await until(lambda: run.controller.link.connected, timeout=20, what="link reconnected")
         async with agent_client(mosquitto) as c:

@@ -40,6 +40,7 @@ def test_denied_process_ends_the_session_tree_and_audit_shows_report_decision_co
 ) -> None:
     world.write_policy(heartbeat_s=2, end_grace_s=1.0)
     ctl = world.start_controller()
+    postures = world.tap("cleanroom/v1/agents/it-agent/posture")
     session = world.spawn_client()
     assert session.child is not None, "the fake client should have a child process"
     world.add_agent("it-agent")
@@ -61,58 +62,57 @@ def test_denied_process_ends_the_session_tree_and_audit_shows_report_decision_co
     world.wait_session(session.session_id, timeout=15, what="the session recorded ended", state="ended")
 
     def chain() -> tuple[int, int, int, int] | None:
+        """The four entries, each found by its own identity anywhere in the trail (never by searching
+        after the previous one, which would make the order hold by construction): the decision naming
+        the denied process and this session; the report that decision cites (the verdict of the posture
+        with the seq in the decision's ``cause_seq``); the command for this session; its ended ack."""
         entries = audit_entries(ctl.db_path)
-        by_index = list(enumerate(entries))
+        data = [json.loads(e["data_json"]) for e in entries]
         decision = next(
             (
                 i
-                for i, e in by_index
+                for i, e in enumerate(entries)
                 if e["kind"] == "decision"
                 and e["subject"] == "it-agent"
-                and denied in json.loads(e["data_json"]).get("reasons", [])
-                and any(
-                    a.get("session") == session.session_id
-                    for a in json.loads(e["data_json"]).get("actions", [])
-                )
+                and denied in data[i].get("reasons", [])
+                and any(a.get("session") == session.session_id for a in data[i].get("actions", []))
             ),
             None,
-        )
-        if decision is None:
-            return None
-        report = max(
-            (
-                i
-                for i, e in by_index[:decision]
-                if e["kind"] == "verdict"
-                and e["subject"] == "it-agent"
-                and json.loads(e["data_json"]).get("status") == "ok"
-                and json.loads(e["data_json"]).get("kind") in ("posture", "event")
-            ),
-            default=None,
         )
         command = next(
             (
                 i
-                for i, e in by_index[decision + 1 :]
-                if e["kind"] == "command"
-                and json.loads(e["data_json"]).get("session_id") == session.session_id
+                for i, e in enumerate(entries)
+                if e["kind"] == "command" and data[i].get("session_id") == session.session_id
             ),
             None,
         )
-        if report is None or command is None:
+        if decision is None or command is None:
             return None
-        command_id = json.loads(entries[command]["data_json"])["id"]
+        cause = data[decision].get("cause_seq")
+        report = next(
+            (
+                i
+                for i, e in enumerate(entries)
+                if e["kind"] == "verdict"
+                and e["subject"] == "it-agent"
+                and data[i].get("status") == "ok"
+                and data[i].get("seq") == cause
+            ),
+            None,
+        )
+        command_id = data[command]["id"]
         ack = next(
             (
                 i
-                for i, e in by_index
+                for i, e in enumerate(entries)
                 if e["kind"] == "ack"
-                and json.loads(e["data_json"]).get("command_id") == command_id
-                and json.loads(e["data_json"]).get("result") == "ended"
+                and data[i].get("command_id") == command_id
+                and data[i].get("result") == "ended"
             ),
             None,
         )
-        if ack is None:
+        if report is None or ack is None:
             return None
         return report, decision, command, ack
 
@@ -125,6 +125,14 @@ def test_denied_process_ends_the_session_tree_and_audit_shows_report_decision_co
         raise AssertionError(f"{exc}\naudit trail:\n{_describe(audit_entries(ctl.db_path))}") from None
     assert found is not None
     report, decision, command, ack = found
+    cited = json.loads(audit_entries(ctl.db_path)[report]["data_json"])
+    assert cited["kind"] == "posture", f"the decision cites {cited}, not a posture"
+    cited_posture = next(
+        m.envelope()["body"] for m in postures.on("it-agent/posture") if m.envelope()["seq"] == cited["seq"]
+    )
+    assert world.denied_name in {p["name"] for p in cited_posture["denied_processes"]}, (
+        f"the posture the decision cites (seq {cited['seq']}) does not report the denied process"
+    )
     assert report < decision < command < ack, (
         f"audit out of order: report@{report} decision@{decision} command@{command} ack@{ack}\n"
         + _describe(audit_entries(ctl.db_path)[report : ack + 1])

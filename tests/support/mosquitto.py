@@ -70,6 +70,12 @@ class Mosquitto:
                 time.sleep(0.02)
         raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s")
 
+    def forget_sessions(self) -> None:
+        """Delete the stopped broker's persistence file: it restarts with no sessions, subscriptions or
+        queued messages (as a replaced broker would)."""
+        assert self.proc is None, "stop the broker first"
+        (self.workdir / "mosquitto.db").unlink(missing_ok=True)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
