@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cleanroom_agent.enforcers import ENFORCER_NAMES
 from cleanroom_protocol import Posture, parse_public_key
 
 
@@ -39,7 +40,8 @@ def test_check_prints_posture_as_text_and_json(tmp_path: Path) -> None:
     js = cli("check", "--json", "--data-dir", str(tmp_path), "--policy", str(policy), "--id", "ep-9")
     posture = Posture.model_validate(json.loads(js.stdout))
     assert posture.agent_id == "ep-9" and posture.policy is not None and posture.policy.version == 2
-    assert {e.name for e in posture.enforcers} >= set()  # one status per enforcer, whatever their state
+    # one status per enforcer, whatever their state
+    assert sorted(e.name for e in posture.enforcers) == sorted(ENFORCER_NAMES)
     assert not (tmp_path / "agent.db").exists()  # check changes nothing
 
 

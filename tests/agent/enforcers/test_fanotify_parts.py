@@ -20,7 +20,8 @@ def test_hash_cache_hashes_once_and_again_after_a_change(tmp_path: Path) -> None
     fd = os.open(path, os.O_RDONLY)
     try:
         assert sha256_of_fd(fd, 3) == hashlib.sha256(b"one").hexdigest()
-        assert cache.get(fd, os.fstat(fd)) == cache.get(fd, os.fstat(fd))
+        first, second = cache.get(fd, os.fstat(fd)), cache.get(fd, os.fstat(fd))
+        assert first == second == hashlib.sha256(b"one").hexdigest()
         assert (cache.hits, cache.misses) == (1, 1)
     finally:
         os.close(fd)

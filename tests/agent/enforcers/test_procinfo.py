@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
+from pathlib import Path
 
 from cleanroom_agent.enforcers.procinfo import identify
 
@@ -12,15 +12,13 @@ from cleanroom_agent.enforcers.procinfo import identify
 def test_identifies_session_membership_by_ancestor_name() -> None:
     child = subprocess.Popen(["sleep", "30"])
     try:
-        me = os.path.basename(sys.executable)
         inside = identify(child.pid, frozenset({"not-a-client"}))
         assert (inside.name, inside.in_session) == ("sleep", False)
         parent_name = identify(os.getpid(), frozenset()).name
-        assert parent_name is not None
+        assert parent_name == Path("/proc/self/comm").read_text().strip()
         via_parent = identify(child.pid, frozenset({parent_name}))
         assert via_parent.in_session
         assert via_parent.session_client == parent_name
-        assert me
     finally:
         child.kill()
         child.wait()
