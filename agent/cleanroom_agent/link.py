@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -24,10 +23,12 @@ from cleanroom_protocol import (
     MAX_MESSAGE_BYTES,
     POLICY_TOPIC,
     AgentState,
+    BrokerAddress,
     Channel,
     Command,
     Kind,
     PolicyDocument,
+    Reconnector,
     Status,
     VerdictStatus,
     agent_topic,
@@ -37,7 +38,6 @@ from cleanroom_protocol import (
 from . import __version__
 from .localsock import TokenBucket
 from .outbox import Outbox
-from .settings import BrokerAddress
 
 log = structlog.get_logger("cleanroom_agent.link")
 
@@ -45,11 +45,6 @@ CONTROLLER_LAST_SEQ = "controller_last_seq"
 POLICY_WAIT_S = 2.0
 INCOMING_RATE = 20.0  # messages/s on average from the controller side; more is dropped
 INCOMING_BURST = 100
-
-
-def backoff_delay(attempt: int) -> float:
-    """Jittered exponential backoff (the house formula)."""
-    return random.uniform(0, 1.5 ** min(10, attempt))  # noqa: S311 - jitter, not crypto
 
 
 @dataclass
@@ -90,8 +85,7 @@ class Link:
         self._bucket = TokenBucket(INCOMING_RATE, INCOMING_BURST)
         self._last_rate_report = 0.0
         self.connected = False
-        self._ever_connected_this_round = False
-        self._stopping = False
+        self._reconnector = Reconnector()
         self.offline_since: float | None = time.time()
         self.rejected = 0
         self.published = 0
@@ -104,36 +98,34 @@ class Link:
     # --- connection loop ---------------------------------------------------------------------------
     def request_stop(self) -> None:
         """The agent is stopping: a lost connection from now on ends :meth:`run` instead of reconnecting."""
-        self._stopping = True
+        self._reconnector.request_stop()
 
     async def run(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self._session()
-            except* aiomqtt.MqttError as group:
-                log.warning("broker_connection_lost", error=str(group.exceptions[0]), attempt=attempt)
-            except* Exception as group:
-                # A bug or a local fault (disk full, ...) must not end the agent: log it and reconnect.
-                log.error("link_failed", error=repr(group.exceptions[0]), attempt=attempt, exc_info=group)
-            finally:
-                if self.connected:
-                    self.connected = False
-                    self.offline_since = time.time()
-                    self._cb.on_disconnected()
-            # A cancellation inside aiomqtt's client context can surface as MqttError ("Disconnected during
-            # message iteration"); caught above, it would swallow the shutdown and reconnect forever. An
-            # explicit flag, not task.cancelling(): on 3.11 a TaskGroup whose child failed leaves its parent's
-            # cancel count raised, so cancelling() is non-zero after an ordinary disconnect.
-            if self._stopping:
-                return
-            if self._ever_connected_this_round:
-                attempt = 0
-            attempt += 1
-            await asyncio.sleep(backoff_delay(attempt))
+        await self._reconnector.run(self._session, self._lost)
+
+    def _lost(self, error: Exception | None, attempt: int, delay: float) -> None:
+        if isinstance(error, BaseExceptionGroup):  # from the session's TaskGroup
+            expected = error.split(aiomqtt.MqttError)[1] is None  # nothing but broker errors in it
+        else:
+            expected = error is None or isinstance(error, aiomqtt.MqttError)
+        if expected:
+            log.warning("broker_connection_lost", error=str(error), attempt=attempt, retry_in=round(delay, 2))
+        else:
+            # A bug or a local fault (disk full, ...) must not end the agent: log it and reconnect.
+            log.error(
+                "link_failed", error=repr(error), attempt=attempt, retry_in=round(delay, 2), exc_info=error
+            )
 
     async def _session(self) -> None:
-        self._ever_connected_this_round = False
+        try:
+            await self._connect_and_serve()
+        finally:
+            if self.connected:
+                self.connected = False
+                self.offline_since = time.time()
+                self._cb.on_disconnected()
+
+    async def _connect_and_serve(self) -> None:
         will_seq, will_payload = self._outbox.will()
         status_topic = agent_topic(self._agent_id, Channel.STATUS)
         tls = ssl.create_default_context() if self._broker.tls else None
@@ -149,11 +141,11 @@ class Link:
             timeout=10,
         )
         async with client:
-            self._ever_connected_this_round = True
+            self._reconnector.connected()
             self._policy_seen.clear()
             await client.subscribe(agent_topic(self._agent_id, Channel.COMMANDS), qos=1)
             await client.subscribe(POLICY_TOPIC, qos=1)
-            log.info("broker_connected", host=self._broker.host, port=self._broker.port, will_seq=will_seq)
+            log.info("broker_connected", broker=self._broker.url, will_seq=will_seq)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client), name="link.receive")
                 try:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import socket
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -19,7 +17,9 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from cleanroom_protocol import BrokerAddress as BrokerAddress  # re-exported: cleanroom_agent.BrokerAddress
 from cleanroom_protocol import Mode, is_valid_agent_id
+from cleanroom_protocol import parse_broker_url as parse_broker_url
 
 DEFAULT_CONFIG = Path("/etc/cleanroom/agent.toml")
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-agent")
@@ -28,30 +28,6 @@ DEFAULT_SOCKET = Path("/run/cleanroom/agent.sock")
 
 class SettingsError(Exception):
     """Settings that cannot be used; the message names the file or key."""
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://host:port`` or ``mqtts://host:port`` (ports default to 1883 / 8883)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"broker URL {url!r}: {exc}") from exc
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ValueError(f"broker URL {url!r}: no host")
-    if parts.path not in ("", "/") or parts.query or parts.username:
-        raise ValueError(f"broker URL {url!r}: only mqtt[s]://host:port is supported")
-    tls = parts.scheme == "mqtts"
-    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
 
 
 def _default_id() -> str:

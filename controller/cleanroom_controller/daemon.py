@@ -23,7 +23,7 @@ from .link import BrokerLink
 from .models import CommandState
 from .policy_keeper import PolicyKeeper
 from .recorder import Recorder
-from .settings import ControllerSettings, parse_broker_url
+from .settings import ControllerSettings
 from .signer import Signer
 from .store import Store
 from .tracker import Tracker
@@ -57,7 +57,7 @@ class Controller:
         self.policy = PolicyKeeper(
             store=self.store, recorder=self.recorder, signer=self.signer, path=settings.policy
         )
-        self.address = parse_broker_url(settings.broker)
+        self.address = settings.broker_address
         self._tg: asyncio.TaskGroup | None = None
         self._deferred: list[EndSession] = []
         self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=INBOX_SIZE)
@@ -210,7 +210,7 @@ class Controller:
         self.recorder.record(
             "controller.started",
             self.settings.id,
-            {"broker": self.settings.broker, "policy": self.policy.hash},
+            {"broker": self.address.url, "policy": self.policy.hash},
         )
         try:
             if embedded is not None:

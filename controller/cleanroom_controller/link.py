@@ -5,23 +5,18 @@ agent messages queue across reconnects), subscriptions on connect, jittered reco
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiomqtt
 import structlog
 
-from .settings import BrokerAddress
+from cleanroom_protocol import BrokerAddress, Reconnector
 
 log = structlog.get_logger("cleanroom.controller.link")
 
 MessageHandler = Callable[[str, bytes, bool], Coroutine[Any, Any, None]]
 ConnectHook = Callable[[], Coroutine[Any, Any, None]]
-
-
-def backoff(attempt: int) -> float:
-    return random.uniform(0, 1.5 ** min(10, attempt))  # noqa: S311 - jitter, not a secret
 
 
 class BrokerLink:
@@ -41,7 +36,7 @@ class BrokerLink:
         self._keepalive = keepalive
         self._persistent = persistent
         self._subscriptions = subscriptions
-        self._stopping = False
+        self._reconnector = Reconnector()
         self._on_message = on_message
         self._on_connect = on_connect
         self._client: aiomqtt.Client | None = None
@@ -66,45 +61,38 @@ class BrokerLink:
 
     def request_stop(self) -> None:
         """The controller is stopping: a lost connection from now on ends :meth:`run`, no reconnect."""
-        self._stopping = True
+        self._reconnector.request_stop()
 
     async def run(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                async with aiomqtt.Client(
-                    self._address.host,
-                    self._address.port,
-                    identifier=self._client_id,
-                    clean_session=not self._persistent,
-                    keepalive=self._keepalive,
-                    tls_params=aiomqtt.TLSParameters() if self._address.tls else None,
-                    max_concurrent_outgoing_calls=200,
-                    max_queued_incoming_messages=100_000,
-                ) as client:
-                    for flt in self._subscriptions:
-                        await client.subscribe(flt, qos=1)
-                    self._client = client
-                    self._connected.set()
-                    attempt = 0
-                    log.info("broker_connected", host=self._address.host, port=self._address.port)
-                    if self._on_connect is not None:
-                        asyncio.get_running_loop().create_task(self._on_connect(), name="on_connect")
-                    async for message in client.messages:
-                        payload = message.payload
-                        raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-                        await self._on_message(str(message.topic), bytes(raw), bool(message.retain))
-            except Exception as exc:  # MqttError, OSError, TLS errors: all mean "reconnect later"
-                self._connected.clear()
-                self._client = None
-                # A cancellation inside aiomqtt's client context can surface as MqttError; while stopping
-                # that must end the loop, not start a reconnect nobody cancels again.
-                if self._stopping:
-                    return
-                attempt += 1
-                delay = backoff(attempt)
-                log.warning("broker_disconnected", error=str(exc), retry_in=round(delay, 2), attempt=attempt)
-                await asyncio.sleep(delay)
-            finally:
-                self._connected.clear()
-                self._client = None
+        await self._reconnector.run(self._session, self._lost)
+
+    def _lost(self, error: Exception | None, attempt: int, delay: float) -> None:
+        log.warning("broker_disconnected", error=str(error), retry_in=round(delay, 2), attempt=attempt)
+
+    async def _session(self) -> None:
+        try:
+            async with aiomqtt.Client(
+                self._address.host,
+                self._address.port,
+                identifier=self._client_id,
+                clean_session=not self._persistent,
+                keepalive=self._keepalive,
+                tls_params=aiomqtt.TLSParameters() if self._address.tls else None,
+                max_concurrent_outgoing_calls=200,
+                max_queued_incoming_messages=100_000,
+            ) as client:
+                for flt in self._subscriptions:
+                    await client.subscribe(flt, qos=1)
+                self._client = client
+                self._connected.set()
+                self._reconnector.connected()
+                log.info("broker_connected", broker=self._address.url)
+                if self._on_connect is not None:
+                    asyncio.get_running_loop().create_task(self._on_connect(), name="on_connect")
+                async for message in client.messages:
+                    payload = message.payload
+                    raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+                    await self._on_message(str(message.topic), bytes(raw), bool(message.retain))
+        finally:
+            self._connected.clear()
+            self._client = None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cleanroom_protocol import (
+    BrokerAddress as BrokerAddress,
+)  # re-exported: cleanroom_controller.BrokerAddress
+from cleanroom_protocol import parse_broker_url as parse_broker_url
 
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-controller")
 
@@ -22,7 +25,7 @@ class SettingsError(Exception):
 class ControllerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLEANROOM_", extra="forbid")
 
-    broker: str = "mqtt://127.0.0.1:1883"
+    broker: str = "mqtt://127.0.0.1:1883"  # mqtt[s]://host:port; credentials in it are refused
     data_dir: Path = DEFAULT_DATA_DIR
     policy: Path | None = None
     embedded_broker: bool = False
@@ -35,6 +38,16 @@ class ControllerSettings(BaseSettings):
     max_skew_s: float = Field(default=300.0, gt=0)
     silence_check_s: float = Field(default=1.0, gt=0, le=60)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parse_broker_url(value)  # BrokerUrlError is a ValueError: reported naming the field, URL redacted
+        return value
+
+    @property
+    def broker_address(self) -> BrokerAddress:
+        return parse_broker_url(self.broker)
 
     @property
     def mqtt_client_id(self) -> str:
@@ -52,25 +65,6 @@ class ControllerSettings(BaseSettings):
         A pid-derived id (share group, no ``client_id``) uses a clean session, so that a dead process does not
         leave a session behind at the broker that keeps taking its share of the group's messages."""
         return bool(self.client_id) or not self.share_group
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://host:port`` or ``mqtts://host:port`` (ports default to 1883 / 8883)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise SettingsError(f"broker URL {url!r}: expected mqtt://host:port or mqtts://host:port")
-    try:
-        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-    except ValueError as exc:
-        raise SettingsError(f"broker URL {url!r}: {exc}") from exc
-    return BrokerAddress(parts.hostname, port, parts.scheme == "mqtts")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from .topics import (
     is_valid_agent_id,
     parse_agent_topic,
 )
+from .transport import BrokerAddress, BrokerUrlError, Reconnector, backoff_delay, parse_broker_url, redact_url
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,8 @@ __all__ = [
     "Ack",
     "AckResult",
     "AgentState",
+    "BrokerAddress",
+    "BrokerUrlError",
     "Channel",
     "Command",
     "CommandAction",
@@ -87,6 +90,7 @@ __all__ = [
     "Posture",
     "ProcessInfo",
     "PublicKeyLookup",
+    "Reconnector",
     "SessionInfo",
     "Severity",
     "Status",
@@ -94,6 +98,7 @@ __all__ = [
     "VerdictStatus",
     "agent_filter",
     "agent_topic",
+    "backoff_delay",
     "canonical_json",
     "check_sequence",
     "fingerprint",
@@ -103,11 +108,13 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "parse_agent_topic",
+    "parse_broker_url",
     "parse_policy",
     "parse_public_key",
     "policy_from_document",
     "policy_hash",
     "public_key_pem",
+    "redact_url",
     "seal",
     "verify",
     "violations",

@@ -33,5 +33,12 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
 def test_broker_url() -> None:
     assert parse_broker_url("mqtt://127.0.0.1:1884").port == 1884
     assert parse_broker_url("mqtts://h").tls
-    with pytest.raises(SettingsError):
+    with pytest.raises(ValueError, match="scheme"):
         parse_broker_url("http://h")
+
+
+def test_a_broker_url_with_credentials_is_refused_without_showing_them() -> None:
+    """The controller writes its broker URL into the append-only audit trail: a password there would stay."""
+    with pytest.raises(SettingsError, match="credentials") as caught:
+        load_settings(broker="mqtts://ctl:hunter2@broker:8883")
+    assert "hunter2" not in str(caught.value)
