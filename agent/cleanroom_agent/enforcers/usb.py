@@ -21,6 +21,7 @@ from cleanroom_protocol import EnforcerState, Event, Mode, Policy, Severity
 from .base import Enforcer, EventSink
 from .sysfs import SysfsError, UsbSysfs
 from .uevent import UeventError, open_uevent_socket, parse_uevent
+from .usbrulelex import escape
 from .usbrules import (
     Target,
     UsbDevice,
@@ -189,11 +190,14 @@ class UsbEnforcer(Enforcer):
             "mode": self._mode.value,
         }
         if device is not None:
+            # Strings as USBGuard writes them (\xHH for non-printable bytes): a rule can be copied from them.
             details.update(
                 id=device.id,
-                name=device.name[:128],
-                serial=device.serial[:128],
+                name=escape(device.name)[:256],
+                serial=escape(device.serial)[:256],
                 interfaces=" ".join(str(i) for i in device.interfaces)[:512],
+                hash=device.hash.decode("ascii", "replace"),
+                port=device.port.decode("ascii", "replace"),
             )
         if error:
             details["error"] = error[:512]

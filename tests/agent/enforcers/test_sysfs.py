@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cleanroom_agent.enforcers.sysfs import UsbSysfs, parse_descriptors
+from cleanroom_agent.enforcers.usbdescriptors import DescriptorError
 from cleanroom_agent.enforcers.usbrules import Interface
 from tests.support.usbtree import KEYBOARD, STORAGE, FakeUsb, descriptors
 
 
 def test_parse_descriptors_lists_interfaces() -> None:
     assert parse_descriptors(descriptors([KEYBOARD, STORAGE])) == (Interface(3, 1, 1), Interface(8, 6, 0x50))
-    assert parse_descriptors(b"\x00\x01") == ()
-    assert parse_descriptors(descriptors([KEYBOARD])[:-3]) == ()  # truncated interface descriptor
+    # Malformed descriptors are refused whole, as USBGuard refuses the device.
+    with pytest.raises(DescriptorError, match="bLength 0"):
+        parse_descriptors(b"\x00\x01")
+    with pytest.raises(DescriptorError, match="runs past the end"):
+        parse_descriptors(descriptors([KEYBOARD])[:-3])  # truncated endpoint descriptor
 
 
-def test_reads_devices_from_descriptors_and_interface_dirs(tmp_path: Path) -> None:
+def test_reads_devices_from_descriptors_configured_or_not(tmp_path: Path) -> None:
     usb = FakeUsb(tmp_path)
     usb.add_hub(1)
     usb.add_device(
@@ -27,9 +33,9 @@ def test_reads_devices_from_descriptors_and_interface_dirs(tmp_path: Path) -> No
     assert sysfs.root_hubs() == ["usb1"]
     assert sysfs.devices() == ["1-1", "1-2"]
     kbd = sysfs.read_device("1-1")
-    assert (kbd.id, kbd.name, kbd.interfaces) == ("046d:c31c", "USB Keyboard", (Interface(3, 1, 1),))
+    assert (kbd.id, kbd.name, kbd.interfaces) == ("046d:c31c", b"USB Keyboard", (Interface(3, 1, 1),))
     stick = sysfs.read_device("1-2")
-    assert (stick.serial, stick.interfaces) == ("ABC", (Interface(8, 6, 0x50),))
+    assert (stick.serial, stick.interfaces) == (b"ABC", (Interface(8, 6, 0x50),))
     sysfs.set_authorized_default("usb1", 0)
     sysfs.set_authorized("1-2", 1)
     sysfs.remove("1-2")
