@@ -1,4 +1,4 @@
-"""``cleanroom-agent``: run, identity, check, launch."""
+"""``cleanroom-agent``: run, identity, check, launch, usb devices."""
 
 from __future__ import annotations
 
@@ -249,6 +249,52 @@ def launch(
             f"cannot start {command[0]}: {exc.strerror or exc}",
             127 if isinstance(exc, FileNotFoundError) else 126,
         )
+
+
+usb_app = typer.Typer(no_args_is_help=True, help="USB devices as the agent's USB rules see them")
+app.add_typer(usb_app, name="usb")
+
+
+@usb_app.command("devices")
+def usb_devices(
+    rules: Annotated[
+        bool, typer.Option("--rules", help="print allow rules, as `usbguard generate-policy` writes them")
+    ] = False,
+    with_ports: Annotated[
+        bool,
+        typer.Option("--with-ports", help="with --rules: via-port for every device, not only serial-less"),
+    ] = False,
+    no_hashes: Annotated[bool, typer.Option("--no-hashes", help="with --rules: no hash/parent-hash")] = False,
+    sysfs_root: Annotated[Path, typer.Option(help="where sysfs is mounted")] = Path("/sys"),
+) -> None:
+    """List present USB devices as USBGuard rule lines.
+
+    --rules: allow rules as `usbguard generate-policy` writes them, a start for the site's allow-list.
+
+    Without: each device's port and state (allow = authorized, block = not)."""
+    from .enforcers.sysfs import SysfsError, UsbSysfs
+    from .enforcers.usbrules import Target, device_rule
+
+    sysfs = UsbSysfs(sysfs_root)
+    if not sysfs.available():
+        fail(f"no USB bus: {sysfs.devices_dir} missing", EXIT_SOFTWARE)
+    skipped = 0
+    for name in sysfs.all_devices():
+        try:
+            device = sysfs.read_device(name)
+        except SysfsError as exc:
+            typer.echo(f"cleanroom-agent: skipped {name}: {exc}", err=True)
+            skipped += 1
+            continue
+        if rules:  # generate-policy: via-port only for devices without a serial number unless asked
+            typer.echo(
+                device_rule(device, with_port=with_ports or not device.serial, with_hash=not no_hashes)
+            )
+        else:
+            target = Target.ALLOW if sysfs.authorized(name) == "1" else Target.BLOCK
+            typer.echo(f"{name}: {device_rule(device, target=target, with_port=True)}")
+    if skipped:
+        raise typer.Exit(EXIT_SOFTWARE)
 
 
 def main() -> None:
