@@ -355,7 +355,6 @@ class _Values:
     words: tuple[str, ...] = ()
     strings: tuple[bytes, ...] = ()
     columns: Callable[[], list[int]] = lambda: []
-    is_set: bool = False
 
 
 def _describe(token: Token) -> str:
@@ -469,7 +468,6 @@ class _Parser:
                 tok.words,
                 tok.strings,
                 lambda: set_item_columns(set_token),
-                is_set=True,
             )
         if tok.kind is TokenKind.LBRACE:
             return self._set_slowly(keyword, operator, start)
@@ -506,7 +504,7 @@ class _Parser:
         if not columns:
             raise RuleSyntaxError(opening.column, "empty set")
         self.advance()
-        return _Values(operator, start, tuple(words), tuple(strings), lambda: columns, is_set=True)
+        return _Values(operator, start, tuple(words), tuple(strings), lambda: columns)
 
     def _check_kind(self, keyword: str, tok: Token) -> None:
         if keyword in _STRING_ATTRIBUTES:
