@@ -92,16 +92,26 @@ def find_denied_files(names: list[str], search_dirs: tuple[str, ...]) -> list[Kn
     return list(found.values())
 
 
-def find_loaders() -> list[str]:
-    paths = set()
-    for pattern in LOADER_GLOBS:
+def find_loaders(patterns: tuple[str, ...] = LOADER_GLOBS) -> list[KnownFile]:
+    """The dynamic loaders installed here, under each path they are found at and their real path, with
+    their hashes: a copy of one under any name is recognised by content (execrules.loader_match)."""
+    found: dict[str, KnownFile] = {}
+    hashes: dict[str, tuple[str, int] | None] = {}
+    for pattern in patterns:
         for path in glob.glob(pattern):
-            paths.add(path)
-            paths.add(os.path.realpath(path))
-    return sorted(paths)
+            real = os.path.realpath(path)
+            if real not in hashes:
+                hashes[real] = hash_file(real) if os.path.isfile(real) else None
+            hashed = hashes[real]
+            if hashed is not None:
+                for where in (path, real):
+                    found[where] = KnownFile(os.path.basename(where), where, hashed[0], hashed[1])
+    return [found[p] for p in sorted(found)]
 
 
-def exec_rules_for(policy: Policy, *, enforce: bool, known: list[KnownFile], loaders: list[str]) -> ExecRules:
+def exec_rules_for(
+    policy: Policy, *, enforce: bool, known: list[KnownFile], loaders: list[KnownFile]
+) -> ExecRules:
     """Pure: the listener's rules from the policy and what was found on disk."""
     section = policy.capture
     allow_names, allow_paths, allow_hashes = split_allow(section.allow)
@@ -119,7 +129,9 @@ def exec_rules_for(policy: Policy, *, enforce: bool, known: list[KnownFile], loa
         allow_names=allow_names,
         allow_paths=allow_paths,
         allow_hashes=allow_hashes,
-        loader_paths=frozenset(loaders),
+        loader_paths=frozenset(k.path for k in loaders),
+        loader_hashes=frozenset(k.sha256 for k in loaders),
+        loader_sizes=frozenset(k.size for k in loaders),
         open_marks=tuple(sorted({k.path for k in known})),
         enforce=enforce,
     )

@@ -13,7 +13,9 @@ Control (JSON lines): the agent writes ``{"rules": {...}}`` to its stdin (execru
 pipe is dropped and counted, never waited for.
 
 Marks: ``FAN_OPEN_EXEC_PERM`` on the root mount (every exec), and ``FAN_OPEN_PERM`` inode marks on the
-denied files (their plain opens, to catch ``ld-linux… /path/tool``; only the loader is denied).
+denied files (their plain opens, to catch ``ld-linux… /path/tool``; only the loader is denied). The opener
+is the loader when its executable's path, name or content is a loader's (a copy under another name is
+hashed, once per file thanks to the cache).
 Facts measured on this machine: see field-notes "fanotify".
 """
 
@@ -33,7 +35,16 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .execrules import ExecRules, ExecVerdict, file_name, is_loader, judge_exec, judge_open
+from .execrules import (
+    ExecRules,
+    ExecVerdict,
+    InterpreterTracker,
+    elf_interpreter,
+    file_name,
+    judge_exec,
+    judge_open,
+    loader_match,
+)
 from .ratelimit import EventBudget
 
 FAN_CLOEXEC = 0x01
@@ -89,6 +100,9 @@ class Fanotify:
             raise FanotifyUnavailable(err, f"fanotify_init: {os.strerror(err)}")
         self.fd = fd
         self.open_marks: set[str] = set()
+        # (dev, inode) of the marked files: the listener must never open one itself (its open would
+        # wait for its own answer).
+        self.marked_inodes: set[tuple[int, int]] = set()
 
     def _mark(self, flags: int, mask: int, path: str | None) -> None:
         arg = path.encode() if path is not None else None
@@ -103,6 +117,7 @@ class Fanotify:
         """Replace the inode marks for plain opens with ``paths`` (bounded)."""
         self._mark(FAN_MARK_FLUSH, 0, None)  # without FAN_MARK_MOUNT: flushes inode marks only
         self.open_marks.clear()
+        self.marked_inodes.clear()
         for path in paths:
             self.add_open_mark(path)
 
@@ -110,10 +125,22 @@ class Fanotify:
         if path in self.open_marks or len(self.open_marks) >= MAX_OPEN_MARKS:
             return
         try:
-            self._mark(FAN_MARK_ADD, FAN_OPEN_PERM, path)
+            # O_PATH: no open event (no permission hooks run), and the mark and the recorded inode are
+            # the same file even if the path is replaced meanwhile.
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return  # the file went away
+        try:
+            st = os.fstat(fd)
+            # Through the magic link: resolves to exactly the O_PATH fd's file (fanotify_mark with a
+            # NULL path refuses O_PATH fds).
+            self._mark(FAN_MARK_ADD, FAN_OPEN_PERM, f"/proc/self/fd/{fd}")
             self.open_marks.add(path)
-        except FanotifyUnavailable:
-            pass  # the file went away
+            self.marked_inodes.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         os.close(self.fd)  # pending permission events are allowed by the kernel
@@ -142,6 +169,15 @@ class HashCache:
         self.hits = 0
         self.misses = 0
 
+    def cached(self, st: os.stat_result) -> tuple[bool, str | None]:
+        """(known, hash) without hashing: for a file the listener has no fd of."""
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return True, self._entries[key]
+        return False, None
+
     def get(self, fd: int, st: os.stat_result) -> str | None:
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
         if key in self._entries:
@@ -163,6 +199,7 @@ class Listener:
         self.in_fd = in_fd
         self.rules = ExecRules()
         self.cache = HashCache()
+        self.interpreters = InterpreterTracker()
         self.budget = EventBudget(rate_per_s=20.0, burst=100)
         self.stats = {
             "events": 0,
@@ -269,34 +306,99 @@ class Listener:
             return ExecVerdict(False, "self"), path, None, {}
         st = os.fstat(fd)
         name = file_name(path)
-        by_name = name in self.rules.deny_names or name.lower() in self.rules.deny_names
-        sha = None
-        if not by_name and self.rules.needs_hash(st.st_size):
-            sha = self.cache.get(fd, st)
         rules = self.rules
+        by_name = name in rules.deny_names or name.lower() in rules.deny_names
+        sha = None
+        if not by_name and (rules.needs_hash(st.st_size) or rules.may_be_loader(st.st_size)):
+            # A file of a loader's size is hashed when executed, so a copied loader's later opens are
+            # judged from the cache, without opening its file again.
+            sha = self.cache.get(fd, st)
         if mask & FAN_OPEN_EXEC_PERM:
-            uid = None
-            if rules.allowlist:
-                try:
-                    uid = os.stat(f"/proc/{pid}").st_uid
-                except OSError:
-                    uid = None
-                if sha is None and rules.allow_hashes:
-                    sha = self.cache.get(fd, st)
-            return judge_exec(rules, path, sha, uid), path, sha, {"via": "exec"}
-        try:
-            opener = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            opener = None
-        loader = opener is not None and is_loader(opener, rules.loader_paths)
-        if sha is None and loader:
+            return self.decide_exec(fd, st, pid, path, sha), path, sha, {"via": "exec"}
+        opener = self.exe_of(pid)
+        loader_by = None
+        if opener is not None:
+            loader_by = loader_match(rules, opener, None) or loader_match(rules, opener, self.exe_hash(pid))
+        if sha is None and loader_by is not None:
             sha = self.cache.get(fd, st)
         return (
-            judge_open(rules, path, sha, opener, loader),
+            judge_open(rules, path, sha, opener, loader_by),
             path,
             sha,
             {"via": "loader", "opener": opener or ""},
         )
+
+    def decide_exec(self, fd: int, st: os.stat_result, pid: int, path: str, sha: str | None) -> ExecVerdict:
+        rules = self.rules
+        if not rules.allowlist:
+            return judge_exec(rules, path, sha, None)
+        try:
+            uid: int | None = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            uid = None
+        if sha is None and rules.allow_hashes:
+            sha = self.cache.get(fd, st)
+        if uid is None or uid < rules.session_uid_min:
+            return judge_exec(rules, path, sha, uid)
+        # A session user under the allowlist: the loader may only be the interpreter the kernel loads for
+        # the program allowed just before (its PT_INTERP), never a program run directly.
+        if path.removesuffix(" (deleted)") in rules.loader_paths:
+            as_interpreter = self.interpreters.is_interpreter_load(
+                pid, lambda interp: self.same_file(pid, interp, st)
+            )
+            return judge_exec(rules, path, sha, uid, as_interpreter=as_interpreter)
+        verdict = judge_exec(rules, path, sha, uid)
+        interpreter = None
+        if not verdict.deny:
+            head = os.pread(fd, 1024, 0)
+            interpreter = elf_interpreter(head, lambda offset, size: os.pread(fd, size, offset))
+        self.interpreters.program_allowed(pid, interpreter)
+        return verdict
+
+    @staticmethod
+    def same_file(pid: int, interpreter: str, st: os.stat_result) -> bool:
+        """Whether the path a program names as its interpreter is this file (resolved as the kernel
+        does, from the process's working directory; a stat, never an open)."""
+        where = interpreter if interpreter.startswith("/") else f"/proc/{pid}/cwd/{interpreter}"
+        try:
+            named = os.stat(where)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino)
+
+    @staticmethod
+    def exe_of(pid: int) -> str | None:
+        try:
+            return os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return None
+
+    def exe_hash(self, pid: int) -> str | None:
+        """SHA-256 of a process's executable when its size is a loader's (else None): from the cache
+        (filled when it was executed), else read through ``/proc/<pid>/exe``, unless that file carries
+        one of our open marks (opening it would wait on ourselves: a deadlock)."""
+        try:
+            st = os.stat(f"/proc/{pid}/exe")
+        except OSError:
+            return None
+        if not self.rules.may_be_loader(st.st_size):
+            return None
+        known, value = self.cache.cached(st)
+        if known:
+            return value
+        if (st.st_dev, st.st_ino) in self.fan.marked_inodes:
+            return None
+        try:
+            fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+                return None  # the process exec'd something else meanwhile
+            return self.cache.get(fd, opened)
+        finally:
+            os.close(fd)
 
     def learn(self, path: str) -> None:
         """A file denied by name or hash gets an open mark, so a loader invocation of it is denied too.

@@ -1,5 +1,6 @@
 """Pieces of the exec listeners that need no permission events: hashing through an fd with its cache,
-finding denied files on disk, and parsing proc-connector datagrams in the kernel's layout."""
+finding denied files and the installed loaders on disk, and parsing proc-connector datagrams in the
+kernel's layout."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ def test_hash_cache_hashes_once_and_again_after_a_change(tmp_path: Path) -> None
         first, second = cache.get(fd, os.fstat(fd)), cache.get(fd, os.fstat(fd))
         assert first == second == hashlib.sha256(b"one").hexdigest()
         assert (cache.hits, cache.misses) == (1, 1)
+        assert cache.cached(os.fstat(fd)) == (True, hashlib.sha256(b"one").hexdigest())
     finally:
         os.close(fd)
     path.write_bytes(b"two!")
     fd = os.open(path, os.O_RDONLY)
     try:
+        assert cache.cached(os.fstat(fd)) == (False, None)  # changed: not answered from the cache
         assert cache.get(fd, os.fstat(fd)) == hashlib.sha256(b"two!").hexdigest()
     finally:
         os.close(fd)
@@ -39,7 +42,15 @@ def test_find_denied_files_follows_symlinks(tmp_path: Path) -> None:
     (tmp_path / "import").symlink_to(real)
     found = find_denied_files(["import", "absent"], (str(tmp_path),))
     assert [(k.name, k.path, k.size) for k in found] == [("import", str(real), 6)]
-    assert any("ld-linux" in p for p in find_loaders())
+
+
+def test_installed_loaders_found_with_their_content_hash() -> None:
+    loaders = {k.path: k for k in find_loaders()}
+    real = os.path.realpath("/lib64/ld-linux-x86-64.so.2")
+    assert {"/lib64/ld-linux-x86-64.so.2", real} <= loaders.keys()
+    content = Path(real).read_bytes()
+    assert loaders["/lib64/ld-linux-x86-64.so.2"].sha256 == hashlib.sha256(content).hexdigest()
+    assert loaders[real].size == len(content)
 
 
 def test_parse_proc_connector_exec_events() -> None:
