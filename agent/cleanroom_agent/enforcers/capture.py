@@ -9,7 +9,9 @@ screenshot folders are watched.
 * Print key: XGrabKey on the root window with AnyModifier (x11.PrintKeyGrab); presses are reported as
   ``printkey.grabbed``. In audit mode the key is only observed through RECORD (x11.PrintKeyWatch) and
   reported as ``printkey.detected``.
-* Screenshot folders (watchdog): a new image is ``screenshot.created``; removed when the policy says so.
+* Screenshot folders (screenshots.py, inotify on directory fds opened without following symlinks): a new
+  image is ``screenshot.created``; removed when the policy says so; a renamed or replaced folder is
+  ``screenshot.folder_changed``; a folder not watched or a watcher failure degrades the status.
 
 Audit mode: the listener answers allow and reports ``exec.detected``; the procconn fallback kills nothing;
 Print is observed, not grabbed; images are reported and kept.
@@ -37,6 +39,7 @@ from .base import Enforcer, EventSink
 from .execrules import ExecRules, judge_exec, split_allow
 from .fanotify import BOOTSTRAP, MAX_HASH_BYTES
 from .ratelimit import EventBudget
+from .screenshots import FolderChanged, FolderStatus, ImageSeen, Report, ScreenshotFolders
 from .x11 import PrintKeyGrab, PrintKeyWatch, X11Unavailable, display_problem
 
 ExecBackend = Literal["fanotify", "procconn"]
@@ -47,9 +50,6 @@ LOADER_GLOBS = (
     "/lib/*/ld-*.so*",
     "/usr/lib64/ld-*.so*",
     "/usr/lib/*/ld-*.so*",
-)
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".xwd", ".ppm"}
 )
 _READY_TIMEOUT_S = 10.0
 MULTI_CALL = frozenset({"busybox", "toybox", "coreutils"})
@@ -238,8 +238,11 @@ class CaptureEnforcer(Enforcer):
         self._key: PrintKeyGrab | None = None
         self._watch: PrintKeyWatch | None = None
         self._key_problem: str | None = None
-        self._observer: Any = None  # watchdog Observer
-        self._dirs_problem: str | None = None
+        self._folders: ScreenshotFolders | None = None
+        self._dirs_problem: str | None = None  # a note: all folders watched
+        self._dirs_degraded: str | None = None  # a folder not watched, or the watcher failed
+        # Its own budget: a user flooding a watched folder must not silence exec.denied reports.
+        self._folder_budget = EventBudget()
         self._budget = EventBudget()
         self._stopping = False
         self._hash_cache: dict[tuple[int, int, int, int], str | None] = {}
@@ -515,72 +518,68 @@ class CaptureEnforcer(Enforcer):
 
     # screenshot folders ----------------------------------------------------------------------------
     def _start_dirs(self, policy: Policy) -> None:
-        self._dirs_problem = None
+        self._dirs_problem = self._dirs_degraded = None
         dirs = [d for d in policy.capture.screenshot_dirs if d]
         if not dirs:
             return
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        enforcer = self
-
-        class Handler(FileSystemEventHandler):
-            def on_created(self, event: FileSystemEvent) -> None:
-                if not event.is_directory:
-                    enforcer._image_appeared(str(event.src_path))
-
-            def on_moved(self, event: FileSystemEvent) -> None:
-                if not event.is_directory:
-                    enforcer._image_appeared(str(event.dest_path))
-
-        observer = Observer()
-        missing = []
-        for directory in dirs:
-            if os.path.isdir(directory):
-                observer.schedule(Handler(), directory, recursive=False)
-            else:
-                missing.append(directory)
-        if missing:
-            self._dirs_problem = f"screenshot folders missing: {', '.join(missing)[:300]}"
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        self._folders = ScreenshotFolders(
+            dirs,
+            remove=self._removes_screenshots,
+            report=self._folder_report,
+            on_status=self._folder_status,
+        )
+        self._set_dirs_status(self._folders.start())
 
     def _stop_dirs(self) -> None:
-        observer, self._observer = self._observer, None
-        if observer is not None:
-            observer.stop()
-            observer.join(timeout=5)
+        folders, self._folders = self._folders, None
+        if folders is not None:
+            folders.stop()
 
-    def _image_appeared(self, path: str) -> None:
-        """In the watchdog thread."""
-        if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
-            return
+    def _removes_screenshots(self) -> bool:
+        """Asked by the folder watcher (its thread) at each image: the policy and mode in force now."""
         policy = self._policy
-        removed = False
-        if policy is not None and policy.capture.remove_screenshots and self._mode is Mode.ENFORCE:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed = True
-        if self._loop is not None and self._budget.take() is not None:
-            self._loop.call_soon_threadsafe(self._report_image, path, removed)
+        return policy is not None and policy.capture.remove_screenshots and self._mode is Mode.ENFORCE
 
-    def _report_image(self, path: str, removed: bool) -> None:
+    def _folder_report(self, report: Report) -> None:
+        """In the folder watcher's thread."""
+        if self._loop is not None and self._folder_budget.take() is not None:
+            self._loop.call_soon_threadsafe(self._report_folder, report)
+
+    def _folder_status(self, status: FolderStatus) -> None:
+        """In the folder watcher's thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._set_dirs_status, status)
+
+    def _set_dirs_status(self, status: FolderStatus) -> None:
+        self._dirs_degraded, self._dirs_problem = status.degraded, status.note
+        self._refresh_status()
+
+    def _report_folder(self, report: Report) -> None:
+        details: dict[str, str | bool | None]
+        if isinstance(report, ImageSeen):
+            kind, blocked = "screenshot.created", report.removed
+            details = {"path": report.path, "removed": report.removed}
+            if report.kept is not None:
+                details["kept"] = report.kept[:200]
+        elif isinstance(report, FolderChanged):
+            kind, blocked = "screenshot.folder_changed", False
+            details = {"path": report.folder[:1024], "change": report.change, "watched": report.watched}
+            if report.problem is not None:
+                details["problem"] = report.problem[:500]
+        else:
+            kind, blocked = "screenshot.watch_failed", False
+            details = {"error": report.error[:500]}
+        details["mode"] = self._mode.value
         self._emit(
-            Event(
-                kind="screenshot.created",
-                at=time.time(),
-                severity=Severity.WARNING,
-                blocked=removed,
-                details={"path": path[:1024], "removed": removed, "mode": self._mode.value},
-            )
+            Event(kind=kind, at=time.time(), severity=Severity.WARNING, blocked=blocked, details=details)
         )
 
     # status ----------------------------------------------------------------------------------------
     def _refresh_status(self) -> None:
         notes = "; ".join(p for p in (self._key_problem, self._dirs_problem) if p) or None
-        if self._exec_problem:
-            reason = self._exec_problem + (f"; {notes}" if notes else "")
+        degraded = "; ".join(p for p in (self._exec_problem, self._dirs_degraded) if p)
+        if degraded:
+            reason = degraded + (f"; {notes}" if notes else "")
             self._set_status(EnforcerState.DEGRADED, reason)
         else:
             self._set_status(EnforcerState.ACTIVE, notes)
