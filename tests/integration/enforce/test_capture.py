@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,9 @@ class Capture:
 
     def of(self, kind: str) -> list[Event]:
         return [e for e in self.events if e.kind == kind]
+
+    def reason(self) -> str:
+        return self.enforcer.status().reason or ""
 
 
 @pytest.fixture
@@ -207,3 +212,178 @@ async def test_proc_connector_fallback_kills_and_is_degraded(capture: Capture, t
         assert fallback.of("exec.denied")[0].details["via"] == "procconn"
     finally:
         await fallback.enforcer.stop()
+
+
+# --- screenshot folders turned against the agent ------------------------------------------------------
+AS_NOBODY = "setpriv --reuid=65534 --regid=65534 --clear-groups"
+
+
+class Tree:
+    """A user's home with a watched Pictures folder (owned by ``nobody``, who acts in these tests), and a
+    root-owned folder elsewhere whose image must never be touched."""
+
+    def __init__(self, base: Path) -> None:
+        self.home = base / "home"
+        self.pictures = self.home / "Pictures"
+        self.elsewhere = base / "elsewhere"
+        self.victim = self.elsewhere / "keep.png"
+
+
+@pytest.fixture
+def tree() -> Iterator[Tree]:
+    base = Path(tempfile.mkdtemp(prefix="cleanroom-shots-"))  # not under pytest's root-only tmp
+    base.chmod(0o755)
+    t = Tree(base)
+    t.pictures.mkdir(parents=True)
+    for d in (t.home, t.pictures):
+        os.chown(d, 65534, 65534)
+    t.elsewhere.mkdir()
+    t.victim.write_bytes(b"\x89PNG root's own image")
+    try:
+        yield t
+    finally:
+        shutil.rmtree(base)
+
+
+def removing(folder: Path) -> Policy:
+    return policy(screenshot_dirs=[str(folder)], remove_screenshots=True, grab_print_key=False)
+
+
+async def as_nobody(script: str) -> None:
+    result = await sh(f"{AS_NOBODY} bash -c '{script}'")
+    assert result.returncode == 0, (script, result.stderr)
+
+
+async def test_screenshot_folder_swapped_for_a_symlink_removes_nothing_outside_it(
+    capture: Capture, tree: Tree
+) -> None:
+    await capture.enforcer.start(removing(tree.pictures), Mode.ENFORCE)
+    assert capture.enforcer.status().state is EnforcerState.ACTIVE
+    # The user renames the watched folder, puts a symlink to another folder in its place, and creates
+    # an image of the victim's name in the renamed folder (the watch follows it).
+    await as_nobody(
+        f"mv {tree.pictures} {tree.home}/old && ln -s {tree.elsewhere} {tree.pictures} "
+        f"&& echo x > {tree.home}/old/keep.png"
+    )
+    await wait_until(lambda: capture.of("screenshot.folder_changed"), "screenshot.folder_changed")
+    changed = capture.of("screenshot.folder_changed")[0].details
+    assert (changed["change"], changed["watched"]) == ("moved", False)
+    await wait_until(
+        lambda: f"screenshot folders not watched: {tree.pictures} is a symlink" in capture.reason(),
+        "the symlink named in the status",
+    )
+    assert capture.enforcer.status().state is EnforcerState.DEGRADED
+    # A real folder back at the path is watched again (the symlink never is) and enforced.
+    await as_nobody(f"rm {tree.pictures} && mkdir {tree.pictures}")
+    await wait_until(lambda: capture.enforcer.status().state is EnforcerState.ACTIVE, "watched again")
+    await as_nobody(f"echo x > {tree.pictures}/new.png")
+    await wait_until(lambda: not (tree.pictures / "new.png").exists(), "an image in the new folder removed")
+    assert tree.victim.read_bytes() == b"\x89PNG root's own image"
+    assert "replaced" in capture.reason()
+
+
+async def test_screenshot_folder_that_is_a_symlink_at_start_is_not_watched(
+    capture: Capture, tree: Tree
+) -> None:
+    link = tree.home / "Shots"
+    link.symlink_to(tree.elsewhere)
+    await capture.enforcer.start(removing(link), Mode.ENFORCE)
+    status = capture.enforcer.status()
+    assert status.state is EnforcerState.DEGRADED
+    assert f"{link} is a symlink" in (status.reason or "")
+    (tree.elsewhere / "new.png").write_bytes(b"png")
+    assert tree.victim.exists()
+
+
+# The user's racer: a file named d.png swapped for a directory of that name as fast as it goes, so the
+# agent's removal meets the directory (it once raised IsADirectoryError in the watcher thread, which then
+# ended while capture said active).
+SWAPPER = """
+import os, time
+end = time.monotonic() + 0.5
+while time.monotonic() < end:
+    for step in (lambda: open("d.png", "w").close(), lambda: os.unlink("d.png"),
+                 lambda: os.mkdir("d.png"), lambda: os.rmdir("d.png")):
+        try:
+            step()
+        except OSError:
+            pass
+os.mkdir("d.png")
+"""
+
+
+async def test_directory_named_like_an_image_survives_and_the_watch_goes_on(
+    capture: Capture, tree: Tree
+) -> None:
+    await capture.enforcer.start(removing(tree.pictures), Mode.ENFORCE)
+    swapper = tree.home / "swap.py"
+    swapper.write_text(SWAPPER)
+    await as_nobody(f"cd {tree.pictures} && /usr/bin/python3 {swapper}")
+    await as_nobody(f"echo x > {tree.pictures}/later.png")
+    await wait_until(lambda: not (tree.pictures / "later.png").exists(), "a later image removed")
+    assert (tree.pictures / "d.png").is_dir()
+    assert capture.enforcer.status().state is EnforcerState.ACTIVE
+    assert capture.of("screenshot.watch_failed") == []
+
+
+async def test_symlink_named_like_an_image_is_removed_as_a_link(capture: Capture, tree: Tree) -> None:
+    await capture.enforcer.start(removing(tree.pictures), Mode.ENFORCE)
+    await as_nobody(
+        f"ln -s {tree.victim} {tree.pictures}/x.png && ln -s {tree.elsewhere} {tree.pictures}/y.png"
+    )
+    await wait_until(
+        lambda: not os.path.lexists(tree.pictures / "x.png") and not os.path.lexists(tree.pictures / "y.png"),
+        "both links removed",
+    )
+    assert tree.victim.read_bytes() == b"\x89PNG root's own image"
+    assert tree.elsewhere.is_dir()
+    removed = {e.details["path"] for e in capture.of("screenshot.created") if e.details["removed"]}
+    assert removed == {f"{tree.pictures}/x.png", f"{tree.pictures}/y.png"}
+
+
+# --- loaders recognised by content --------------------------------------------------------------------
+async def test_copied_loader_is_recognised_by_content(capture: Capture, tmp_path: Path) -> None:
+    loader = tmp_path / secrets.token_hex(6)  # a copy of the loader under a random name
+    shutil.copy2("/lib64/ld-linux-x86-64.so.2", loader)
+    decoy = tmp_path / "bin" / "scrot"  # a denied name on a harmless binary
+    decoy.parent.mkdir()
+    shutil.copy2("/bin/true", decoy)
+    renamed = tmp_path / secrets.token_hex(6)  # a copy of scrot under a random name
+    shutil.copy2("/usr/bin/scrot", renamed)
+    await capture.enforcer.start(policy(grab_print_key=False), Mode.ENFORCE)
+    out = tmp_path / "shots"
+    out.mkdir()
+    # Exec'd once (denied), the copies are known to the listener, and so are their loader opens.
+    assert (await sh(str(decoy))).returncode == 126
+    assert (await sh(f"{renamed} {out}/a.png", capture.display)).returncode == 126
+    for script in (
+        f"{loader} /usr/bin/scrot {out}/b.png",
+        f"{loader} {renamed} {out}/c.png",
+        f"{loader} {decoy}",
+        f"/lib64/ld-linux-x86-64.so.2 /usr/bin/scrot {out}/d.png",
+    ):
+        result = await sh(script, capture.display)
+        assert result.returncode == 127, (script, result.returncode, result.stderr)
+        assert "cannot open shared object file" in result.stderr, script
+    assert list(out.iterdir()) == []
+    assert (await sh(f"{loader} /bin/echo through-the-copy")).stdout.strip() == "through-the-copy"
+    await wait_until(
+        lambda: len([e for e in capture.of("exec.denied") if e.details["matched"] == "loader"]) >= 4,
+        "four loader denials",
+    )
+    by_copy = [e for e in capture.of("exec.denied") if e.details.get("opener") == str(loader)]
+    assert len(by_copy) == 3
+    assert all("a copy of the dynamic loader" in str(e.details["reason"]) for e in by_copy)
+
+
+async def test_allowlist_refuses_the_loader_run_as_a_program(capture: Capture) -> None:
+    await capture.enforcer.start(policy(allowlist=True, allow=["echo"], grab_print_key=False), Mode.ENFORCE)
+    # Run directly, the loader would load any program with a plain open no exec check sees.
+    for script in ("/lib64/ld-linux-x86-64.so.2 /bin/true", "/lib64/ld-linux-x86-64.so.2 /bin/echo no"):
+        result = await sh(f"{AS_NOBODY} {script}")
+        assert result.returncode == 126, (script, result.stdout, result.stderr)
+    # As the interpreter of an allowed program the kernel loads it as always.
+    assert (await sh(f"{AS_NOBODY} /bin/echo listed")).stdout.strip() == "listed"
+    assert (await sh("/lib64/ld-linux-x86-64.so.2 /bin/echo root")).stdout.strip() == "root"
+    await wait_until(lambda: capture.of("exec.denied"), "exec.denied")
+    assert "run as a program" in str(capture.of("exec.denied")[0].details["reason"])
