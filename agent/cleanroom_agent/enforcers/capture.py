@@ -235,6 +235,7 @@ class CaptureEnforcer(Enforcer):
         self._reader: asyncio.Task[None] | None = None
         self._fallback: Any = None  # procconn.ExecWatcher
         self._exec_problem: str | None = None
+        self._unjudged: list[str] = []  # filesystems the listener could not mark
         self._key: PrintKeyGrab | None = None
         self._watch: PrintKeyWatch | None = None
         self._key_problem: str | None = None
@@ -336,6 +337,7 @@ class CaptureEnforcer(Enforcer):
             )
 
     async def _start_listener(self) -> str | None:
+        self._unjudged = []  # a new listener reports its own
         try:
             listener = await ListenerProcess.spawn(self._rules)
             first = await asyncio.wait_for(listener.read(), _READY_TIMEOUT_S)
@@ -355,6 +357,10 @@ class CaptureEnforcer(Enforcer):
                 break
             if "event" in message:
                 self._report_exec(message["event"])
+            elif "unjudged" in message:
+                unjudged = message["unjudged"]
+                self._unjudged = [str(u)[:200] for u in unjudged] if isinstance(unjudged, list) else []
+                self._refresh_status()
             elif "applied" in message:
                 listener.confirmed(message["applied"])
             elif "stats" in message:
@@ -577,7 +583,12 @@ class CaptureEnforcer(Enforcer):
     # status ----------------------------------------------------------------------------------------
     def _refresh_status(self) -> None:
         notes = "; ".join(p for p in (self._key_problem, self._dirs_problem) if p) or None
-        degraded = "; ".join(p for p in (self._exec_problem, self._dirs_degraded) if p)
+        unjudged = (
+            ("execs not judged on " + ", ".join(self._unjudged))
+            if self._unjudged and self._listener
+            else None
+        )
+        degraded = "; ".join(p for p in (self._exec_problem, unjudged, self._dirs_degraded) if p)
         if degraded:
             reason = degraded + (f"; {notes}" if notes else "")
             self._set_status(EnforcerState.DEGRADED, reason)

@@ -12,8 +12,11 @@ Control (JSON lines): the agent writes ``{"rules": {...}}`` to its stdin (execru
 ``{"event": {...}}`` and ``{"stats": {...}}`` to stdout, non-blocking: a report that does not fit in the
 pipe is dropped and counted, never waited for.
 
-Marks: ``FAN_OPEN_EXEC_PERM`` on the root mount (every exec), and ``FAN_OPEN_PERM`` inode marks on the
-denied files (their plain opens, to catch ``ld-linux… /path/tool``; only the loader is denied). The opener
+Marks: ``FAN_OPEN_EXEC_PERM`` on every local filesystem an exec can come from (``FAN_MARK_FILESYSTEM``
+on each superblock of a type in ``EXEC_FILESYSTEMS`` found in the mount table, so also its bind mounts and
+its copies in other mount namespaces; the mount table is watched with POLLPRI and new filesystems are
+marked as they are mounted: a renamed tool in ``/dev/shm`` or on a tmpfs mounted later is judged like one in
+``/usr/bin``), and ``FAN_OPEN_PERM`` inode marks on the denied files (their plain opens, to catch ``ld-linux… /path/tool``; only the loader is denied). The opener
 is the loader when its executable's path, name or content is a loader's (a copy under another name is
 hashed, once per file thanks to the cache).
 Facts measured on this machine: see field-notes "fanotify".
@@ -52,6 +55,7 @@ FAN_NONBLOCK = 0x02
 FAN_CLASS_CONTENT = 0x04
 FAN_MARK_ADD = 0x01
 FAN_MARK_MOUNT = 0x10
+FAN_MARK_FILESYSTEM = 0x100
 FAN_MARK_FLUSH = 0x80
 FAN_OPEN_PERM = 0x00010000
 FAN_OPEN_EXEC_PERM = 0x00040000
@@ -66,6 +70,33 @@ RESPONSE = struct.Struct("=iI")
 MAX_HASH_BYTES = 128 * 1024 * 1024  # every exec waits while a file is hashed: bound it
 MAX_OPEN_MARKS = 1024
 READ_BUFFER = 64 * 1024
+
+
+# Filesystems whose execs are judged: local, kernel-backed ones (fapolicyd's watch_fs list, plus the
+# overlay, squashfs and removable-media types). Network and FUSE filesystems are left out on purpose: a
+# permission event waiting on a userspace or remote server can deadlock the machine.
+EXEC_FILESYSTEMS = frozenset(
+    {
+        "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "ramfs", "overlay", "squashfs",
+        "vfat", "exfat", "ntfs3", "ntfs", "iso9660", "udf",
+    }
+)  # fmt: skip
+
+
+def exec_filesystems(mountinfo: str) -> list[tuple[str, str, str]]:
+    """Pure: (device major:minor, a mount point, fstype) once per filesystem in EXEC_FILESYSTEMS, from the
+    text of ``/proc/self/mountinfo`` (mount points decoded from their octal escapes)."""
+    seen: dict[str, tuple[str, str, str]] = {}
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if not sep or len(fields) < 5 or not rest:
+            continue
+        device, point, fstype = fields[2], fields[4], rest[0]
+        if fstype in EXEC_FILESYSTEMS and device not in seen:
+            decoded = point.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "replace")
+            seen[device] = (device, decoded, fstype)
+    return list(seen.values())
 
 
 class FanotifyUnavailable(OSError):
@@ -99,6 +130,7 @@ class Fanotify:
             err = ctypes.get_errno()
             raise FanotifyUnavailable(err, f"fanotify_init: {os.strerror(err)}")
         self.fd = fd
+        self.exec_devices: set[str] = set()  # major:minor of the filesystems whose execs are judged
         self.open_marks: set[str] = set()
         # (dev, inode) of the marked files: the listener must never open one itself (its open would
         # wait for its own answer).
@@ -112,6 +144,24 @@ class Fanotify:
 
     def watch_exec(self, mount: str = "/") -> None:
         self._mark(FAN_MARK_ADD | FAN_MARK_MOUNT, FAN_OPEN_EXEC_PERM, mount)
+
+    def watch_exec_filesystems(self, mountinfo: str) -> list[str]:
+        """Mark every exec-capable filesystem of the mount table not marked yet; returns what could not be
+        marked (as "mount point: reason"). Idempotent: called again on every mount-table change."""
+        problems = []
+        for device, point, _fstype in exec_filesystems(mountinfo):
+            if device in self.exec_devices:
+                continue
+            try:
+                self._mark(FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FAN_OPEN_EXEC_PERM, point)
+            except OSError:
+                try:  # kernels before 4.20 have no filesystem marks: the mount is the next best thing
+                    self._mark(FAN_MARK_ADD | FAN_MARK_MOUNT, FAN_OPEN_EXEC_PERM, point)
+                except OSError as exc:
+                    problems.append(f"{point}: {exc.strerror or exc}")
+                    continue
+            self.exec_devices.add(device)
+        return problems
 
     def watch_opens(self, paths: tuple[str, ...] | list[str]) -> None:
         """Replace the inode marks for plain opens with ``paths`` (bounded)."""
@@ -210,6 +260,7 @@ class Listener:
             "overflows": 0,
         }
         self._inbuf = b""
+        self._unjudged: list[str] = []
         self._pid = os.getpid()
         self._last_report: tuple[int, str] | None = None
 
@@ -249,6 +300,7 @@ class Listener:
                                 "hash_hits": self.cache.hits,
                                 "hash_misses": self.cache.misses,
                                 "marks": len(self.fan.open_marks),
+                                "exec_filesystems": len(self.fan.exec_devices),
                             }
                         }
                     )
@@ -448,16 +500,43 @@ class Listener:
             }
         )
 
-    def run(self) -> None:
+    def on_mounts_changed(self, mountinfo_fd: int) -> None:
+        """A mount appeared or went: mark the new filesystems (a tmpfs mounted to run a renamed tool)."""
+        try:
+            os.lseek(mountinfo_fd, 0, os.SEEK_SET)
+            text = read_all(mountinfo_fd)
+        except OSError as exc:
+            self.send({"warning": f"mount table unreadable: {exc}"})
+            return
+        self.report_unjudged(self.fan.watch_exec_filesystems(text))
+
+    def report_unjudged(self, problems: list[str]) -> None:
+        """Filesystems that should be marked but could not be: the agent reports capture degraded."""
+        if problems or self._unjudged:
+            self._unjudged = problems
+            self.send({"unjudged": problems[:32]})
+
+    def run(self, mountinfo_fd: int | None = None) -> None:
         poller = select.poll()
         poller.register(self.fan.fd, select.POLLIN)
         poller.register(self.in_fd, select.POLLIN | select.POLLHUP)
+        if mountinfo_fd is not None:
+            poller.register(mountinfo_fd, select.POLLPRI | select.POLLERR)
         while True:
             for fd, flags in poller.poll():
                 if fd == self.fan.fd:
                     self.on_events()
+                elif fd == mountinfo_fd:
+                    self.on_mounts_changed(fd)
                 elif flags & (select.POLLIN | select.POLLHUP) and not self.on_control():
                     return
+
+
+def read_all(fd: int) -> str:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def listener_main() -> int:
@@ -481,14 +560,17 @@ def listener_main() -> int:
             return 1
         listener.rules = ExecRules.from_dict(json.loads(first)["rules"])
         fan.watch_opens(listener.rules.open_marks)
-        fan.watch_exec("/")
+        fan.watch_exec("/")  # the root mount at least, whatever the mount table says
+        mountinfo_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        problems = fan.watch_exec_filesystems(read_all(mountinfo_fd))
     except (OSError, ValueError, KeyError) as exc:
         os.set_blocking(out_fd, True)
         os.write(out_fd, (json.dumps({"error": str(exc)}) + "\n").encode())
         return 2
     listener.send({"ready": True})
+    listener.report_unjudged(problems)
     try:
-        listener.run()
+        listener.run(mountinfo_fd)
     finally:
         fan.close()
     return 0

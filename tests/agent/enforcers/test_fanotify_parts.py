@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 from cleanroom_agent.enforcers.capture import find_denied_files, find_loaders
-from cleanroom_agent.enforcers.fanotify import HashCache, sha256_of_fd
+from cleanroom_agent.enforcers.fanotify import HashCache, exec_filesystems, sha256_of_fd
 from cleanroom_agent.enforcers.procconn import parse_exec_pids
 
 
@@ -62,3 +62,20 @@ def test_parse_proc_connector_exec_events() -> None:
     data = message(2, 4242) + message(1, 7) + message(2, 99)  # exec, fork, exec
     assert parse_exec_pids(data) == [4242, 99]
     assert parse_exec_pids(b"\x01\x00") == []
+
+
+def test_exec_filesystems_once_per_device_local_types_only_names_decoded() -> None:
+    mountinfo = (
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "30 27 0:25 / /dev/shm rw,nosuid - tmpfs tmpfs rw\n"
+        "31 27 254:0 /srv /mnt/bind\\040copy rw - ext4 /dev/vda rw\n"  # a bind mount of the root fs
+        "32 27 0:40 / /mnt/my\\040stick rw shared:5 - vfat /dev/sdb1 rw\n"
+        "33 27 0:41 / /mnt/remote rw - nfs4 srv:/x rw\n"
+        "34 27 0:42 / /home/u/.cache/fuse rw - fuse.sshfs host: rw\n"
+        "35 27 0:5 / /proc rw - proc proc rw\n"
+    )
+    assert exec_filesystems(mountinfo) == [
+        ("254:0", "/", "ext4"),
+        ("0:25", "/dev/shm", "tmpfs"),
+        ("0:40", "/mnt/my stick", "vfat"),
+    ]
