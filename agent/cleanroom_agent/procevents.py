@@ -6,12 +6,13 @@ An exec matters when the new image carries a name the policy cares about (``proc
 ``sessions.clients``, matched as :func:`posture.find_denied` and :func:`sessions.client_name` match them)
 or replaces a process the posture already tracks; an exit matters when it ends a tracked process (a
 session's client, a denied process). That check costs two small /proc reads per exec in the reader
-thread (about 25 µs) where a full observe reads every process (about 65 µs per process, 5 ms for 70):
+thread (about 10 µs) where a full observe reads every process (about 65 µs per process, 5 ms for 80):
 filtering keeps an exec-heavy minute (a build, a login script) from turning into back-to-back observes.
 
 Bursts are coalesced (:class:`ObserveCoalescer`, pure): the first interesting event asks for an observe
-after a short settle time, later ones ride on it, and event-driven observes are at least ``min_gap_s``
-apart, so a storm of interesting execs costs a bounded share of a core. A lost notification (ENOBUFS,
+after a short settle time, later ones ride on it, and full observes draw on a token bucket (a few at once,
+then ``rate_per_s``), so a storm of interesting execs costs a bounded share of a core while an isolated
+event is never held back by the rate. A lost notification (ENOBUFS,
 the kernel's queue overflowed) asks for an immediate full observe: it may have hidden anything.
 
 Pieces: :class:`Interest` and :class:`ObserveCoalescer` decide (no I/O); :class:`ProcConnectorEvents` is
@@ -38,7 +39,8 @@ from .posture import find_denied
 from .sessions import ProcessSnapshot, client_name
 
 SETTLE_S = 0.010  # a shell pipeline's execs land within a few ms: one observe for the burst
-MIN_GAP_S = 0.100  # at most ~10 event-driven observes a second, whatever the exec rate
+RATE_PER_S = 10.0  # sustained full observes a second under a storm of interesting events (~10 % of a core)
+BURST = 3  # observes allowed back to back before the rate applies (a session start, then a denied exec)
 MAX_TRACKED_PIDS = 4096  # sessions (≤ 256) and denied processes (≤ 1024) as reported, with room
 RCVBUF_BYTES = 1 << 20  # ~13,000 filtered events queued before the kernel drops (then: a full observe)
 _COMM_BYTES = 64  # comm is at most 16 bytes; read a little more to see the newline
@@ -89,15 +91,25 @@ class ObserveCoalescer:
     ``event(now)`` and ``observed(started, now)`` return the delay after which to run one (arm a timer),
     or ``None`` when one is already armed or nothing is owed; ``fired()`` says an armed timer ran and
     whether the observe is still owed (another observe may have covered the events meanwhile). An observe
-    covers the events before its snapshot started; events during it stay owed.
+    covers the events before its snapshot started; events during it stay owed. Every full observe (whoever
+    asked for it) takes a token from a bucket of ``burst`` refilled at ``rate_per_s``; an owed observe
+    waits for a token.
     """
 
     settle_s: float = SETTLE_S
-    min_gap_s: float = MIN_GAP_S
+    rate_per_s: float = RATE_PER_S
+    burst: int = BURST
     owed: bool = False
     armed: bool = False
     last_event: float = float("-inf")
     last_started: float = float("-inf")
+    tokens: float = field(init=False)
+    refilled: float = float("-inf")
+
+    def __post_init__(self) -> None:
+        if self.settle_s < 0 or self.rate_per_s <= 0 or self.burst < 1:
+            raise ValueError("ObserveCoalescer: settle_s >= 0, rate_per_s > 0 and burst >= 1 are required")
+        self.tokens = float(self.burst)
 
     def event(self, now: float) -> float | None:
         self.last_event = max(self.last_event, now)
@@ -109,16 +121,26 @@ class ObserveCoalescer:
         return self.owed
 
     def observed(self, started: float, now: float) -> float | None:
+        self._refill(started)
+        self.tokens = max(self.tokens - 1.0, 0.0)
         self.last_started = max(self.last_started, started)
         if self.owed and self.last_event < started:
             self.owed = False
         return self._arm(now) if self.owed else None
 
+    def _refill(self, now: float) -> None:
+        if now > self.refilled:
+            elapsed = now - self.refilled
+            self.tokens = min(float(self.burst), self.tokens + elapsed * self.rate_per_s)
+            self.refilled = now
+
     def _arm(self, now: float) -> float | None:
         if self.armed:
             return None
         self.armed = True
-        return max(self.settle_s, self.last_started + self.min_gap_s - now, 0.0)
+        self._refill(now)
+        wait_for_token = max(0.0, (1.0 - self.tokens) / self.rate_per_s)
+        return max(self.settle_s, wait_for_token)
 
 
 # --- sources -----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,8 @@ from cleanroom_agent.procevents import (
     read_names,
 )
 from cleanroom_protocol import ProcessInfo, SessionInfo
+from tests.agent.conftest import AgentProcess, FakeClients
+from tests.support.mosquitto import Mosquitto
 from tests.support.wait import wait_for
 
 PROC_EVENT_FORK = 0x00000001
@@ -147,7 +149,7 @@ def test_interest_in_tracked_pids_for_exec_and_exit() -> None:
 
 # --- coalescing (pure) -------------------------------------------------------------------------------------
 def test_a_burst_of_events_arms_one_observe_after_the_settle_time() -> None:
-    c = ObserveCoalescer(settle_s=0.01, min_gap_s=0.1)
+    c = ObserveCoalescer(settle_s=0.01, rate_per_s=10, burst=3)
     assert c.event(100.0) == pytest.approx(0.01)
     assert c.event(100.001) is None and c.event(100.002) is None  # rides on the armed observe
     assert c.fired() is True  # timer ran: the observe is still owed
@@ -155,38 +157,47 @@ def test_a_burst_of_events_arms_one_observe_after_the_settle_time() -> None:
     assert not c.owed
 
 
-def test_event_driven_observes_keep_the_minimum_gap() -> None:
-    c = ObserveCoalescer(settle_s=0.01, min_gap_s=0.1)
+def test_an_isolated_event_soon_after_another_observe_is_not_held_back() -> None:
+    """A session starts (one observe), a denied program follows 50 ms later: only the settle time."""
+    c = ObserveCoalescer(settle_s=0.01, rate_per_s=10, burst=3)
     c.event(100.0)
     c.fired()
     c.observed(100.01, 100.02)
-    assert c.event(100.03) == pytest.approx(0.08)  # 100.01 + 0.1 - 100.03
+    assert c.event(100.06) == pytest.approx(0.01)
+
+
+def test_once_the_burst_is_spent_observes_wait_for_the_rate() -> None:
+    c = ObserveCoalescer(settle_s=0.01, rate_per_s=10, burst=3)
+    for started in (100.0, 100.01, 100.02):  # three full observes back to back (2 refilled 0.02 s worth)
+        c.observed(started, started + 0.005)
+    assert c.tokens == pytest.approx(0.2)
+    assert c.event(100.03) == pytest.approx(0.07)  # (1 - 0.3 tokens) / 10 per second
     c.fired()
-    c.observed(100.11, 100.12)
-    assert c.event(105.0) == pytest.approx(0.01)  # long after: only the settle time
+    c.observed(100.10, 100.105)
+    assert c.event(105.0) == pytest.approx(0.01)  # long after: the bucket is full again
 
 
 def test_an_event_during_an_observe_stays_owed_and_rearms() -> None:
-    c = ObserveCoalescer(settle_s=0.01, min_gap_s=0.1)
+    c = ObserveCoalescer(settle_s=0.01, rate_per_s=10, burst=3)
     c.event(100.0)
     c.fired()
     # The observe's snapshot started at 100.01; an event at 100.012 came while it ran.
-    assert c.event(100.012) == pytest.approx(0.01)  # not armed any more: armed again
+    assert c.event(100.012) == pytest.approx(0.01)  # no timer armed any more: armed again
     assert c.observed(100.01, 100.02) is None  # still owed, but a timer is already armed
     assert c.owed
     assert c.fired() is True
 
 
 def test_an_observe_for_another_reason_covers_events_and_the_timer_then_does_nothing() -> None:
-    c = ObserveCoalescer(settle_s=0.01, min_gap_s=0.1)
+    c = ObserveCoalescer(settle_s=0.01, rate_per_s=10, burst=3)
     c.event(100.0)
     assert c.observed(100.001, 100.005) is None  # e.g. a command's observe, started after the event
     assert c.fired() is False  # the armed timer finds nothing owed: no extra observe
 
 
 def test_a_storm_of_events_costs_a_bounded_number_of_observes() -> None:
-    """An event every millisecond for 10 s, each observe taking 5 ms: about one observe per min_gap."""
-    c = ObserveCoalescer(settle_s=0.01, min_gap_s=0.1)
+    """An event every millisecond for 10 s, each observe taking 5 ms: the rate, plus the first burst."""
+    c = ObserveCoalescer(settle_s=0.01, rate_per_s=10, burst=3)
     timer_at: float | None = None
     observes = 0
     now = 0.0
@@ -202,7 +213,12 @@ def test_a_storm_of_events_costs_a_bounded_number_of_observes() -> None:
         if delay is not None:
             timer_at = now + delay
         now += 0.001
-    assert 90 <= observes <= 101, observes
+    assert 90 <= observes <= 10 * 10 + 3, observes
+
+
+def test_coalescer_refuses_nonsense_settings() -> None:
+    with pytest.raises(ValueError, match="rate_per_s"):
+        ObserveCoalescer(rate_per_s=0)
 
 
 # --- the real source (root, netlink) ----------------------------------------------------------------------
@@ -329,3 +345,33 @@ def test_read_names_of_a_live_and_a_gone_process(bindir: Path) -> None:
         proc.kill()
         proc.wait()
     assert read_names(proc.pid) is None
+
+
+# --- the agent without process events ---------------------------------------------------------------------
+def test_agent_without_process_events_says_so_and_still_finds_sessions_by_polling(
+    agent_factory: Callable[..., AgentProcess],
+    mosquitto: Mosquitto,
+    clients: FakeClients,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CLEANROOM_PROCESS_EVENTS", "false")  # the agent process inherits it
+    agent = agent_factory(mosquitto.url)
+    agent.start()
+
+    def kinds() -> list[str]:
+        return [e["kind"] for e in agent.outbox_events()]
+
+    wait_for(lambda: "agent.process_events_off" in kinds(), timeout=10, what="agent.process_events_off")
+    off = next(e for e in agent.outbox_events() if e["kind"] == "agent.process_events_off")
+    assert "process_events = false" in off["details"]["reason"]
+    assert '"process_events_off"' in agent.log.read_text()
+    client = clients.start()
+    wait_for(
+        lambda: any(
+            e["kind"] == "session.started" and e["details"]["pid"] == client.pid
+            for e in agent.outbox_events()
+        ),
+        timeout=10,
+        what="the poll (0.2 s) finding the session without process events",
+    )
+    assert agent.stop() == 0
