@@ -1,8 +1,9 @@
 """Enforcement benchmark: how fast and how cheaply the enforcers block.
 
     uv run python bench/enforce.py [--idle 60] [--copies 200] [--execs 1000] [--uevents 500]
+                                   [--session-runs 50] [--agent-idle 20] [--only all|enforcers|session]
 
-Needs root (fanotify) and Xvfb. Prints, plainly:
+Needs root (fanotify, the proc connector), Xvfb and Mosquitto. Prints, plainly:
   * copy → cleared (clipboard): a real X client takes CLIPBOARD ownership and waits until the guard of a
     running enforcer process has taken it back (SelectionClear);
   * exec attempt → denied: posix_spawn of a renamed copy of scrot until EPERM, and the share denied;
@@ -10,7 +11,14 @@ Needs root (fanotify) and Xvfb. Prints, plainly:
   * uevent → authorized written: real-format uevents through the USB enforcer on a simulated sysfs tree
     (this machine has no USB bus);
   * RSS and CPU of an enforcer process (all four enforcers running, plus its fanotify listener process)
-    over an idle period.
+    over an idle period;
+  * denied process started → session ended: a real Mosquitto, ``cleanroom-controller run`` and
+    ``cleanroom-agent run`` (enforce mode, enforcers off, default 1 s poll), a fake VDI client (a renamed
+    /bin/sleep with a child, as the integration tests build it) listed running by the controller, then a
+    renamed /bin/sleep named in ``processes.deny`` is started; the time runs until the client process has
+    exited (a pidfd becomes readable). Measured with the agent driven by process events, and the same loop
+    with process events off (``CLEANROOM_PROCESS_EVENTS=false``: the poll-only agent) as the ceiling it
+    replaces; then each agent's idle CPU and RSS.
 The enforcer process is this file run with ``--runner``.
 """
 
@@ -19,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
+import select
 import shutil
 import signal
 import socket
@@ -28,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -191,6 +202,105 @@ def idle_usage(pid: int, seconds: float) -> tuple[float, float, float, float]:
     return main_rss, children_rss, main_cpu, children_cpu
 
 
+# --- denied process → session ended (whole agent, controller, broker) ----------------------------------
+def _repo_on_path() -> None:
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def _gate(ctl: Any, table: str, key_col: str, key: str, expected: dict[str, Any], timeout: float) -> None:
+    """Wait until the controller's database shows the row (read-only, as the test harness's gate does)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = ctl.db_rows(f"SELECT * FROM {table} WHERE {key_col} = ?", (key,))  # noqa: S608
+        if rows and all(
+            (bool(rows[0][k]) if isinstance(v, bool) and rows[0][k] is not None else rows[0][k]) == v
+            for k, v in expected.items()
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {table} {key} {expected}; now {rows}")
+        time.sleep(0.005)
+
+
+def denied_to_session_ended(
+    runs: int, *, process_events: bool, idle_s: float, settle_s: float
+) -> tuple[list[float], tuple[float, float, float, float] | None]:
+    """``runs`` times: a session running for ``settle_s`` (plus 0-1 s), a denied process started, until the
+    client has exited (ms). Then the agent's idle RSS/CPU over ``idle_s`` (with no session and no denied process)."""
+    _repo_on_path()
+    from tests.support.mosquitto import Mosquitto
+    from tests.support.procs import Cleanroom, spawn_fake
+
+    with tempfile.TemporaryDirectory(prefix="bench-session-") as tmp:
+        broker = Mosquitto(Path(tmp) / "mosquitto")
+        broker.start()
+        world = Cleanroom(Path(tmp) / "world", broker)
+        world.root.mkdir()
+        try:
+            world.write_policy(heartbeat_s=10, end_grace_s=1.0)
+            ctl = world.start_controller("--log-level", "info")
+            agent = world.add_agent(
+                "bench-agent", start=False, extra=["--poll-interval", "1", "--log-level", "info"]
+            )
+            agent.env = {**os.environ, "CLEANROOM_PROCESS_EVENTS": "true" if process_events else "false"}
+            agent.start()
+            _gate(ctl, "endpoints", "agent", "bench-agent", {"online": True, "compliant": True}, 60)
+            bindir = Path(tmp) / "bin"
+            denied_exe = bindir / world.denied_name
+            bindir.mkdir()
+            shutil.copy2("/bin/sleep", denied_exe)
+            samples = []
+            rng = random.Random(7)
+            for _ in range(runs):
+                _gate(ctl, "endpoints", "agent", "bench-agent", {"compliant": True}, 30)
+                client = spawn_fake(bindir, world.client_name)
+                try:
+                    _gate(ctl, "sessions", "id", client.session_id, {"state": "running"}, 30)
+                    # A session that has run a moment: the observes of the previous run and of this
+                    # session's start have spent the agent's burst of observes (3 at once, then 10/s),
+                    # which would hold this exec's observe back by up to 100 ms (measured both ways).
+                    # A random extra second keeps the start out of step with the poll.
+                    time.sleep(settle_s + (rng.uniform(0.0, 1.0) if settle_s else 0.0))
+                    exited = os.pidfd_open(client.pid)
+                    try:
+                        t0 = time.perf_counter()
+                        denied = subprocess.Popen([str(denied_exe), "3600"])
+                        ready, _, _ = select.select([exited], [], [], 30)
+                        took = (time.perf_counter() - t0) * 1000
+                    finally:
+                        os.close(exited)
+                    denied.kill()
+                    denied.wait()
+                    if not ready:
+                        raise SystemExit("the session was not ended within 30 s")
+                    samples.append(took)
+                finally:
+                    client.cleanup()
+            usage = None
+            if idle_s > 0:
+                _gate(ctl, "endpoints", "agent", "bench-agent", {"compliant": True}, 30)
+                usage = idle_usage(agent.pid, idle_s)
+            return samples, usage
+        finally:
+            world.close()
+            broker.stop()
+
+
+def session_end(runs: int, idle_s: float) -> None:
+    print(f"denied process -> session ended, {runs} runs each (agent enforce, enforcers off, poll 1 s) ...")
+    events, events_usage = denied_to_session_ended(runs, process_events=True, idle_s=idle_s, settle_s=0.5)
+    rushed, _ = denied_to_session_ended(runs, process_events=True, idle_s=0, settle_s=0.0)
+    polled, polled_usage = denied_to_session_ended(runs, process_events=False, idle_s=idle_s, settle_s=0.5)
+    line("denied process -> session ended (events)", events)
+    line("  same, right after the session start", rushed)
+    line("  same loop, poll-only agent (ceiling)", polled)
+    for usage, label in ((events_usage, "events"), (polled_usage, "poll-only")):
+        if usage is not None:
+            print(f"{f'agent idle, {label}: RSS / CPU':<44} {usage[0]:8.1f} MB {usage[2]:8.3f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -201,6 +311,9 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=200)
     parser.add_argument("--execs", type=int, default=1000)
     parser.add_argument("--uevents", type=int, default=500)
+    parser.add_argument("--session-runs", type=int, default=50, help="denied process -> session ended runs")
+    parser.add_argument("--agent-idle", type=float, default=20.0, help="agent idle period, seconds (0: skip)")
+    parser.add_argument("--only", choices=("all", "enforcers", "session"), default="all")
     parser.add_argument("--runner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--display", help=argparse.SUPPRESS)
     parser.add_argument("--sysfs", help=argparse.SUPPRESS)
@@ -209,7 +322,11 @@ def main() -> None:
         asyncio.run(run_enforcers(args.display, args.sysfs))
         return
     if os.geteuid() != 0:
-        sys.exit("run as root: the exec figures need fanotify")
+        sys.exit("run as root: the exec figures need fanotify, the session figures the proc connector")
+    if args.only in ("all", "session") and args.session_runs > 0:
+        session_end(args.session_runs, args.agent_idle)
+    if args.only == "session":
+        return
     xvfb, display = start_xvfb()
     tmp = tempfile.mkdtemp(prefix="bench-enforce-")
     renamed = os.path.join(tmp, "totally-not-scrot")
