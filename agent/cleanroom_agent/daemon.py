@@ -1,6 +1,7 @@
 """Composition root of ``cleanroom-agent run``: one TaskGroup with named tasks.
 
-Tasks: ``link`` (MQTT), ``posture`` (probe every poll interval, report on change), ``heartbeat`` (posture
+Tasks: ``link`` (MQTT), ``posture`` (probe every poll interval, report on change), ``procevents`` (exec
+and exit events that matter → a coalesced observe at once; see procevents.py), ``heartbeat`` (posture
 at least every ``report.heartbeat_s``), ``failclosed`` (end sessions itself while cut off), ``localsock``
 (the launch gate), ``enforcers`` (their lifecycle) and ``shutdown`` (SIGTERM/SIGINT → offline status,
 drain, stop).
