@@ -272,8 +272,9 @@ def usb_devices(
     --rules: allow rules as `usbguard generate-policy` writes them, a start for the site's allow-list.
 
     Without: each device's port and state (allow = authorized, block = not)."""
+    from cleanroom_protocol.usbrules import Target, device_rule
+
     from .enforcers.sysfs import SysfsError, UsbSysfs
-    from .enforcers.usbrules import Target, device_rule
 
     sysfs = UsbSysfs(sysfs_root)
     if not sysfs.available():

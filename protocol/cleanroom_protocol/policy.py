@@ -14,9 +14,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .canonical import canonical_json
+from .usbrules import parse_rules
 
 MAX_POLICY_BYTES = 256 * 1024
 
@@ -101,6 +102,15 @@ DEFAULT_USB_RULES = [
 class UsbSection(_Section):
     rules: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=1024)] = DEFAULT_USB_RULES
     keep_present_hid: bool = True
+
+    @field_validator("rules")
+    @classmethod
+    def _usbguard_rules(cls, rules: list[str]) -> list[str]:
+        # Parsed where the policy is loaded, so a rule USBGuard refuses (or one that would fail open) is
+        # refused with the policy, naming rule and column, and never reaches an agent. UsbRuleError is a
+        # ValueError: load_policy reports it with file, line and field.
+        parse_rules(rules)
+        return rules
 
 
 class MediaSection(_Section):

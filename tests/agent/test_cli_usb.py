@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cleanroom_agent.enforcers.sysfs import UsbSysfs
-from cleanroom_agent.enforcers.usbrules import Target, judge_device, parse_rules
+from cleanroom_protocol.usbrules import Target, judge_device, parse_rules
 from tests.support.usbtree import GENERATE_POLICY_GOLDEN, STORAGE, reference_tree
 
 

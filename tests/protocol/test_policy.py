@@ -92,3 +92,18 @@ def test_hash_is_stable_and_changes_with_content() -> None:
     a, b = parse_policy(EXAMPLE), parse_policy(EXAMPLE)
     assert policy_hash(a) == policy_hash(b)
     assert policy_hash(a) != policy_hash(parse_policy(EXAMPLE.replace("version = 3", "version = 4")))
+
+
+def test_a_usb_rule_usbguard_refuses_refuses_the_policy_naming_file_line_rule_and_column(
+    tmp_path: Path,
+) -> None:
+    """The rules are parsed where the policy is loaded (controller and agent alike), so a broken rule never
+    reaches an endpoint, where it would leave the USB enforcer degraded and every new device blocked."""
+    path = tmp_path / "site.toml"
+    path.write_text(
+        'id = "p"\nversion = 1\n\n[usb]\nrules = ["allow id 1234:5678", "allow with-interface *:*:*"]\n'
+    )
+    with pytest.raises(
+        PolicyError, match=r"site\.toml:5: field usb\.rules: .*usb rule 2, column 22: bad interface"
+    ):
+        load_policy(path)

@@ -27,9 +27,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cleanroom_protocol.usbrules import Interface, UsbDevice
+
 from .usbdescriptors import DescriptorError, device_hash, read_descriptors, string_hash
 from .usbdescriptors import parse_descriptors as parse_descriptors
-from .usbrules import Interface, UsbDevice
 
 _MAX_ATTR = 4096
 _MAX_DESCRIPTORS = 64 * 1024

@@ -17,12 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cleanroom_protocol import EnforcerState, Event, Mode, Policy, Severity
-
-from .base import Enforcer, EventSink
-from .sysfs import SysfsError, UsbSysfs
-from .uevent import UeventError, open_uevent_socket, parse_uevent
-from .usbrulelex import escape
-from .usbrules import (
+from cleanroom_protocol.usbrulelex import escape
+from cleanroom_protocol.usbrules import (
     Target,
     UsbDevice,
     UsbRule,
@@ -32,6 +28,10 @@ from .usbrules import (
     judge_device,
     parse_rules,
 )
+
+from .base import Enforcer, EventSink
+from .sysfs import SysfsError, UsbSysfs
+from .uevent import UeventError, open_uevent_socket, parse_uevent
 
 SocketFactory = Callable[[], socket.socket]
 _DRAIN_PER_WAKEUP = 256

@@ -29,7 +29,7 @@ import base64
 import hashlib
 from dataclasses import dataclass
 
-from .usbrules import Interface
+from cleanroom_protocol.usbrules import Interface
 
 DEVICE, CONFIGURATION, INTERFACE, ENDPOINT = 1, 2, 4, 5
 _SIZES = {DEVICE: (18,), CONFIGURATION: (9,), INTERFACE: (9,), ENDPOINT: (7, 9)}

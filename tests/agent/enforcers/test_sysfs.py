@@ -8,7 +8,7 @@ import pytest
 
 from cleanroom_agent.enforcers.sysfs import UsbSysfs, parse_descriptors
 from cleanroom_agent.enforcers.usbdescriptors import DescriptorError
-from cleanroom_agent.enforcers.usbrules import Interface
+from cleanroom_protocol.usbrules import Interface
 from tests.support.usbtree import KEYBOARD, STORAGE, FakeUsb, descriptors
 
 

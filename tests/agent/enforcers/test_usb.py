@@ -6,8 +6,12 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from cleanroom_agent.enforcers.usb import UsbEnforcer
 from cleanroom_protocol import EnforcerState, Event, Mode, Policy
+from cleanroom_protocol.policy import UsbSection
 from tests.support.usbtree import KEYBOARD, STORAGE, FakeUsb
 
 
@@ -24,14 +28,26 @@ async def test_no_usb_bus_is_unsupported(tmp_path: Path) -> None:
     await enforcer.stop()
 
 
-async def test_bad_rule_fails_closed_and_degrades(tmp_path: Path) -> None:
+async def test_bad_rule_is_refused_with_the_policy_and_fails_closed_if_one_gets_through(
+    tmp_path: Path,
+) -> None:
+    """A rule USBGuard refuses refuses the whole policy where it is loaded. Should one reach the enforcer
+    anyway (a policy built without validation, as a newer protocol's might be), every new device is
+    blocked and the enforcer says degraded, naming the rule."""
+    with pytest.raises(ValidationError, match="usb rule 1, column 16: via-port takes a double-quoted string"):
+        policy(rules=["allow via-port 1-1"])
+    unvalidated = Policy.model_construct(
+        id="p",
+        version=1,
+        usb=UsbSection.model_construct(rules=["allow via-port 1-1"], keep_present_hid=False),
+    )
     usb = FakeUsb(tmp_path)
     usb.add_hub()
     usb.add_device("1-1", 0x046D, 0xC31C, [KEYBOARD], authorized=0)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     events: list[Event] = []
     enforcer = UsbEnforcer(events.append, sysfs_root=tmp_path, uevent_socket=lambda: b)
-    await enforcer.start(policy(rules=["allow via-port 1-1"], keep_present_hid=False), Mode.ENFORCE)
+    await enforcer.start(unvalidated, Mode.ENFORCE)
     status = enforcer.status()
     assert status.state is EnforcerState.DEGRADED
     assert "via-port" in (status.reason or "")

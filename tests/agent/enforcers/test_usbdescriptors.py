@@ -13,7 +13,7 @@ import pytest
 
 from cleanroom_agent.enforcers.sysfs import SysfsError, UsbSysfs, parent_path
 from cleanroom_agent.enforcers.usbdescriptors import DescriptorError, read_descriptors, string_hash
-from cleanroom_agent.enforcers.usbrules import Interface, device_rule, parse_rules
+from cleanroom_protocol.usbrules import Interface, device_rule, parse_rules
 from tests.support.usbtree import GENERATE_POLICY_GOLDEN as GOLDEN
 from tests.support.usbtree import KEYBOARD, STORAGE, FakeUsb, descriptors, reference_tree
 

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from cleanroom_agent.enforcers.usbrulelex import quote
-from cleanroom_agent.enforcers.usbrules import (
+from cleanroom_protocol.policy import DEFAULT_USB_RULES, UsbSection
+from cleanroom_protocol.usbrulelex import quote
+from cleanroom_protocol.usbrules import (
     Interface,
     SetOperator,
     Target,
@@ -27,7 +28,6 @@ from cleanroom_agent.enforcers.usbrules import (
     parse_rule,
     parse_rules,
 )
-from cleanroom_protocol.policy import DEFAULT_USB_RULES, UsbSection
 
 KBD = Interface(3, 1, 1)
 BOOT_KBD = Interface(3, 0, 1)
