@@ -69,6 +69,7 @@ from .procevents import (
     ProcessEventsUnavailable,
     interest_for,
 )
+from .sessionbook import SessionBook
 from .sessions import (
     EndResult,
     ProcessSnapshot,
@@ -77,7 +78,6 @@ from .sessions import (
     PsutilTreeEnder,
     TreeEnder,
     client_name,
-    diff_sessions,
     find_sessions,
     session_id,
 )
@@ -91,7 +91,6 @@ SHUTDOWN_DRAIN_S = 3.0
 # While process events are live the poll re-reads only host facts; the process table is re-read on events
 # and at least this often (a safety net for what events do not show: comm renames, forks in a tree).
 PROCESS_RESCAN_S = 10.0
-MAX_REMEMBERED_IDS = 10_000
 MAX_PENDING_LAUNCHES = 1024
 
 
@@ -222,10 +221,7 @@ class Agent:
         # Launches answered but not yet seen running their client: session id -> the check that drops it.
         self._pending_launches: dict[str, asyncio.TimerHandle] = {}
         self.latest: Observation | None = None
-        self._sessions: dict[str, SessionInfo] = {}
-        self._launched: set[str] = set()
-        self._ended_by_us: set[str] = set()
-        self._denied_seen: set[tuple[int, str]] = set()
+        self.book = SessionBook()
         self._last_fingerprint: str | None = None
         self._last_posture_sent = 0.0
         self._end_lock = asyncio.Lock()
@@ -361,7 +357,7 @@ class Agent:
 
         policy = self.in_force.effective
         self.process_events.set_interest(
-            interest_for(policy.processes.deny, policy.sessions.clients, self._sessions.values(), [])
+            interest_for(policy.processes.deny, policy.sessions.clients, self.book.running(), [])
         )
         try:
             self.process_events.start(wake)
@@ -409,32 +405,21 @@ class Agent:
 
     def _digest(self, procs: list[ProcessSnapshot], facts: HostFacts) -> Observation:
         policy = self.in_force.effective
-        found = [
-            s
-            for s in find_sessions(procs, policy.sessions.clients, self._launched)
-            if s.id not in self._ended_by_us
-        ]
-        changes = diff_sessions(list(self._sessions.values()), found)
-        for s in changes.started:
-            self._event("session.started", session=s.id, client=s.client, pid=s.pid, user=s.user)
-        for s in changes.ended:
-            if s.id in self._ended_by_us:
-                continue  # reported by end_sessions
-            self._event("session.ended", session=s.id, client=s.client, reason="exited")
-            self._launched.discard(s.id)
-        self._sessions = {s.id: s for s in found}
+        found = find_sessions(procs, policy.sessions.clients, self.book.launched_ids())
         denied = find_denied(procs, policy.processes.deny)
         by_pid = {p.pid: p for p in procs}
-        current = set()
-        for info in denied:
-            key = (info.pid, f"{by_pid[info.pid].create_time:.3f}")
-            current.add(key)
-            if key not in self._denied_seen:
-                self._event(
-                    "process.denied_running", Severity.WARNING, name=info.name, pid=info.pid, user=info.user
-                )
-        self._denied_seen = current  # first sight only: forget processes that are gone
-        obs = Observation(facts, procs, found, denied, self._posture(facts, denied, found))
+        changes = self.book.digest(found, [(info, by_pid[info.pid].create_time) for info in denied])
+        for s in changes.started:
+            self._event("session.started", session=s.id, client=s.client, pid=s.pid, user=s.user)
+        for s in changes.exited:
+            self._event("session.ended", session=s.id, client=s.client, reason="exited")
+        for info in changes.denied_new:
+            self._event(
+                "process.denied_running", Severity.WARNING, name=info.name, pid=info.pid, user=info.user
+            )
+        obs = Observation(
+            facts, procs, changes.running, denied, self._posture(facts, denied, changes.running)
+        )
         self.latest = obs
         return obs
 
@@ -451,7 +436,7 @@ class Agent:
         )
 
     def _rebuild_posture(self, obs: Observation) -> Posture:
-        obs.posture = self._posture(obs.facts, obs.denied, list(self._sessions.values()))
+        obs.posture = self._posture(obs.facts, obs.denied, self.book.running())
         return obs.posture
 
     @contextlib.contextmanager
@@ -516,21 +501,22 @@ class Agent:
             obs = self.latest
             if obs is None:
                 continue
+            sessions = self.book.running()
             reason = fail_closed_reason(
                 mode=self.mode,
                 in_force=self.in_force,
                 offline_since=self.link.offline_since,
                 now=time.time(),
                 local_violations=violations(obs.posture, self.in_force.effective),
-                session_count=len(self._sessions),
+                session_count=len(sessions),
             )
             if reason is None:
                 self._fail_closed_backoff = 0.0
                 continue
             if self._fail_closed_backoff > time.monotonic():
                 continue  # the last attempt left survivors: do not spin (and spam events) every poll
-            log.warning("failing_closed", reason=reason, sessions=list(self._sessions))
-            ended, failed = await self.end_sessions(list(self._sessions.values()), reason="fail_closed")
+            log.warning("failing_closed", reason=reason, sessions=[s.id for s in sessions])
+            ended, failed = await self.end_sessions(sessions, reason="fail_closed")
             if failed:
                 self._fail_closed_backoff = time.monotonic() + 10.0
             self._event(
@@ -551,24 +537,23 @@ class Agent:
         async with self._end_lock:
             for s in targets:
                 # Marked before the kill, so a probe digested meanwhile does not report it as "exited".
-                self._ended_by_us.add(s.id)
+                if not self.book.begin_end(s):
+                    ended.append(s.id)  # over while it waited for the lock; reported when it ended
+                    continue
                 result: EndResult = await asyncio.to_thread(self.ender.end_tree, s.pid, s.started, grace)
                 if result.survivors:
-                    self._ended_by_us.discard(s.id)
+                    self.book.end_failed(s.id)
                     failed.append(s.id)
                     log.error("session_not_ended", session=s.id, survivors=result.survivors)
                     continue
                 ended.append(s.id)
-                if len(self._ended_by_us) > MAX_REMEMBERED_IDS:
-                    self._ended_by_us = {s.id}
-                self._sessions.pop(s.id, None)
+                self.book.end_done(s.id, found=result.found)
                 self._event(
                     "session.ended",
                     session=s.id,
                     client=s.client,
                     reason=reason if result.found else "exited",
                 )
-                self._launched.discard(s.id)
         self._posture_due.set()
         return ended, failed
 
@@ -581,7 +566,7 @@ class Agent:
             )
         else:
             await self.observe()  # a session started a moment ago must be found
-            targets = [s for s in self._sessions.values() if command.session_id in (None, s.id)]
+            targets = [s for s in self.book.running() if command.session_id in (None, s.id)]
             if not targets:
                 ack = Ack(command_id=command.id, result=AckResult.NOT_FOUND, detail="no such session running")
             elif self.mode is Mode.AUDIT:
@@ -716,9 +701,7 @@ class Agent:
         )
         answer = self._launch_answer(client, decision)
         if sid is not None:
-            self._launched.add(sid)
-            if len(self._launched) > MAX_REMEMBERED_IDS:
-                self._launched = {sid}
+            self.book.register_launch(sid)
             previous = self._pending_launches.pop(sid, None)
             if previous is not None:
                 previous.cancel()
@@ -748,6 +731,6 @@ class Agent:
             )
         except psutil.Error:
             running_client = False
+        self.book.settle_launch(sid, running_client=running_client)
         if not running_client:
-            self._launched.discard(sid)
             log.info("launch_not_executed", session=sid, client=client)
