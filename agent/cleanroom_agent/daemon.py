@@ -14,7 +14,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,6 @@ from cleanroom_protocol import (
     AgentState,
     Command,
     CommandAction,
-    Event,
     Kind,
     Mode,
     Policy,
@@ -60,7 +59,7 @@ from .enforcers import Enforcer, build_configured_enforcers, client_clipboard_of
 from .link import Link, LinkCallbacks
 from .localsock import PENDING_EXEC_S, LocalSocketServer, Peer, may_read_posture, resolve_group
 from .outbox import Outbox
-from .posture import HostFacts, HostProbe, LinuxHostProbe, assemble_posture, find_denied, fingerprint
+from .posture import HostFacts, HostProbe, LinuxHostProbe, assemble_posture, find_denied
 from .procevents import (
     ObserveCoalescer,
     ProcConnectorEvents,
@@ -69,6 +68,7 @@ from .procevents import (
     ProcessEventsUnavailable,
     interest_for,
 )
+from .reporting import EventSink, PostureAssembler, PostureReporter
 from .sessionbook import SessionBook
 from .sessions import (
     EndResult,
@@ -184,6 +184,8 @@ class Agent:
         self.mode = settings.mode
         self.spool = spool
         self.outbox = Outbox(spool, agent_id=settings.id, key=key)
+        self._posture_due = asyncio.Event()
+        self.events = EventSink(self.outbox, on_enforcer_status=self._posture_due.set)
         self.probe = probe or LinuxHostProbe()
         self.processes = processes or PsutilProcessTable()
         self.ender = ender or PsutilTreeEnder()
@@ -191,7 +193,7 @@ class Agent:
             list(enforcers)
             if enforcers is not None
             else build_configured_enforcers(
-                self.emit,
+                self.events.emit,
                 settings.enforcers,
                 sysfs_root=settings.sysfs_root,
                 exec_backend=settings.exec_backend,
@@ -209,7 +211,7 @@ class Agent:
                 on_command=self.handle_command,
                 on_command_replayed=self.resend_ack,
                 on_policy=self.handle_policy,
-                on_reject=self._on_reject,
+                on_reject=self.events.rejected,
                 on_connected=self._on_connected,
             ),
         )
@@ -221,22 +223,31 @@ class Agent:
         # Launches answered but not yet seen running their client: session id -> the check that drops it.
         self._pending_launches: dict[str, asyncio.TimerHandle] = {}
         self.latest: Observation | None = None
+        self.assemble = PostureAssembler(
+            agent_id=settings.id,
+            mode=self.mode,
+            in_force=lambda: self.in_force,
+            enforcers=self.enforcers,
+            offline_since=lambda: self.link.offline_since,
+        )
+        self.reporter = PostureReporter(
+            self.outbox,
+            current=self._rebuild_posture,
+            heartbeat_s=lambda: self.in_force.effective.report.heartbeat_s,
+            wake=self._posture_due.set,
+        )
         self.book = SessionBook()
-        self._last_fingerprint: str | None = None
-        self._last_posture_sent = 0.0
         self._end_lock = asyncio.Lock()
         # Snapshots are digested in the order they were taken: an older snapshot digested after a newer one
         # would report a session as ended and started again.
         self._observe_lock = asyncio.Lock()
         self._fail_closed_backoff = 0.0
-        self._posture_due = asyncio.Event()
         self.process_events: ProcessEventSource = process_events or (
             ProcConnectorEvents() if settings.process_events else ProcessEventsOff()
         )
         self._events_live = False  # the source runs: process-table changes arrive as events
         self._coalescer = ObserveCoalescer()
         self._last_process_scan = float("-inf")
-        self._posture_holds = 0
         self._stop = asyncio.Event()
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -260,7 +271,7 @@ class Agent:
                 tg.create_task(self.link.run(), name="link")
                 tg.create_task(self._posture_loop(), name="posture")
                 tg.create_task(self._process_events_task(), name="procevents")
-                tg.create_task(self._heartbeat_loop(), name="heartbeat")
+                tg.create_task(self.reporter.heartbeat_loop(), name="heartbeat")
                 tg.create_task(self._failclosed_loop(), name="failclosed")
                 tg.create_task(self.server.serve(), name="localsock")
                 tg.create_task(self._shutdown_task(), name="shutdown")
@@ -282,7 +293,7 @@ class Agent:
         raise _Shutdown
 
     async def _enforcers_task(self) -> None:
-        with self._posture_held():
+        with self.reporter.held():
             for enforcer in self.enforcers:
                 try:
                     # The policy in force now, not when this task began: a signed policy may have arrived
@@ -299,29 +310,9 @@ class Agent:
                 except Exception:
                     log.exception("enforcer_stop_failed", enforcer=getattr(enforcer, "name", "?"))
 
-    # --- events ------------------------------------------------------------------------------------
-    def emit(self, event: Event) -> None:
-        """Queue an event for publishing at once (also the sink handed to enforcers)."""
-        try:
-            self.outbox.event(event)
-        except Exception:
-            log.exception("event_not_queued", kind=event.kind)
-            return
-        log.info("event", kind=event.kind, **{k: v for k, v in event.details.items() if k != "reasons"})
-        if event.kind == "enforcer.status":
-            self._posture_due.set()
-
-    def _event(
-        self, kind: str, severity: Severity = Severity.INFO, *, blocked: bool = False, **details: Any
-    ) -> None:
-        self.emit(Event(kind=kind, at=time.time(), severity=severity, blocked=blocked, details=details))
-
-    def _on_reject(self, what: str, reason: str) -> None:
-        self._event(f"{what}.rejected", Severity.WARNING, reason=reason)
-
+    # --- wiring ------------------------------------------------------------------------------------
     def _on_connected(self) -> None:
-        if self.latest is not None:
-            self._send_posture(self._rebuild_posture(self.latest), force=True)
+        self.reporter.resend()
 
     # --- observing ---------------------------------------------------------------------------------
     async def observe(self, *, processes: bool = True) -> Observation:
@@ -363,7 +354,7 @@ class Agent:
             self.process_events.start(wake)
         except ProcessEventsUnavailable as exc:
             log.warning("process_events_off", reason=str(exc), poll_s=self.settings.poll_interval)
-            self._event("agent.process_events_off", Severity.WARNING, reason=str(exc)[:500])
+            self.events.event("agent.process_events_off", Severity.WARNING, reason=str(exc)[:500])
             return
         self._events_live = True
         log.info("process_events_on")
@@ -382,7 +373,7 @@ class Agent:
             if self._events_live:
                 self._events_live = False
                 log.error("process_events_off", reason=failure, poll_s=self.settings.poll_interval)
-                self._event("agent.process_events_off", Severity.WARNING, reason=failure)
+                self.events.event("agent.process_events_off", Severity.WARNING, reason=failure)
             self._posture_due.set()
             return
         self._arm_observe(self._coalescer.event(time.monotonic()))
@@ -410,64 +401,26 @@ class Agent:
         by_pid = {p.pid: p for p in procs}
         changes = self.book.digest(found, [(info, by_pid[info.pid].create_time) for info in denied])
         for s in changes.started:
-            self._event("session.started", session=s.id, client=s.client, pid=s.pid, user=s.user)
+            self.events.event("session.started", session=s.id, client=s.client, pid=s.pid, user=s.user)
         for s in changes.exited:
-            self._event("session.ended", session=s.id, client=s.client, reason="exited")
+            self.events.event("session.ended", session=s.id, client=s.client, reason="exited")
         for info in changes.denied_new:
-            self._event(
+            self.events.event(
                 "process.denied_running", Severity.WARNING, name=info.name, pid=info.pid, user=info.user
             )
         obs = Observation(
-            facts, procs, changes.running, denied, self._posture(facts, denied, changes.running)
+            facts, procs, changes.running, denied, self.assemble(facts, denied, changes.running)
         )
         self.latest = obs
         return obs
 
-    def _posture(self, facts: HostFacts, denied: list[ProcessInfo], sessions: list[SessionInfo]) -> Posture:
-        return assemble_posture(
-            agent_id=self.settings.id,
-            mode=self.mode,
-            policy=self.in_force.ref,
-            facts=facts,
-            denied=denied,
-            sessions=sessions,
-            enforcers=[e.status() for e in self.enforcers],
-            offline_since=self.link.offline_since,
-        )
-
-    def _rebuild_posture(self, obs: Observation) -> Posture:
-        obs.posture = self._posture(obs.facts, obs.denied, self.book.running())
+    def _rebuild_posture(self) -> Posture | None:
+        """The latest observation's posture made again with the sessions, policy and enforcers of now."""
+        obs = self.latest
+        if obs is None:
+            return None
+        obs.posture = self.assemble(obs.facts, obs.denied, self.book.running())
         return obs.posture
-
-    @contextlib.contextmanager
-    def _posture_held(self) -> Iterator[None]:
-        """No posture leaves while enforcers start or apply a policy: it would report rules half in force,
-        and the controller would act on that transient. On release the settled posture is sent at once;
-        a failed start or apply shows in it (degraded, no policy hash), so holding hides nothing."""
-        self._posture_holds += 1
-        try:
-            yield
-        finally:
-            self._posture_holds -= 1
-            if not self._posture_holds and self.latest is not None:
-                self._send_posture(self._rebuild_posture(self.latest), force=True)
-            self._posture_due.set()
-
-    def _send_posture(self, posture: Posture, *, force: bool = False) -> bool:
-        """Queue ``posture`` (unless unchanged and not forced, or held); True when it was queued."""
-        if self._posture_holds:
-            return False
-        fp = fingerprint(posture)
-        if not force and fp == self._last_fingerprint:
-            return False
-        try:
-            self.outbox.posture(posture)
-        except ValueError as exc:  # over the message size limit
-            log.error("posture_not_sent", error=str(exc))
-            return False
-        self._last_fingerprint = fp
-        self._last_posture_sent = time.monotonic()
-        return True
 
     async def _posture_loop(self) -> None:
         woken = True
@@ -476,7 +429,7 @@ class Agent:
             self._posture_due.clear()
             try:
                 obs = await self.observe(processes=self._process_scan_due(woken))
-                self._send_posture(obs.posture)
+                self.reporter.send(obs.posture)
             except Exception:
                 log.exception("posture_probe_failed")
             try:
@@ -484,16 +437,6 @@ class Agent:
                 woken = True
             except TimeoutError:
                 woken = False
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            heartbeat = self.in_force.effective.report.heartbeat_s
-            due = self._last_posture_sent + heartbeat - time.monotonic()
-            if due <= 0 and self.latest is not None:
-                if self._send_posture(self._rebuild_posture(self.latest), force=True):
-                    continue
-                due = 0.1  # held or not sendable: try again shortly, never spin
-            await asyncio.sleep(max(0.1, min(due, 1.0)))
 
     async def _failclosed_loop(self) -> None:
         while True:
@@ -519,7 +462,7 @@ class Agent:
             ended, failed = await self.end_sessions(sessions, reason="fail_closed")
             if failed:
                 self._fail_closed_backoff = time.monotonic() + 10.0
-            self._event(
+            self.events.event(
                 "agent.fail_closed",
                 Severity.CRITICAL,
                 blocked=True,
@@ -548,7 +491,7 @@ class Agent:
                     continue
                 ended.append(s.id)
                 self.book.end_done(s.id, found=result.found)
-                self._event(
+                self.events.event(
                     "session.ended",
                     session=s.id,
                     client=s.client,
@@ -600,24 +543,24 @@ class Agent:
     async def handle_policy(self, document: PolicyDocument, raw: bytes) -> None:
         policy = document.policy
         if document.hash != policy_hash(policy):
-            self._on_reject("policy", f"hash mismatch: document says {document.hash}")
+            self.events.rejected("policy", f"hash mismatch: document says {document.hash}")
             return
         choice = choose_policy(self.in_force, policy)
         if choice is PolicyChoice.UNCHANGED:
             return
         if choice is PolicyChoice.OLDER:
             current = self.in_force.policy
-            self._on_reject(
+            self.events.rejected(
                 "policy",
                 f"older: {policy.id}@{policy.version} < {current.id}@{current.version}"
                 if current
                 else "older",
             )
             return
-        with self._posture_held():
+        with self.reporter.held():
             self.in_force = PolicyInForce(policy, PolicySource.SIGNED)
             self.spool.set_state(POLICY_DOCUMENT, raw.decode("utf-8"))
-            self._event("policy.applied", id=policy.id, version=policy.version)
+            self.events.event("policy.applied", id=policy.id, version=policy.version)
             for enforcer in self.enforcers:
                 try:
                     await enforcer.apply(policy, self.mode)
@@ -688,7 +631,7 @@ class Agent:
             return {"ok": False, "error": "too many launches pending; try again in a few seconds"}
         decision = await self._launch_decision(client)
         sid = session_id(peer.pid, peer.start_time) if decision.allowed else None
-        self._event(
+        self.events.event(
             "launch.allowed" if decision.allowed else "launch.denied",
             Severity.INFO if decision.allowed and not decision.reasons else Severity.WARNING,
             blocked=not decision.allowed,
