@@ -28,30 +28,19 @@ from cleanroom_protocol import (
     AgentState,
     Command,
     CommandAction,
-    Kind,
     Mode,
-    Policy,
-    PolicyDocument,
-    PolicyError,
     Posture,
     ProcessInfo,
     SessionInfo,
     Severity,
     Status,
-    load_policy,
-    policy_hash,
-    verify,
     violations,
 )
 
 from . import __version__
 from .decisions import (
-    NO_POLICY,
     LaunchDecision,
-    PolicyChoice,
     PolicyInForce,
-    PolicySource,
-    choose_policy,
     fail_closed_reason,
     launch_decision,
 )
@@ -59,6 +48,7 @@ from .enforcers import Enforcer, build_configured_enforcers, client_clipboard_of
 from .link import Link, LinkCallbacks
 from .localsock import PENDING_EXEC_S, LocalSocketServer, Peer, may_read_posture, resolve_group
 from .outbox import Outbox
+from .policykeeper import PolicyKeeper, StartupError, initial_policy, load_signed_policy
 from .posture import HostFacts, HostProbe, LinuxHostProbe, assemble_posture, find_denied
 from .procevents import (
     ObserveCoalescer,
@@ -84,9 +74,11 @@ from .sessions import (
 from .settings import AgentSettings
 from .spool import Spool
 
+# The CLI and the tests import these from here.
+__all__ = ["Agent", "StartupError", "initial_policy", "load_signed_policy", "snapshot_posture"]
+
 log = structlog.get_logger("cleanroom_agent.daemon")
 
-POLICY_DOCUMENT = "policy_document"
 SHUTDOWN_DRAIN_S = 3.0
 # While process events are live the poll re-reads only host facts; the process table is re-read on events
 # and at least this often (a safety net for what events do not show: comm renames, forks in a tree).
@@ -96,10 +88,6 @@ MAX_PENDING_LAUNCHES = 1024
 
 class _Shutdown(Exception):
     """Raised by the shutdown task to end the TaskGroup."""
-
-
-class StartupError(Exception):
-    """The agent cannot start (unreadable bootstrap policy, ...); the message says what and where."""
 
 
 @dataclass
@@ -112,38 +100,6 @@ class Observation:
     denied: list[ProcessInfo]
     posture: Posture
     at: float = field(default_factory=time.time)
-
-
-def load_signed_policy(raw: str | None, controller_id: str, key: Ed25519PublicKey) -> Policy | None:
-    """Re-verify the signed policy document persisted in the spool (the key may have changed since)."""
-    if raw is None:
-        return None
-    verdict = verify(
-        raw.encode(),
-        public_key_for=lambda s: key if s == controller_id else None,
-        max_skew_s=None,
-        expected_kind=Kind.POLICY,
-    )
-    if not verdict.ok or not isinstance(verdict.body, PolicyDocument):
-        log.warning("persisted_policy_rejected", status=verdict.status.value, detail=verdict.detail)
-        return None
-    return verdict.body.policy
-
-
-def initial_policy(
-    settings: AgentSettings, spool: Spool | None, controller_key: Ed25519PublicKey | None
-) -> PolicyInForce:
-    """Signed persisted policy if it still verifies, else the bootstrap ``--policy`` file, else none."""
-    if controller_key is not None and spool is not None:
-        signed = load_signed_policy(spool.get_state(POLICY_DOCUMENT), settings.controller_id, controller_key)
-        if signed is not None:
-            return PolicyInForce(signed, PolicySource.SIGNED)
-    if settings.policy is not None:
-        try:
-            return PolicyInForce(load_policy(settings.policy), PolicySource.BOOTSTRAP)
-        except PolicyError as exc:
-            raise StartupError(str(exc)) from exc
-    return NO_POLICY
 
 
 def snapshot_posture(
@@ -199,7 +155,14 @@ class Agent:
                 exec_backend=settings.exec_backend,
             )
         )
-        self.in_force = initial_policy(settings, spool, controller_key)
+        self.keeper = PolicyKeeper(
+            initial_policy(settings, spool, controller_key),
+            mode=self.mode,
+            spool=spool,
+            enforcers=self.enforcers,
+            events=self.events,
+            held=lambda: self.reporter.held(),
+        )
         self.link = Link(
             broker=settings.broker_address,
             agent_id=settings.id,
@@ -210,7 +173,7 @@ class Agent:
             callbacks=LinkCallbacks(
                 on_command=self.handle_command,
                 on_command_replayed=self.resend_ack,
-                on_policy=self.handle_policy,
+                on_policy=self.keeper.handle_policy,
                 on_reject=self.events.rejected,
                 on_connected=self._on_connected,
             ),
@@ -250,6 +213,10 @@ class Agent:
         self._last_process_scan = float("-inf")
         self._stop = asyncio.Event()
 
+    @property
+    def in_force(self) -> PolicyInForce:
+        return self.keeper.in_force
+
     # --- lifecycle ---------------------------------------------------------------------------------
     def request_stop(self) -> None:
         self._stop.set()
@@ -267,7 +234,7 @@ class Agent:
         )
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._enforcers_task(), name="enforcers")
+                tg.create_task(self.keeper.run_enforcers(), name="enforcers")
                 tg.create_task(self.link.run(), name="link")
                 tg.create_task(self._posture_loop(), name="posture")
                 tg.create_task(self._process_events_task(), name="procevents")
@@ -291,24 +258,6 @@ class Agent:
             log.info("outbox_drained" if drained else "outbox_not_drained", pending=self.spool.count())
         self.link.request_stop()
         raise _Shutdown
-
-    async def _enforcers_task(self) -> None:
-        with self.reporter.held():
-            for enforcer in self.enforcers:
-                try:
-                    # The policy in force now, not when this task began: a signed policy may have arrived
-                    # meanwhile, and an apply() before start() is a no-op, so this start must carry it.
-                    await enforcer.start(self.in_force.effective, self.mode)
-                except Exception:
-                    log.exception("enforcer_start_failed", enforcer=getattr(enforcer, "name", "?"))
-        try:
-            await asyncio.Event().wait()
-        finally:
-            for enforcer in self.enforcers:
-                try:
-                    await enforcer.stop()
-                except Exception:
-                    log.exception("enforcer_stop_failed", enforcer=getattr(enforcer, "name", "?"))
 
     # --- wiring ------------------------------------------------------------------------------------
     def _on_connected(self) -> None:
@@ -538,34 +487,6 @@ class Agent:
             return False
         self.outbox.ack(Ack.model_validate(previous))
         return True
-
-    # --- policy ------------------------------------------------------------------------------------
-    async def handle_policy(self, document: PolicyDocument, raw: bytes) -> None:
-        policy = document.policy
-        if document.hash != policy_hash(policy):
-            self.events.rejected("policy", f"hash mismatch: document says {document.hash}")
-            return
-        choice = choose_policy(self.in_force, policy)
-        if choice is PolicyChoice.UNCHANGED:
-            return
-        if choice is PolicyChoice.OLDER:
-            current = self.in_force.policy
-            self.events.rejected(
-                "policy",
-                f"older: {policy.id}@{policy.version} < {current.id}@{current.version}"
-                if current
-                else "older",
-            )
-            return
-        with self.reporter.held():
-            self.in_force = PolicyInForce(policy, PolicySource.SIGNED)
-            self.spool.set_state(POLICY_DOCUMENT, raw.decode("utf-8"))
-            self.events.event("policy.applied", id=policy.id, version=policy.version)
-            for enforcer in self.enforcers:
-                try:
-                    await enforcer.apply(policy, self.mode)
-                except Exception:
-                    log.exception("enforcer_apply_failed", enforcer=getattr(enforcer, "name", "?"))
 
     # --- local socket ------------------------------------------------------------------------------
     def _client_args(self, client: str) -> list[str]:
