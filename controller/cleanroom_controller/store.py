@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .audit import GENESIS, AuditEntry, ChainHead, make_entry
+from .enrolment import TokenRecord
 from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
 
 DB_NAME = "controller.db"
@@ -67,6 +68,14 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+CREATE TABLE IF NOT EXISTS enrolment_tokens (
+    id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, site TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL NOT NULL, uses_allowed INTEGER NOT NULL, uses INTEGER NOT NULL DEFAULT 0, revoked_at REAL,
+    created_by TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS agent_revocations (
+    agent TEXT PRIMARY KEY, revoked_at REAL NOT NULL, reason TEXT NOT NULL, operator TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS events_received ON events (received);
 CREATE INDEX IF NOT EXISTS messages_received ON messages (received);
 CREATE INDEX IF NOT EXISTS commands_state ON commands (state);
@@ -79,6 +88,20 @@ class AgentExistsError(Exception):
 
 def _b(value: Any) -> bool | None:
     return None if value is None else bool(value)
+
+
+def _token(r: sqlite3.Row) -> TokenRecord:
+    return TokenRecord(
+        id=r["id"],
+        secret_sha256=r["secret_sha256"],
+        site=r["site"],
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        uses_allowed=r["uses_allowed"],
+        uses=r["uses"],
+        revoked_at=r["revoked_at"],
+        created_by=r["created_by"],
+    )
 
 
 class Store:
@@ -170,6 +193,50 @@ class Store:
             )
             db.execute("INSERT OR IGNORE INTO endpoints (agent, updated) VALUES (?, ?)", (agent, now))
         return True
+
+    # -- enrolment tokens and revocations ------------------------------------------------------------------
+    def add_token(self, t: TokenRecord) -> None:
+        self._db.execute(
+            "INSERT INTO enrolment_tokens (id, secret_sha256, site, created_at, expires_at, uses_allowed, uses,"
+            " revoked_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (t.id, t.secret_sha256, t.site, t.created_at, t.expires_at, t.uses_allowed, t.uses, t.revoked_at,
+             t.created_by),
+        )  # fmt: skip
+
+    def token(self, token_id: str) -> TokenRecord | None:
+        r = self._db.execute("SELECT * FROM enrolment_tokens WHERE id = ?", (token_id,)).fetchone()
+        return None if r is None else _token(r)
+
+    def tokens(self) -> list[TokenRecord]:
+        rows = self._db.execute("SELECT * FROM enrolment_tokens ORDER BY created_at DESC").fetchall()
+        return [_token(r) for r in rows]
+
+    def use_token(self, token_id: str, now: float) -> bool:
+        """Count one use, atomically: False when the token is revoked, expired or used up meanwhile (two
+        enrolments racing on a single-use token: exactly one wins)."""
+        cur = self._db.execute(
+            "UPDATE enrolment_tokens SET uses = uses + 1 WHERE id = ? AND revoked_at IS NULL AND expires_at > ?"
+            " AND uses < uses_allowed",
+            (token_id, now),
+        )
+        return cur.rowcount == 1
+
+    def revoke_token(self, token_id: str, now: float) -> bool:
+        cur = self._db.execute(
+            "UPDATE enrolment_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, token_id)
+        )
+        return cur.rowcount == 1
+
+    def revoke_agent(self, agent: str, reason: str, operator: str, now: float) -> bool:
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO agent_revocations (agent, revoked_at, reason, operator) VALUES (?, ?, ?, ?)",
+            (agent, now, reason, operator),
+        )
+        return cur.rowcount == 1
+
+    def revoked_agents(self) -> dict[str, float]:
+        rows = self._db.execute("SELECT agent, revoked_at FROM agent_revocations").fetchall()
+        return {str(r["agent"]): float(r["revoked_at"]) for r in rows}
 
     def public_key_pem(self, agent: str) -> str | None:
         row = self._db.execute("SELECT public_key FROM agents WHERE id = ?", (agent,)).fetchone()
