@@ -10,12 +10,10 @@ drain, stop).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -29,8 +27,6 @@ from cleanroom_protocol import (
     Command,
     CommandAction,
     Mode,
-    Posture,
-    ProcessInfo,
     SessionInfo,
     Severity,
     Status,
@@ -47,16 +43,14 @@ from .decisions import (
 from .enforcers import Enforcer, build_configured_enforcers, client_clipboard_off
 from .link import Link, LinkCallbacks
 from .localsock import PENDING_EXEC_S, LocalSocketServer, Peer, may_read_posture, resolve_group
+from .observing import Observer, snapshot_posture
 from .outbox import Outbox
 from .policykeeper import PolicyKeeper, StartupError, initial_policy, load_signed_policy
-from .posture import HostFacts, HostProbe, LinuxHostProbe, assemble_posture, find_denied
+from .posture import HostProbe, LinuxHostProbe
 from .procevents import (
-    ObserveCoalescer,
     ProcConnectorEvents,
     ProcessEventsOff,
     ProcessEventSource,
-    ProcessEventsUnavailable,
-    interest_for,
 )
 from .reporting import EventSink, PostureAssembler, PostureReporter
 from .sessionbook import SessionBook
@@ -68,7 +62,6 @@ from .sessions import (
     PsutilTreeEnder,
     TreeEnder,
     client_name,
-    find_sessions,
     session_id,
 )
 from .settings import AgentSettings
@@ -80,46 +73,11 @@ __all__ = ["Agent", "StartupError", "initial_policy", "load_signed_policy", "sna
 log = structlog.get_logger("cleanroom_agent.daemon")
 
 SHUTDOWN_DRAIN_S = 3.0
-# While process events are live the poll re-reads only host facts; the process table is re-read on events
-# and at least this often (a safety net for what events do not show: comm renames, forks in a tree).
-PROCESS_RESCAN_S = 10.0
 MAX_PENDING_LAUNCHES = 1024
 
 
 class _Shutdown(Exception):
     """Raised by the shutdown task to end the TaskGroup."""
-
-
-@dataclass
-class Observation:
-    """The latest probe results and what was derived from them."""
-
-    facts: HostFacts
-    processes: list[ProcessSnapshot]
-    sessions: list[SessionInfo]
-    denied: list[ProcessInfo]
-    posture: Posture
-    at: float = field(default_factory=time.time)
-
-
-def snapshot_posture(
-    settings: AgentSettings, in_force: PolicyInForce, enforcers: Sequence[Enforcer]
-) -> tuple[Posture, list[str]]:
-    """One posture of this endpoint, outside the daemon (``cleanroom-agent check``), and its violations."""
-    policy = in_force.effective
-    procs = PsutilProcessTable().snapshot()
-    posture = assemble_posture(
-        agent_id=settings.id,
-        mode=settings.mode,
-        policy=in_force.ref,
-        facts=LinuxHostProbe().host_facts(),
-        denied=find_denied(procs, policy.processes.deny),
-        sessions=find_sessions(procs, policy.sessions.clients, set()),
-        enforcers=[e.status() for e in enforcers],
-        offline_since=None,
-    )
-    reasons = violations(posture, policy) if in_force.policy is not None else ["policy_missing"]
-    return posture, reasons
 
 
 class Agent:
@@ -185,7 +143,6 @@ class Agent:
         self.server = LocalSocketServer(settings.socket, self.handle_local)
         # Launches answered but not yet seen running their client: session id -> the check that drops it.
         self._pending_launches: dict[str, asyncio.TimerHandle] = {}
-        self.latest: Observation | None = None
         self.assemble = PostureAssembler(
             agent_id=settings.id,
             mode=self.mode,
@@ -193,24 +150,29 @@ class Agent:
             enforcers=self.enforcers,
             offline_since=lambda: self.link.offline_since,
         )
-        self.reporter = PostureReporter(
-            self.outbox,
-            current=self._rebuild_posture,
-            heartbeat_s=lambda: self.in_force.effective.report.heartbeat_s,
-            wake=self._posture_due.set,
-        )
         self.book = SessionBook()
-        self._end_lock = asyncio.Lock()
-        # Snapshots are digested in the order they were taken: an older snapshot digested after a newer one
-        # would report a session as ended and started again.
-        self._observe_lock = asyncio.Lock()
-        self._fail_closed_backoff = 0.0
         self.process_events: ProcessEventSource = process_events or (
             ProcConnectorEvents() if settings.process_events else ProcessEventsOff()
         )
-        self._events_live = False  # the source runs: process-table changes arrive as events
-        self._coalescer = ObserveCoalescer()
-        self._last_process_scan = float("-inf")
+        self.observer = Observer(
+            poll_interval=settings.poll_interval,
+            probe=self.probe,
+            processes=self.processes,
+            process_events=self.process_events,
+            book=self.book,
+            in_force=lambda: self.in_force,
+            assemble=self.assemble,
+            events=self.events,
+            posture_due=self._posture_due,
+        )
+        self.reporter = PostureReporter(
+            self.outbox,
+            current=self.observer.rebuild_posture,
+            heartbeat_s=lambda: self.in_force.effective.report.heartbeat_s,
+            wake=self._posture_due.set,
+        )
+        self._end_lock = asyncio.Lock()
+        self._fail_closed_backoff = 0.0
         self._stop = asyncio.Event()
 
     @property
@@ -236,8 +198,8 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.keeper.run_enforcers(), name="enforcers")
                 tg.create_task(self.link.run(), name="link")
-                tg.create_task(self._posture_loop(), name="posture")
-                tg.create_task(self._process_events_task(), name="procevents")
+                tg.create_task(self.observer.posture_loop(self.reporter.send), name="posture")
+                tg.create_task(self.observer.run_process_events(), name="procevents")
                 tg.create_task(self.reporter.heartbeat_loop(), name="heartbeat")
                 tg.create_task(self._failclosed_loop(), name="failclosed")
                 tg.create_task(self.server.serve(), name="localsock")
@@ -263,134 +225,10 @@ class Agent:
     def _on_connected(self) -> None:
         self.reporter.resend()
 
-    # --- observing ---------------------------------------------------------------------------------
-    async def observe(self, *, processes: bool = True) -> Observation:
-        """Probe the host and process table now, report what started and ended, remember the result.
-
-        ``processes=False`` reuses the last process table (the poll, while process events say when the
-        table changes); every other caller wants it read now."""
-        async with self._observe_lock:
-            started = time.monotonic()
-            if not processes and self.latest is not None:
-                return self._digest(self.latest.processes, await asyncio.to_thread(self.probe.host_facts))
-            procs, facts = await asyncio.gather(
-                asyncio.to_thread(self.processes.snapshot), asyncio.to_thread(self.probe.host_facts)
-            )
-            obs = self._digest(procs, facts)
-            self._last_process_scan = started
-            # This table covers the process events before `started`; later ones still owe an observe.
-            self._arm_observe(self._coalescer.observed(started, time.monotonic()))
-            policy = self.in_force.effective
-            self.process_events.set_interest(
-                interest_for(policy.processes.deny, policy.sessions.clients, obs.sessions, obs.denied)
-            )
-            return obs
-
-    # --- process events ----------------------------------------------------------------------------
-    async def _process_events_task(self) -> None:
-        """Run the process-event source; without it the poll re-reads the process table every time."""
-        loop = asyncio.get_running_loop()
-
-        def wake() -> None:  # in the source's thread
-            with contextlib.suppress(RuntimeError):  # the loop is closing
-                loop.call_soon_threadsafe(self._on_process_event)
-
-        policy = self.in_force.effective
-        self.process_events.set_interest(
-            interest_for(policy.processes.deny, policy.sessions.clients, self.book.running(), [])
-        )
-        try:
-            self.process_events.start(wake)
-        except ProcessEventsUnavailable as exc:
-            log.warning("process_events_off", reason=str(exc), poll_s=self.settings.poll_interval)
-            self.events.event("agent.process_events_off", Severity.WARNING, reason=str(exc)[:500])
-            return
-        self._events_live = True
-        log.info("process_events_on")
-        self._posture_due.set()  # a process started before the source did is seen by this full observe
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self._events_live = False
-            self.process_events.stop()
-
-    def _on_process_event(self) -> None:
-        """The source woke us (in the loop): owe an observe, coalesced; or, if it failed, back to the poll."""
-        self.process_events.rearm()
-        failure = self.process_events.failure
-        if failure is not None:
-            if self._events_live:
-                self._events_live = False
-                log.error("process_events_off", reason=failure, poll_s=self.settings.poll_interval)
-                self.events.event("agent.process_events_off", Severity.WARNING, reason=failure)
-            self._posture_due.set()
-            return
-        self._arm_observe(self._coalescer.event(time.monotonic()))
-
-    def _arm_observe(self, delay: float | None) -> None:
-        if delay is not None:
-            asyncio.get_running_loop().call_later(delay, self._process_observe_due)
-
-    def _process_observe_due(self) -> None:
-        if self._coalescer.fired():  # still owed: no other observe covered the events meanwhile
-            self._posture_due.set()
-
-    def _process_scan_due(self, woken: bool) -> bool:
-        """Read the process table in this posture round? Always when asked (an event, a policy, an end)
-        or without live events; on a plain poll tick only once the safety-net interval has passed."""
-        if woken or not self._events_live:
-            return True
-        rescan = max(PROCESS_RESCAN_S, self.settings.poll_interval)
-        return time.monotonic() - self._last_process_scan >= rescan
-
-    def _digest(self, procs: list[ProcessSnapshot], facts: HostFacts) -> Observation:
-        policy = self.in_force.effective
-        found = find_sessions(procs, policy.sessions.clients, self.book.launched_ids())
-        denied = find_denied(procs, policy.processes.deny)
-        by_pid = {p.pid: p for p in procs}
-        changes = self.book.digest(found, [(info, by_pid[info.pid].create_time) for info in denied])
-        for s in changes.started:
-            self.events.event("session.started", session=s.id, client=s.client, pid=s.pid, user=s.user)
-        for s in changes.exited:
-            self.events.event("session.ended", session=s.id, client=s.client, reason="exited")
-        for info in changes.denied_new:
-            self.events.event(
-                "process.denied_running", Severity.WARNING, name=info.name, pid=info.pid, user=info.user
-            )
-        obs = Observation(
-            facts, procs, changes.running, denied, self.assemble(facts, denied, changes.running)
-        )
-        self.latest = obs
-        return obs
-
-    def _rebuild_posture(self) -> Posture | None:
-        """The latest observation's posture made again with the sessions, policy and enforcers of now."""
-        obs = self.latest
-        if obs is None:
-            return None
-        obs.posture = self.assemble(obs.facts, obs.denied, self.book.running())
-        return obs.posture
-
-    async def _posture_loop(self) -> None:
-        woken = True
-        while True:
-            # Cleared before observing: a request made while this observe runs gets an observe of its own.
-            self._posture_due.clear()
-            try:
-                obs = await self.observe(processes=self._process_scan_due(woken))
-                self.reporter.send(obs.posture)
-            except Exception:
-                log.exception("posture_probe_failed")
-            try:
-                await asyncio.wait_for(self._posture_due.wait(), self.settings.poll_interval)
-                woken = True
-            except TimeoutError:
-                woken = False
-
     async def _failclosed_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.poll_interval)
-            obs = self.latest
+            obs = self.observer.latest
             if obs is None:
                 continue
             sessions = self.book.running()
@@ -457,7 +295,7 @@ class Agent:
                 command_id=command.id, result=AckResult.REJECTED, detail=f"unknown action {command.action}"
             )
         else:
-            await self.observe()  # a session started a moment ago must be found
+            await self.observer.observe()  # a session started a moment ago must be found
             targets = [s for s in self.book.running() if command.session_id in (None, s.id)]
             if not targets:
                 ack = Ack(command_id=command.id, result=AckResult.NOT_FOUND, detail="no such session running")
@@ -520,12 +358,12 @@ class Agent:
         if op == "posture":
             if not may_read_posture(peer, self._admin_gid):
                 return {"ok": False, "error": "posture is for root and the agent's admin_group only"}
-            obs = await self.observe()
+            obs = await self.observer.observe()
             return {"ok": True, "posture": obs.posture.model_dump(mode="json")}
         return {"ok": False, "error": f"unknown op {op[:64]!r}"}
 
     async def _launch_decision(self, client: str) -> LaunchDecision:
-        obs = await self.observe()
+        obs = await self.observer.observe()
         return launch_decision(
             posture=obs.posture,
             in_force=self.in_force,
