@@ -21,26 +21,22 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from cleanroom_protocol import (
-    Ack,
-    AckResult,
     AgentState,
-    Command,
-    CommandAction,
     Mode,
-    SessionInfo,
     Severity,
     Status,
-    violations,
 )
 
 from . import __version__
+from .commands import CommandHandler
 from .decisions import (
     LaunchDecision,
     PolicyInForce,
-    fail_closed_reason,
     launch_decision,
 )
+from .ending import SessionEnder
 from .enforcers import Enforcer, build_configured_enforcers, client_clipboard_off
+from .failclosed import FailClosed
 from .link import Link, LinkCallbacks
 from .localsock import PENDING_EXEC_S, LocalSocketServer, Peer, may_read_posture, resolve_group
 from .observing import Observer, snapshot_posture
@@ -55,7 +51,6 @@ from .procevents import (
 from .reporting import EventSink, PostureAssembler, PostureReporter
 from .sessionbook import SessionBook
 from .sessions import (
-    EndResult,
     ProcessSnapshot,
     ProcessTable,
     PsutilProcessTable,
@@ -129,8 +124,8 @@ class Agent:
             outbox=self.outbox,
             keepalive=settings.keepalive,
             callbacks=LinkCallbacks(
-                on_command=self.handle_command,
-                on_command_replayed=self.resend_ack,
+                on_command=lambda command: self.commands.handle(command),
+                on_command_replayed=lambda command_id: self.commands.resend_ack(command_id),
                 on_policy=self.keeper.handle_policy,
                 on_reject=self.events.rejected,
                 on_connected=self._on_connected,
@@ -171,8 +166,32 @@ class Agent:
             heartbeat_s=lambda: self.in_force.effective.report.heartbeat_s,
             wake=self._posture_due.set,
         )
-        self._end_lock = asyncio.Lock()
-        self._fail_closed_backoff = 0.0
+        self.session_ender = SessionEnder(
+            mode=self.mode,
+            book=self.book,
+            ender=self.ender,
+            grace_s=lambda: self.in_force.effective.sessions.end_grace_s,
+            events=self.events,
+            wake_posture=self._posture_due.set,
+        )
+        self.commands = CommandHandler(
+            mode=self.mode,
+            spool=spool,
+            outbox=self.outbox,
+            observe=self.observer.observe,
+            running=self.book.running,
+            ender=self.session_ender,
+        )
+        self.fail_closed = FailClosed(
+            mode=self.mode,
+            poll_interval=settings.poll_interval,
+            in_force=lambda: self.in_force,
+            offline_since=lambda: self.link.offline_since,
+            latest=lambda: self.observer.latest,
+            running=self.book.running,
+            ender=self.session_ender,
+            events=self.events,
+        )
         self._stop = asyncio.Event()
 
     @property
@@ -201,7 +220,7 @@ class Agent:
                 tg.create_task(self.observer.posture_loop(self.reporter.send), name="posture")
                 tg.create_task(self.observer.run_process_events(), name="procevents")
                 tg.create_task(self.reporter.heartbeat_loop(), name="heartbeat")
-                tg.create_task(self._failclosed_loop(), name="failclosed")
+                tg.create_task(self.fail_closed.run(), name="failclosed")
                 tg.create_task(self.server.serve(), name="localsock")
                 tg.create_task(self._shutdown_task(), name="shutdown")
         except* _Shutdown:
@@ -224,107 +243,6 @@ class Agent:
     # --- wiring ------------------------------------------------------------------------------------
     def _on_connected(self) -> None:
         self.reporter.resend()
-
-    async def _failclosed_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.poll_interval)
-            obs = self.observer.latest
-            if obs is None:
-                continue
-            sessions = self.book.running()
-            reason = fail_closed_reason(
-                mode=self.mode,
-                in_force=self.in_force,
-                offline_since=self.link.offline_since,
-                now=time.time(),
-                local_violations=violations(obs.posture, self.in_force.effective),
-                session_count=len(sessions),
-            )
-            if reason is None:
-                self._fail_closed_backoff = 0.0
-                continue
-            if self._fail_closed_backoff > time.monotonic():
-                continue  # the last attempt left survivors: do not spin (and spam events) every poll
-            log.warning("failing_closed", reason=reason, sessions=[s.id for s in sessions])
-            ended, failed = await self.end_sessions(sessions, reason="fail_closed")
-            if failed:
-                self._fail_closed_backoff = time.monotonic() + 10.0
-            self.events.event(
-                "agent.fail_closed",
-                Severity.CRITICAL,
-                blocked=True,
-                reason=reason,
-                sessions=",".join(ended + failed),
-            )
-
-    # --- ending sessions ---------------------------------------------------------------------------
-    async def end_sessions(self, targets: list[SessionInfo], *, reason: str) -> tuple[list[str], list[str]]:
-        """End each session's process tree; returns (ended ids, failed ids). Never in audit mode."""
-        if self.mode is not Mode.ENFORCE:  # audit mode ends nothing, whoever asks
-            return [], []
-        ended, failed = [], []
-        grace = self.in_force.effective.sessions.end_grace_s
-        async with self._end_lock:
-            for s in targets:
-                # Marked before the kill, so a probe digested meanwhile does not report it as "exited".
-                if not self.book.begin_end(s):
-                    ended.append(s.id)  # over while it waited for the lock; reported when it ended
-                    continue
-                result: EndResult = await asyncio.to_thread(self.ender.end_tree, s.pid, s.started, grace)
-                if result.survivors:
-                    self.book.end_failed(s.id)
-                    failed.append(s.id)
-                    log.error("session_not_ended", session=s.id, survivors=result.survivors)
-                    continue
-                ended.append(s.id)
-                self.book.end_done(s.id, found=result.found)
-                self.events.event(
-                    "session.ended",
-                    session=s.id,
-                    client=s.client,
-                    reason=reason if result.found else "exited",
-                )
-        self._posture_due.set()
-        return ended, failed
-
-    async def handle_command(self, command: Command) -> None:
-        if self.resend_ack(command.id):
-            return
-        if command.action is not CommandAction.END_SESSION:
-            ack = Ack(
-                command_id=command.id, result=AckResult.REJECTED, detail=f"unknown action {command.action}"
-            )
-        else:
-            await self.observer.observe()  # a session started a moment ago must be found
-            targets = [s for s in self.book.running() if command.session_id in (None, s.id)]
-            if not targets:
-                ack = Ack(command_id=command.id, result=AckResult.NOT_FOUND, detail="no such session running")
-            elif self.mode is Mode.AUDIT:
-                ack = Ack(
-                    command_id=command.id,
-                    result=AckResult.AUDIT_ONLY,
-                    sessions=[s.id for s in targets],
-                    detail="audit mode: nothing ended",
-                )
-            else:
-                ended, failed = await self.end_sessions(targets, reason=f"end_session:{command.reason}"[:200])
-                ack = Ack(
-                    command_id=command.id,
-                    result=AckResult.FAILED if failed else AckResult.ENDED,
-                    sessions=ended + failed,
-                    detail=f"not ended: {','.join(failed)}" if failed else "",
-                )
-        self.spool.remember_command(command.id, ack.model_dump(mode="json"))
-        self.outbox.ack(ack)
-        log.info("command_done", command=command.id, result=ack.result.value, sessions=ack.sessions)
-
-    def resend_ack(self, command_id: str) -> bool:
-        """A command already processed gets the same ack again (commands are idempotent by id)."""
-        previous = self.spool.command_ack(command_id)
-        if previous is None:
-            return False
-        self.outbox.ack(Ack.model_validate(previous))
-        return True
 
     # --- local socket ------------------------------------------------------------------------------
     def _client_args(self, client: str) -> list[str]:

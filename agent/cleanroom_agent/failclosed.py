@@ -1,0 +1,85 @@
+"""Failing closed: an agent cut off from the controller ends its sessions itself when the policy says so.
+
+Checked every poll interval against the latest observation (:func:`decisions.fail_closed_reason` decides);
+an attempt that left survivors is not repeated for ``RETRY_AFTER_SURVIVORS_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from cleanroom_protocol import Mode, SessionInfo, Severity, violations
+
+from .decisions import PolicyInForce, fail_closed_reason
+from .ending import SessionEnder
+from .observing import Observation
+from .reporting import EventSink
+
+log = structlog.get_logger("cleanroom_agent.failclosed")
+
+RETRY_AFTER_SURVIVORS_S = 10.0
+
+
+class FailClosed:
+    def __init__(
+        self,
+        *,
+        mode: Mode,
+        poll_interval: float,
+        in_force: Callable[[], PolicyInForce],
+        offline_since: Callable[[], float | None],
+        latest: Callable[[], Observation | None],
+        running: Callable[[], list[SessionInfo]],
+        ender: SessionEnder,
+        events: EventSink,
+    ) -> None:
+        self._mode = mode
+        self._poll_interval = poll_interval
+        self._in_force = in_force
+        self._offline_since = offline_since
+        self._latest = latest
+        self._running = running
+        self._ender = ender
+        self._events = events
+        self._backoff_until = 0.0
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            await self.check()
+
+    async def check(self) -> None:
+        """One check: end every session now if the agent must fail closed."""
+        obs = self._latest()
+        if obs is None:
+            return
+        in_force = self._in_force()
+        sessions = self._running()
+        reason = fail_closed_reason(
+            mode=self._mode,
+            in_force=in_force,
+            offline_since=self._offline_since(),
+            now=time.time(),
+            local_violations=violations(obs.posture, in_force.effective),
+            session_count=len(sessions),
+        )
+        if reason is None:
+            self._backoff_until = 0.0
+            return
+        if self._backoff_until > time.monotonic():
+            return  # the last attempt left survivors: do not spin (and spam events) every poll
+        log.warning("failing_closed", reason=reason, sessions=[s.id for s in sessions])
+        ended, failed = await self._ender.end(sessions, reason="fail_closed")
+        if failed:
+            self._backoff_until = time.monotonic() + RETRY_AFTER_SURVIVORS_S
+        self._events.event(
+            "agent.fail_closed",
+            Severity.CRITICAL,
+            blocked=True,
+            reason=reason,
+            sessions=",".join(ended + failed),
+        )
