@@ -28,6 +28,7 @@ from .sessions import ProcessSnapshot, client_name, session_id
 
 log = structlog.get_logger("cleanroom_agent.gate")
 
+# Settle timers outstanding at once: what a flood of allowed launches can hold (each uid is also rate-bounded).
 MAX_PENDING_LAUNCHES = 1024
 
 

@@ -2,11 +2,12 @@
 
 Per session id (``s-{pid}-{create_time_ms}``, see sessions.py) one state::
 
-    (launch allowed) ─▶ pending_launch ─(found)─▶ running ─(not found)─▶ exited
-                              │                  ▲   │
-                 (settled, not the client)  (survivors)  (end begun)
-                              ▼                  │   ▼
-                           dropped               ending ─(tree gone)─▶ ended_by_us
+    launch allowed ──▶ pending_launch ──found──▶ running ──not found──▶ exited
+                             │                   │    ▲
+                  settled, not the client    end begun  survivors
+                             ▼                   ▼    │
+                     (registration dropped)      ending ──tree gone──▶ ended_by_us
+                                                        └─gone before the end─▶ exited
 
 A client started without the gate enters at ``running`` when a digest first finds it. ``exited`` and
 ``ended_by_us`` are final: such an id is never reported again, even if a snapshot taken before it ended is
@@ -30,7 +31,7 @@ from cleanroom_protocol import ProcessInfo, SessionInfo
 MAX_FINAL_IDS = 10_000
 # Registrations the gate settles are gone within seconds; one that outlives its settle (the client ran and
 # exited between two observes, unseen) waits here until it is the oldest beyond this bound.
-MAX_PENDING_LAUNCHES = 10_000
+MAX_PENDING_IDS = 10_000
 
 
 class SessionState(StrEnum):
@@ -66,7 +67,7 @@ class Digest:
 class SessionBook:
     """Per session id its state; the only owner of what the agent believes about its sessions."""
 
-    def __init__(self, *, max_final: int = MAX_FINAL_IDS, max_pending: int = MAX_PENDING_LAUNCHES) -> None:
+    def __init__(self, *, max_final: int = MAX_FINAL_IDS, max_pending: int = MAX_PENDING_IDS) -> None:
         if max_final < 1 or max_pending < 1:
             raise ValueError("SessionBook: max_final and max_pending must be at least 1")
         self._max_final = max_final
