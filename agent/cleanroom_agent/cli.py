@@ -1,4 +1,4 @@
-"""``cleanroom-agent``: run, identity, check, launch, usb devices."""
+"""``cleanroom-agent``: run, enroll, identity, check, launch, usb devices."""
 
 from __future__ import annotations
 
@@ -134,6 +134,62 @@ def run(
         fail(str(exc))
     finally:
         spool.close()
+
+
+def read_token(token: str | None, token_file: Path | None) -> str:
+    """The enrolment token from a file, stdin (``-``) or the environment; from argv only with a warning
+    (every local user can read a process's arguments)."""
+    if token_file is not None:
+        try:
+            return token_file.read_text().strip()
+        except OSError as exc:
+            fail(f"{token_file}: cannot read the token: {exc.strerror or exc}")
+    if token == "-":  # noqa: S105 - the stdin marker, not a password
+        return sys.stdin.readline().strip()
+    if token is not None:
+        typer.echo(
+            "cleanroom-agent: warning: a token on the command line is visible to every local user while this "
+            "runs; prefer --token-file FILE or --token - (stdin)",
+            err=True,
+        )
+        return token.strip()
+    if env := os.environ.get("CLEANROOM_ENROLL_TOKEN"):
+        return env.strip()
+    fail("no token: give --token-file FILE, --token - (stdin) or CLEANROOM_ENROLL_TOKEN")
+
+
+@app.command()
+def enroll(
+    controller: Annotated[str, typer.Option("--controller", help="the controller's https://host[:8443]")],
+    token: Annotated[
+        str | None, typer.Option("--token", help="the enrolment token; '-' reads it from stdin")
+    ] = None,
+    token_file: Annotated[Path | None, typer.Option("--token-file", help="read the token from FILE")] = None,
+    agent_id: Annotated[str | None, typer.Option("--id", help="agent id (default: hostname)")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Enrol this endpoint once with a token from `cleanroom-controller enroll create`: creates its keys,
+    gets its certificate, the CA and the controller's key, and writes them (0600) into the data directory."""
+    from .enroll import EnrolmentError
+    from .enroll import enroll as enroll_device
+
+    settings = settings_or_fail(config, data_dir=data_dir, id=agent_id)
+    secret = read_token(token, token_file)
+    try:
+        done = enroll_device(controller, secret, settings.id, settings.data_dir, settings.key_path)
+    except (EnrolmentError, KeyFileError) as exc:
+        fail(str(exc), EXIT_SOFTWARE)
+    from datetime import UTC, datetime
+
+    until = datetime.fromtimestamp(done.certificate_not_after, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    typer.echo(
+        f"enrolled {done.agent_id} with controller {done.controller_id}; certificate valid until {until}"
+    )
+    for path in done.files:
+        typer.echo(f"  wrote {path}")
+    if done.broker_url:
+        typer.echo(f"broker: {done.broker_url} (cleanroom-agent run uses it and these files by default)")
 
 
 @app.command()

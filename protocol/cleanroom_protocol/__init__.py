@@ -45,6 +45,7 @@ from .messages import (
     Status,
 )
 from .policy import Policy, PolicyError, load_policy, parse_policy, policy_from_document, policy_hash
+from .renewal import renew_message
 from .topics import (
     AGENT_TO_CONTROLLER,
     POLICY_TOPIC,
@@ -115,6 +116,7 @@ __all__ = [
     "policy_hash",
     "public_key_pem",
     "redact_url",
+    "renew_message",
     "seal",
     "verify",
     "violations",
