@@ -271,5 +271,239 @@ def watch(
         live(store, interval)
 
 
+enroll_app = typer.Typer(no_args_is_help=True, help="One-time enrolment tokens for new endpoints.")
+app.add_typer(enroll_app, name="enroll")
+
+
+def _operator() -> str:
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+@enroll_app.command("create")
+def enroll_create(
+    site: Annotated[str, typer.Option("--site", help="Where the endpoint is (recorded, audited).")] = "",
+    expires: Annotated[str, typer.Option("--expires", help="Lifetime: 90s, 30m, 24h, 7d.")] = "24h",
+    uses: Annotated[int, typer.Option("--uses", help="How many endpoints may enrol with it.")] = 1,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Print a new enrolment token (shown once; only its hash is kept). Needs `pki init` first: the token
+    pins the CA, so the endpoint's first contact is authenticated."""
+    from .enrolment import mint, parse_duration
+    from .trust import Pki, PkiError
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        ttl = parse_duration(expires)
+        pki = Pki.load(settings.data_dir)
+        token, record = mint(
+            pki.ca_fingerprint, site=site[:200], now=time.time(), ttl_s=ttl, uses=uses, created_by=_operator()
+        )
+    except (ValueError, OSError, PkiError) as exc:
+        fail(str(exc))
+    store = _open_store(settings.data_dir, create=True)
+    with store.transaction():
+        store.add_token(record)
+        store.append_audit(
+            "operator.enroll_create",
+            f"operator:{record.created_by}",
+            record.id,
+            {"site": record.site, "expires_at": record.expires_at, "uses": record.uses_allowed},
+        )
+    store.close()
+    err.print(
+        f"token {record.id}: {uses} use(s), expires in {expires}; give it to the endpoint's "
+        "`cleanroom-agent enroll --token-file FILE` (it is not shown again)",
+        markup=False,
+    )
+    sys.stdout.write(str(token) + "\n")
+
+
+@enroll_app.command("list")
+def enroll_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Tokens: id, site, uses, expiry, state (never the secret)."""
+    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    now = time.time()
+    rows = [
+        {
+            "id": t.id,
+            "site": t.site,
+            "uses": t.uses,
+            "uses_allowed": t.uses_allowed,
+            "created_at": t.created_at,
+            "expires_at": t.expires_at,
+            "created_by": t.created_by,
+            "state": "revoked"
+            if t.revoked_at is not None
+            else "expired"
+            if now >= t.expires_at
+            else "used"
+            if t.uses >= t.uses_allowed
+            else "usable",
+        }
+        for t in store.tokens()
+    ]
+    store.close()
+    _print_rows(rows, as_json, "enrolment tokens", ["id", "site", "state", "uses", "uses_allowed", "expires_at"])
+
+
+@enroll_app.command("revoke")
+def enroll_revoke(
+    token_id: Annotated[str, typer.Argument(metavar="TOKEN_ID", help="The id shown by `enroll list`.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Revoke a token: no endpoint can enrol with it any more."""
+    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    with store.transaction():
+        revoked = store.revoke_token(token_id, time.time())
+        if revoked:
+            store.append_audit("operator.enroll_revoke", f"operator:{_operator()}", token_id, {})
+    store.close()
+    if not revoked:
+        fail(f"no usable token {token_id!r} (unknown or already revoked)")
+    err.print(f"token {token_id} revoked", markup=False)
+
+
+pki_app = typer.Typer(
+    no_args_is_help=True, help="The controller's private CA: broker, controller and device certificates."
+)
+app.add_typer(pki_app, name="pki")
+BrokerHostOpt = Annotated[
+    list[str] | None,
+    typer.Option("--broker-host", help="A DNS name or IP address clients use for the broker (repeatable)."),
+]
+
+
+def _note(message: str) -> None:
+    """One line on stderr as it is: no markup, and no wrapping inside the paths it names."""
+    sys.stderr.write(message + "\n")
+
+
+def _load_pki(data_dir: Path) -> Pki:
+    from .trust import Pki, PkiError
+
+    try:
+        return Pki.load(data_dir)
+    except (PkiError, OSError) as exc:
+        fail(str(exc))
+
+
+def _audit_operator(data_dir: Path, kind: str, subject: str, data: dict[str, Any]) -> None:
+    store = _open_store(data_dir, create=True)
+    store.append_audit(kind, f"operator:{os.environ.get('SUDO_USER') or getpass.getuser()}", subject, data)
+    store.close()
+
+
+@pki_app.command("init")
+def pki_init(
+    broker_host: BrokerHostOpt = None, config: ConfigOpt = None, data_dir: DataDirOpt = None
+) -> None:
+    """Create the CA, the broker's server certificate and the controller's client certificate in
+    DATA_DIR/pki (0700; keys 0600). Refuses if a CA is already there."""
+    from .trust import DEFAULT_BROKER_HOSTS, Pki, PkiError
+
+    settings = _settings(config, data_dir=data_dir)
+    hosts = broker_host or list(DEFAULT_BROKER_HOSTS)
+    try:
+        pki = Pki.init(settings.data_dir, broker_hosts=hosts, controller_id=settings.id)
+    except (PkiError, OSError) as exc:
+        fail(str(exc))
+    _audit_operator(
+        settings.data_dir,
+        "operator.pki_init",
+        pki.ca_fingerprint,
+        {"broker_hosts": hosts, "controller": settings.id},
+    )
+    _note(f"created {pki.root} (0700):")
+    _note(f"  CA                 {pki.ca_cert_path}, {pki.files.ca_key} (0600, stays here)")
+    _note(f"  broker             {pki.server_cert_path}, {pki.server_key_path} (for: {', '.join(hosts)})")
+    _note(f"  controller '{settings.id}'  {pki.controller_cert_path}, {pki.controller_key_path}")
+    _note(f"  CRL                {pki.crl_path} (empty)")
+    _note(f"next: cleanroom-controller broker-config --out DIR --data-dir {settings.data_dir}")
+    sys.stdout.write(f"CA fingerprint {pki.ca_fingerprint}\n")
+
+
+@pki_app.command("issue-controller")
+def pki_issue_controller(
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="CN of the certificate: the ACL user and client id.")
+    ],
+    days: Annotated[int, typer.Option("--days", min=1, max=825, help="Lifetime.")] = 825,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """A client certificate for one more controller process (each process needs its own: the broker
+    makes the CN the client id, so two processes sharing one would take each other's connection)."""
+    from .trust import PkiError
+
+    settings = _settings(config, data_dir=data_dir)
+    pki = _load_pki(settings.data_dir)
+    try:
+        cert, key = pki.issue_controller(name, days=days)
+    except PkiError as exc:
+        fail(str(exc))
+    _audit_operator(settings.data_dir, "operator.pki_issue_controller", name, {"days": days})
+    _note(f"controller certificate {cert}, key {key} (0600)")
+    _note("re-run broker-config and reload the broker: the ACL lists the controllers")
+
+
+@pki_app.command("issue-server")
+def pki_issue_server(
+    broker_host: BrokerHostOpt = None, config: ConfigOpt = None, data_dir: DataDirOpt = None
+) -> None:
+    """A new broker server certificate (new SANs, or the old one nears its end)."""
+    from .trust import DEFAULT_BROKER_HOSTS, PkiError
+
+    settings = _settings(config, data_dir=data_dir)
+    pki = _load_pki(settings.data_dir)
+    hosts = broker_host or list(DEFAULT_BROKER_HOSTS)
+    try:
+        pki.issue_server(hosts)
+    except PkiError as exc:
+        fail(str(exc))
+    _audit_operator(settings.data_dir, "operator.pki_issue_server", "broker", {"broker_hosts": hosts})
+    _note(f"broker certificate {pki.server_cert_path} for {', '.join(hosts)}")
+    _note("re-run broker-config and restart the broker")
+
+
+@pki_app.command("show")
+def pki_show(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """The CA fingerprint, the broker and controller certificates, the CRL."""
+    from .trust import certificate_summary
+
+    pki = _load_pki(_settings(config, data_dir=data_dir).data_dir)
+    summary = certificate_summary(pki)
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+        return
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
+@app.command("broker-config")
+def broker_config(
+    out: Annotated[Path, typer.Option("--out", help="Directory for mosquitto.conf, acl, certificates, CRL.")],
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to listen on.")] = "0.0.0.0:8883",
+    user: Annotated[
+        str, typer.Option("--user", help="User Mosquitto runs as (started as root it drops to it).")
+    ] = "mosquitto",
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Write a Mosquitto 2 configuration admitting only certificates from this controller's CA (mTLS,
+    TLS 1.2+, CRL, per-agent ACL, client id bound to the certificate)."""
+    from .trust import BrokerConfigError, PkiError, describe, parse_listen, write_broker_config
+
+    pki = _load_pki(_settings(config, data_dir=data_dir).data_dir)
+    try:
+        address = parse_listen(listen)
+        files = write_broker_config(out, pki, listen=address, user=user)
+    except (BrokerConfigError, PkiError, OSError) as exc:
+        fail(str(exc))
+    for line in describe(files, address, pki):
+        _note(line)
+
+
 def main() -> None:
     app()
