@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .canonical import canonical_json
 from .usbrules import parse_rules
@@ -65,12 +65,36 @@ class ComplianceSection(_Section):
 ClipboardDirection = Literal["deny", "text"]
 
 
+def _not_a_manager_selection(name: str) -> str:
+    if re.search(r"(^|_)S[0-9]+$", name):
+        raise ValueError(
+            f"{name!r} is a manager selection (ICCCM: WM_S0, _NET_WM_CM_S0, _NET_SYSTEM_TRAY_S0, ...): "
+            "taking it would make its manager (window manager, compositor, tray) give up"
+        )
+    return name
+
+
+SelectionName = Annotated[
+    str,
+    Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_.:+-]*$"),
+    AfterValidator(_not_a_manager_selection),
+]
+
+
 class ClipboardSection(_Section):
     mode: Literal["block", "allow", "directional"] = "block"
     to_session: ClipboardDirection = "deny"
     from_session: ClipboardDirection = "deny"
     max_bytes: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 4096
     disable_client_redirection: bool = True
+    # Guarded like CLIPBOARD besides the selections always guarded (CLIPBOARD, PRIMARY, SECONDARY,
+    # XdndSelection) and the cut buffers.
+    extra_selections: Annotated[list[SelectionName], Field(max_length=32)] = []
+    # An X client changing guarded selections more often than this per second (or pasting from the guard
+    # ten times as often) is disconnected from the X server in enforce mode; the enforcer is degraded
+    # until storm_calm_s pass without a storm.
+    storm_changes_per_s: Annotated[int, Field(ge=10, le=100_000)] = 100
+    storm_calm_s: Annotated[float, Field(ge=1, le=3600)] = 10.0
 
 
 DEFAULT_CAPTURE_DENY = [
