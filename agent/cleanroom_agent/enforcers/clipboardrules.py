@@ -3,6 +3,7 @@
 Direction comes from who owns a selection after a change: the VDI client (or a process it started) owns
 it when something was copied inside the remote session → ``from_session``; any local program owns it
 when something was copied locally, which the VDI client would carry into the session → ``to_session``.
+The root window's cut buffers name no writer, so their direction is ``unknown``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,17 @@ from typing import Literal
 from cleanroom_protocol.policy import ClipboardSection
 
 Direction = Literal["from_session", "to_session"]
+Flow = Literal["from_session", "to_session", "unknown"]
 Action = Literal["allow", "block", "text"]
+StormResponse = Literal["disconnect", "report", "ignore"]
+
+# Guarded whatever the policy adds: the selections copy and paste (CLIPBOARD), select and middle-click
+# (PRIMARY, SECONDARY) and drag and drop (XdndSelection: the drop target converts it to get the data) use.
+ALWAYS_GUARDED = ("CLIPBOARD", "PRIMARY", "SECONDARY", "XdndSelection")
+CUT_BUFFERS = tuple(f"CUT_BUFFER{n}" for n in range(8))
+# Pastes answered by the guard that count as one owner change when looking for a storm: a paste is a
+# TARGETS request and one or two conversions.
+PASTES_PER_CHANGE = 10
 
 # Type names that carry plain text only. Everything else offered alongside (image/png, text/html,
 # text/uri-list, application/x-…) could carry more than text, so "text" mode refuses the whole change.
@@ -38,7 +49,7 @@ META_TARGETS = frozenset(
 @dataclass(frozen=True)
 class Handling:
     action: Action
-    direction: Direction
+    direction: Flow
     enforce: bool  # False in audit mode: judge and report, never take ownership
     max_bytes: int = 0
     reason: str = ""
@@ -56,6 +67,52 @@ def clipboard_handling(
     if setting == "deny":
         return Handling("block", direction, enforce, reason=f"{direction} denied", owner_name=owner_name)
     return Handling("text", direction, enforce, section.max_bytes, f"{direction} text only", owner_name)
+
+
+def cut_buffer_handling(section: ClipboardSection, *, enforce: bool) -> Handling:
+    """Cut buffers are root-window properties any client writes and reads; no event names the writer,
+    so no direction can be told. Directional mode lets them be only when both directions allow text
+    (then as text within ``max_bytes``); otherwise a denied direction could be the one used."""
+    if section.mode == "allow":
+        return Handling("allow", "unknown", enforce, reason="clipboard allowed")
+    if section.mode == "directional" and section.to_session == section.from_session == "text":
+        return Handling("text", "unknown", enforce, section.max_bytes, "cut buffer text only")
+    reason = (
+        "clipboard blocked"
+        if section.mode == "block"
+        else "cut buffer: writer unknown, a direction is denied"
+    )
+    return Handling("block", "unknown", enforce, reason=reason)
+
+
+@dataclass(frozen=True)
+class GuardRules:
+    """What the X11 guard enforces, from the policy and the mode; replaced whole on every update."""
+
+    selections: tuple[str, ...]
+    owner_independent: Handling | None  # every change handled alike (block, allow); None: ask per owner
+    cut_buffers: Handling
+    storm: StormResponse
+    storm_changes_per_s: int
+    storm_calm_s: float
+
+
+def guard_rules(section: ClipboardSection, *, enforce: bool) -> GuardRules:
+    selections = tuple(dict.fromkeys((*ALWAYS_GUARDED, *section.extra_selections)))
+    independent = (
+        None if section.mode == "directional" else clipboard_handling(section, "to_session", enforce=enforce)
+    )
+    # A storm matters only where the guard fights for the selections; in audit mode it is reported, and
+    # with everything allowed nothing is fought over.
+    storm: StormResponse = "ignore" if section.mode == "allow" else "disconnect" if enforce else "report"
+    return GuardRules(
+        selections,
+        independent,
+        cut_buffer_handling(section, enforce=enforce),
+        storm,
+        section.storm_changes_per_s,
+        section.storm_calm_s,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,37 +1,21 @@
 """X11 backends (python-xlib), each on its own display connection and thread:
 
-* :class:`SelectionGuard` — XFixes selection-owner watch on CLIPBOARD and PRIMARY. On a forbidden change
-  it takes ownership back and answers every SelectionRequest with nothing (property None), so a paste
-  gets no data ("target STRING not available" from xclip). Measured here: ~1 ms copy → cleared.
 * :class:`PrintKeyGrab` — XGrabKey of Print on the root window with AnyModifier; presses are reported.
+* :class:`PrintKeyWatch` — audit mode: Print presses seen through RECORD, without grabbing.
 
-The owner's process comes from the X-Resource extension (``XResQueryClientIds`` with the local client PID
-mask: the server knows the peer pid of local connections), falling back to ``_NET_WM_PID``.
-Clipboard content is never read: to judge "text with max_bytes" the guard asks for ``TARGETS`` (a list of
-type names) and has the text converted into a property on its own window, then asks the server only for
-that property's length (GetProperty with length 0 returns ``bytes_after`` = size) and deletes it.
+The clipboard guard (selections, cut buffers, storms) is in :mod:`x11clipboard`; it shares
+:class:`_XThread` (one connection served by one thread, reconnecting with backoff) and the helpers here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import select
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from Xlib import X, Xatom, display, error
-from Xlib.ext import res, xfixes
-from Xlib.protocol import event as xevent
-
-from .clipboardrules import Handling, TextCheck, judge_text
-
-SELECTIONS = ("CLIPBOARD", "PRIMARY")
-_PROBE_TIMEOUT_S = 1.0
-_MAX_TARGETS = 64
+from Xlib import X, display, error
 
 
 class X11Unavailable(Exception):
@@ -128,216 +112,7 @@ class _XThread:
         """Called in the thread when the connection comes up (None) or fails (reason)."""
 
 
-@dataclass(frozen=True)
-class OwnerChange:
-    selection: str
-    window: int
-    pid: int | None
-
-
-@dataclass(frozen=True)
-class SelectionOutcome:
-    selection: str
-    pid: int | None
-    handling: Handling
-    blocked: bool  # the policy forbids this change
-    enforced: bool  # and the guard took ownership back
-    reason: str
-    latency_s: float  # owner change seen → ownership taken (or judged)
-
-
-DecideOwner = Callable[[OwnerChange], Handling]
-QuickDecision = Callable[[str], Handling | None]
-ReportOutcome = Callable[[SelectionOutcome], None]
 ReportState = Callable[[str | None], None]
-
-
-class SelectionGuard(_XThread):
-    thread_name = "clipboard-x11"
-
-    def __init__(
-        self,
-        display_name: str | None,
-        decide: DecideOwner,
-        report: ReportOutcome,
-        state: ReportState,
-        quick: QuickDecision = lambda selection: None,
-    ) -> None:
-        super().__init__(display_name)
-        self._decide = decide
-        self._quick = quick
-        self._report = report
-        self._state = state
-        self._deferred: list[Any] = []
-
-    def _on_state(self, problem: str | None) -> None:
-        self._state(problem)
-
-    def _setup(self, disp: Any) -> None:
-        if not disp.has_extension("XFIXES"):
-            raise X11Unavailable("X server has no XFIXES extension")
-        disp.xfixes_query_version()
-        self._has_res = disp.has_extension("X-Resource")
-        root = disp.screen().root
-        self._win = root.create_window(0, 0, 1, 1, 0, X.CopyFromParent, X.InputOnly, X.CopyFromParent)
-        self._win.change_property(disp.intern_atom("WM_NAME"), Xatom.STRING, 8, b"cleanroom-clipboard-guard")
-        self._atoms = {name: disp.intern_atom(name) for name in SELECTIONS}
-        self._names = {atom: name for name, atom in self._atoms.items()}
-        self._targets_atom = disp.intern_atom("TARGETS")
-        self._incr_atom = disp.intern_atom("INCR")
-        self._probe_prop = disp.intern_atom("CLEANROOM_PROBE")
-        self._wm_pid = disp.intern_atom("_NET_WM_PID")
-        for atom in self._atoms.values():
-            disp.xfixes_select_selection_input(root, atom, xfixes.XFixesSetSelectionOwnerNotifyMask)
-        disp.sync()
-        # Judge whoever owns the selections right now, as if they had just copied.
-        for name, atom in self._atoms.items():
-            owner = disp.get_selection_owner(atom)
-            if owner not in (X.NONE, 0) and owner.id != self._win.id:
-                self._owner_changed(disp, name, owner.id, time.monotonic())
-
-    def _handle(self, disp: Any, ev: Any) -> None:
-        if (ev.type, getattr(ev, "sub_code", None)) == disp.extension_event.SetSelectionOwnerNotify:
-            seen = time.monotonic()
-            owner = ev.owner.id if hasattr(ev.owner, "id") else int(ev.owner)
-            name = self._names.get(ev.selection)
-            if name is None or owner in (X.NONE, self._win.id):
-                return
-            self._owner_changed(disp, name, owner, seen)
-        elif ev.type == X.SelectionRequest:
-            self._refuse(disp, ev)
-        # SelectionClear: someone took a selection from us; their SetSelectionOwnerNotify follows.
-
-    def _refuse(self, disp: Any, ev: Any) -> None:
-        """Answer a paste request with nothing."""
-        reply = xevent.SelectionNotify(
-            time=ev.time, requestor=ev.requestor, selection=ev.selection, target=ev.target, property=X.NONE
-        )
-        try:
-            ev.requestor.send_event(reply, event_mask=0)
-            disp.flush()
-        except error.XError:
-            pass  # requestor window already gone
-
-    def _owner_changed(self, disp: Any, name: str, owner: int, seen: float) -> None:
-        # When the owner does not matter (mode block/allow), act first and look the owner up after:
-        # the lookup costs round trips and /proc reads that would delay clearing.
-        handling = self._quick(name)
-        pid = None
-        if handling is None:
-            current = disp.get_selection_owner(self._atoms[name])
-            if getattr(current, "id", current) != owner:
-                return  # stale (deferred during a probe): the newer owner has its own notify
-            pid = self._owner_pid(disp, owner)
-            handling = self._decide(OwnerChange(name, owner, pid))
-        blocked, reason = handling.action == "block", handling.reason
-        if handling.action == "text":
-            check = self._probe_text(disp, name)
-            verdict = judge_text(check, handling.max_bytes)
-            blocked, reason = not verdict.ok, verdict.reason
-        enforced = False
-        if blocked and handling.enforce:
-            self._win.set_selection_owner(self._atoms[name], X.CurrentTime)
-            # A plain round trip: the server has then processed the take-over and flushed the
-            # SelectionClear to the old owner before the (slow, ~3 ms on Xvfb) X-Resource pid query.
-            disp.get_input_focus()
-            enforced = True
-        if blocked or handling.action == "text":
-            outcome = SelectionOutcome(
-                name, pid, handling, blocked, enforced, reason, time.monotonic() - seen
-            )
-            if pid is None:
-                # Acted first (the owner did not matter); the owner is still connected right after the
-                # take-over round trip, so ask for its pid now.
-                outcome = dataclasses.replace(outcome, pid=self._owner_pid(disp, owner))
-            self._report(outcome)
-        for ev in self._deferred[:]:
-            self._deferred.remove(ev)
-            self._handle(disp, ev)
-
-    def _owner_pid(self, disp: Any, window: int) -> int | None:
-        if self._has_res:
-            try:
-                reply = disp.res_query_client_ids([{"client": window, "mask": res.LocalClientPIDMask}])
-                for ident in reply.ids:
-                    if ident.spec.mask & res.LocalClientPIDMask and ident.value:
-                        return int(ident.value[0])
-            except error.XError:
-                pass
-        try:
-            prop = disp.create_resource_object("window", window).get_full_property(
-                self._wm_pid, Xatom.CARDINAL
-            )
-            if prop is not None and len(prop.value):
-                return int(prop.value[0])
-        except error.XError:
-            pass
-        return None
-
-    # "text with max_bytes": target names and a size, never the content --------------------------
-    def _probe_text(self, disp: Any, name: str) -> TextCheck:
-        if self._convert(disp, name, self._targets_atom) is not True:
-            time.sleep(0.02)
-            if self._convert(disp, name, self._targets_atom) is not True:
-                return TextCheck(targets=None, size=None)
-        try:
-            prop = self._win.get_full_property(self._probe_prop, X.AnyPropertyType, sizehint=_MAX_TARGETS)
-        finally:
-            self._win.delete_property(self._probe_prop)
-        atoms = list(prop.value)[:_MAX_TARGETS] if prop is not None and prop.format == 32 else []
-        names = tuple(disp.get_atom_name(a) for a in atoms)
-        text_target = next(
-            (t for t in ("UTF8_STRING", "STRING", "text/plain;charset=utf-8") if t in names), None
-        )
-        if text_target is None:
-            return TextCheck(targets=names, size=None)
-        converted = self._convert(disp, name, disp.intern_atom(text_target))
-        if converted is not True:
-            # Some owners (xclip) answer one request at a time and can drop one that arrives while
-            # they finish the previous; ask once more before failing closed.
-            time.sleep(0.02)
-            converted = self._convert(disp, name, disp.intern_atom(text_target))
-        if converted is not True:
-            return TextCheck(targets=names, size=None, note=f"{text_target} conversion {converted}")
-        try:
-            # Length 0: the server returns type and bytes_after (the size) and no data.
-            reply = self._win.get_property(self._probe_prop, X.AnyPropertyType, 0, 0)
-            if reply is None:
-                return TextCheck(targets=names, size=None, note="no property")
-            if reply.property_type == self._incr_atom:
-                # INCR: the owner announces a lower bound of the size (a 32-bit number, not content).
-                bound = self._win.get_property(self._probe_prop, self._incr_atom, 0, 1)
-                lower = int(bound.value[0]) if bound is not None and len(bound.value) else 0
-                return TextCheck(targets=names, size=lower, incremental=True)
-            return TextCheck(targets=names, size=int(reply.bytes_after))
-        finally:
-            self._win.delete_property(self._probe_prop)
-            disp.flush()
-
-    def _convert(self, disp: Any, name: str, target: int) -> bool | str:
-        """ConvertSelection into our probe property and wait (bounded) for the SelectionNotify:
-        True, or why not ("refused", "timed out")."""
-        self._win.convert_selection(self._atoms[name], target, self._probe_prop, X.CurrentTime)
-        disp.flush()
-        deadline = time.monotonic() + _PROBE_TIMEOUT_S
-        while True:
-            while disp.pending_events():
-                ev = disp.next_event()
-                if (
-                    ev.type == X.SelectionNotify
-                    and ev.requestor.id == self._win.id
-                    and ev.target == target
-                    and ev.selection == self._atoms[name]
-                ):
-                    return True if ev.property != X.NONE else "refused"
-                if ev.type == X.SelectionRequest:
-                    self._refuse(disp, ev)
-                else:
-                    self._deferred.append(ev)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return "timed out"
-            select.select([disp.fileno()], [], [], left)
 
 
 class PrintKeyGrab(_XThread):

@@ -1,14 +1,18 @@
-"""Clipboard decisions (pure): modes, directions, text checks, client launch arguments."""
+"""Clipboard decisions (pure): modes, directions, text checks, client launch arguments, the guard's
+rules (selections, cut buffers, storms) and their policy keys."""
 
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from cleanroom_agent.enforcers.clipboardrules import (
     Direction,
     TextCheck,
     client_clipboard_off,
     clipboard_handling,
+    cut_buffer_handling,
+    guard_rules,
     judge_text,
     with_clipboard_off,
 )
@@ -58,3 +62,63 @@ def test_client_launch_arguments() -> None:
     assert with_clipboard_off(["rdesktop", "h"]) == ["rdesktop", "-r", "clipboard:off", "h"]
     assert with_clipboard_off(["wfica", "x.ica"]) == ["wfica", "x.ica"]
     assert with_clipboard_off([]) == []
+
+
+def test_guarded_selections_always_include_the_clients_channels() -> None:
+    rules = guard_rules(ClipboardSection(extra_selections=["MY_APP_SEL", "PRIMARY"]), enforce=True)
+    assert rules.selections == ("CLIPBOARD", "PRIMARY", "SECONDARY", "XdndSelection", "MY_APP_SEL")
+    assert rules.owner_independent is not None and rules.owner_independent.action == "block"
+    assert rules.storm == "disconnect"
+    assert (rules.storm_changes_per_s, rules.storm_calm_s) == (100, 10.0)
+
+
+def test_guard_rules_per_mode() -> None:
+    audit = guard_rules(ClipboardSection(mode="block"), enforce=False)
+    assert (audit.storm, audit.owner_independent and audit.owner_independent.enforce) == ("report", False)
+    allow = guard_rules(ClipboardSection(mode="allow"), enforce=True)
+    assert allow.storm == "ignore" and allow.cut_buffers.action == "allow"
+    directional = guard_rules(ClipboardSection(mode="directional", from_session="text"), enforce=True)
+    assert directional.owner_independent is None  # the owner decides the direction
+    assert directional.storm == "disconnect"
+
+
+@pytest.mark.parametrize(
+    ("section", "action"),
+    [
+        (ClipboardSection(mode="block"), "block"),
+        (ClipboardSection(mode="allow"), "allow"),
+        # The writer of a cut buffer is unknown: one denied direction is enough to refuse it.
+        (ClipboardSection(mode="directional", to_session="text", from_session="deny"), "block"),
+        (ClipboardSection(mode="directional", to_session="deny", from_session="text"), "block"),
+        (ClipboardSection(mode="directional", to_session="text", from_session="text"), "text"),
+    ],
+)
+def test_cut_buffer_handling(section: ClipboardSection, action: str) -> None:
+    handling = cut_buffer_handling(section, enforce=True)
+    assert (handling.action, handling.direction) == (action, "unknown")
+    if action == "text":
+        assert handling.max_bytes == section.max_bytes
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (["WM_S0"], "manager selection"),
+        (["_NET_WM_CM_S1"], "manager selection"),
+        (["_NET_SYSTEM_TRAY_S0"], "manager selection"),
+        (["has space"], "pattern"),
+        ([""], "at least 1"),
+        (["A"] * 33, "at most 32"),
+    ],
+)
+def test_extra_selections_are_validated(value: list[str], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=fragment):
+        ClipboardSection(extra_selections=value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("storm_changes_per_s", 9), ("storm_changes_per_s", 100_001), ("storm_calm_s", 0.5)]
+)
+def test_storm_settings_are_bounded(key: str, value: float) -> None:
+    with pytest.raises(ValidationError, match=key):
+        ClipboardSection.model_validate({key: value})

@@ -1,5 +1,7 @@
-"""Clipboard guard under a real Xvfb with real xclip and xsel: copies are cleared in both selections,
-the permitted direction still works, audit mode reports without clearing."""
+"""Clipboard guard under a real Xvfb with real xclip, xsel and small python-xlib clients (xclient.py, each
+its own process): copies are cleared in every guarded selection (CLIPBOARD, PRIMARY, SECONDARY,
+XdndSelection, the policy's extra ones) and cut buffers are deleted, the permitted direction still works,
+audit mode reports without clearing, a policy update re-judges what is there. Storms: test_clipboard_storm.py."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -232,3 +235,151 @@ async def test_unreachable_display_is_degraded() -> None:
         assert ":987" in (enforcer.status().reason or "")
     finally:
         await enforcer.stop()
+
+
+# --- every channel -------------------------------------------------------------------------------
+XCLIENT = str(Path(__file__).with_name("xclient.py"))
+
+
+def xclient(display: str, *args: str, timeout: float = 5) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, XCLIENT, *args],
+        env=x_env(display),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def serve(display: str, selection: str, text: str = CONTENT) -> subprocess.Popen[str]:
+    """An owner of ``selection`` that keeps serving ``text`` to every paste until killed."""
+    proc = subprocess.Popen(
+        [sys.executable, XCLIENT, "own", selection, text],
+        env=x_env(display),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "owned"
+    return proc
+
+
+@pytest.mark.parametrize("selection", ["SECONDARY", "XdndSelection"])
+async def test_block_guards_secondary_and_drag_and_drop(guard: Guard, selection: str) -> None:
+    # Without the guard, another client reads what the owner serves: the channel is real.
+    await guard.enforcer.start(policy(mode="allow"), Mode.ENFORCE)
+    owner = serve(guard.display, selection)
+    try:
+        assert xclient(guard.display, "paste", selection).stdout == CONTENT
+    finally:
+        owner.kill()
+        owner.wait(5)
+    await guard.enforcer.apply(policy(mode="block"), Mode.ENFORCE)
+    for attempt in range(3):
+        before = len(guard.blocked(selection))
+        owner = serve(guard.display, selection)
+        try:
+            await wait_until(lambda b=before: len(guard.blocked(selection)) > b, f"{selection} blocked")
+            result = xclient(guard.display, "paste", selection)
+            assert result.returncode != 0, f"attempt {attempt}: {result.stdout!r}"
+            assert CONTENT not in result.stdout
+        finally:
+            owner.kill()
+            owner.wait(5)
+    event = guard.blocked(selection)[0]
+    assert (event.kind, event.details["channel"]) == ("clipboard.blocked", "selection")
+
+
+async def test_block_guards_secondary_for_xclip_and_xsel(guard: Guard) -> None:
+    await guard.enforcer.start(policy(mode="block"), Mode.ENFORCE)
+    for copy in (
+        lambda: copy_xclip(guard.display, "secondary"),
+        lambda: copy_xsel(guard.display, "-s"),
+    ):
+        before = len(guard.blocked("SECONDARY"))
+        copy()
+        await wait_until(lambda b=before: len(guard.blocked("SECONDARY")) > b, "SECONDARY blocked")
+        assert CONTENT not in paste(guard.display, "secondary").stdout
+
+
+async def test_block_guards_an_extra_selection_from_the_policy(guard: Guard) -> None:
+    await guard.enforcer.start(policy(mode="block", extra_selections=["CLEANROOM_TEST_SEL"]), Mode.ENFORCE)
+    owner = serve(guard.display, "CLEANROOM_TEST_SEL")
+    try:
+        await wait_until(lambda: guard.blocked("CLEANROOM_TEST_SEL"), "extra selection blocked")
+        assert xclient(guard.display, "paste", "CLEANROOM_TEST_SEL").returncode != 0
+    finally:
+        owner.kill()
+        owner.wait(5)
+
+
+def cut_buffer(display: str, n: int) -> str | None:
+    result = xclient(display, "cut-read", str(n))
+    return result.stdout if result.returncode == 0 else None
+
+
+async def test_block_deletes_every_cut_buffer_unread(guard: Guard) -> None:
+    from Xlib import display
+
+    # Xvfb resets (clearing root properties) when its last client leaves: a desktop always has one.
+    keeper = display.Display(guard.display)
+    try:
+        # One written before the guard starts is deleted at start.
+        assert xclient(guard.display, "cut-write", "7", CONTENT).returncode == 0
+        assert cut_buffer(guard.display, 7) == CONTENT
+        await guard.enforcer.start(policy(mode="block"), Mode.ENFORCE)
+        assert cut_buffer(guard.display, 7) is None
+    finally:
+        keeper.close()
+    for n in range(8):
+        assert xclient(guard.display, "cut-write", str(n), CONTENT).returncode == 0
+        await wait_until(lambda n=n: guard.blocked(f"CUT_BUFFER{n}"), f"CUT_BUFFER{n} blocked")
+        assert cut_buffer(guard.display, n) is None
+        event = guard.blocked(f"CUT_BUFFER{n}")[-1]
+        assert (event.kind, event.details["channel"], event.details["direction"]) == (
+            "clipboard.blocked",
+            "cut_buffer",
+            "unknown",
+        )
+    for event in guard.events:
+        assert CONTENT not in event.model_dump_json()
+
+
+async def test_cut_buffers_in_allow_audit_and_directional_modes(guard: Guard) -> None:
+    await guard.enforcer.start(policy(mode="allow"), Mode.ENFORCE)
+    xclient(guard.display, "cut-write", "0", "allowed")
+    # Audit: reported, left in place.
+    await guard.enforcer.apply(policy(mode="block"), Mode.AUDIT)
+    await wait_until(lambda: guard.blocked("CUT_BUFFER0"), "cut buffer detected")
+    assert guard.blocked("CUT_BUFFER0")[0].kind == "clipboard.detected"
+    assert cut_buffer(guard.display, 0) == "allowed"
+    # Both directions text: small text stays, too large is deleted (size from the length only).
+    await guard.enforcer.apply(
+        policy(mode="directional", to_session="text", from_session="text", max_bytes=16), Mode.ENFORCE
+    )
+    assert cut_buffer(guard.display, 0) == "allowed"
+    xclient(guard.display, "cut-write", "1", "x" * 17)
+    await wait_until(lambda: guard.blocked("CUT_BUFFER1"), "oversize cut buffer blocked")
+    assert "exceeds max_bytes 16" in str(guard.blocked("CUT_BUFFER1")[0].details["reason"])
+    assert cut_buffer(guard.display, 1) is None
+    # One direction denied: the writer is unknown, so every cut buffer goes (at once, on apply).
+    await guard.enforcer.apply(
+        policy(mode="directional", to_session="deny", from_session="text"), Mode.ENFORCE
+    )
+    assert cut_buffer(guard.display, 0) is None
+
+
+async def test_policy_update_rejudges_the_current_owner_before_apply_returns(guard: Guard) -> None:
+    await guard.enforcer.start(policy(mode="allow"), Mode.ENFORCE)
+    owner = serve(guard.display, "CLIPBOARD")
+    try:
+        assert xclient(guard.display, "paste", "CLIPBOARD").stdout == CONTENT
+        await guard.enforcer.apply(policy(mode="block"), Mode.ENFORCE)
+        # No waiting: when apply returns, the owner copied under "allow" has lost the selection.
+        assert xclient(guard.display, "paste", "CLIPBOARD").returncode != 0
+        assert guard.enforcer.status().policy == policy(mode="block").digest
+    finally:
+        owner.kill()
+        owner.wait(5)
