@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 # Only what every command needs is imported here: the list and verify commands stay quick to start. The
 # protocol (pydantic models), structlog and the daemon are imported by the commands that use them.
@@ -41,8 +42,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.
 err = Console(stderr=True)
 
 
+def say(message: str) -> None:
+    """A line on stderr, shown as it is: messages carry paths and ids, never markup."""
+    err.print(message, highlight=False, markup=False)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 
@@ -145,7 +151,7 @@ def identity(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     except (KeyFileError, OSError) as exc:
         fail(str(exc))
     if created:
-        err.print(f"created {settings.data_dir / 'controller.key'} ({fingerprint(key)})")
+        say(f"created {settings.data_dir / 'controller.key'} ({fingerprint(key)})")
     sys.stdout.write(public_key_pem(key))
 
 
@@ -181,9 +187,9 @@ def agents_add(
     operator = os.environ.get("SUDO_USER") or getpass.getuser()
     if added:
         store.append_audit("operator.agents_add", f"operator:{operator}", agent_id, {"fingerprint": fp})
-        err.print(f"enrolled {agent_id} ({fp})")
+        say(f"enrolled {agent_id} ({fp})")
     else:
-        err.print(f"{agent_id} is already enrolled with this key ({fp})")
+        say(f"{agent_id} is already enrolled with this key ({fp})")
     store.close()
 
 
@@ -217,14 +223,31 @@ def sessions_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: 
 @events_app.command("list")
 def events_list(
     as_json: JsonOpt = False,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (oldest first).")] = 1000,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (newest first).")] = 1000,
+    agent: Annotated[
+        str | None, typer.Option("--agent", metavar="ID", help="Only this agent's events.")
+    ] = None,
+    before: Annotated[
+        int | None,
+        typer.Option(
+            "--before",
+            metavar="SEQ",
+            min=0,
+            help="With --agent: only events below this seq (the next page: the last seq shown).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Events as stored (once per agent and seq)."""
+    """Events as stored (once per agent and seq), the newest first."""
+    if before is not None and agent is None:
+        fail("--before SEQ needs --agent ID: seq numbers count each agent's messages, not all of them")
     store = _open_store(_settings(config, data_dir=data_dir).data_dir)
     _print_rows(
-        event_rows(store, limit), as_json, "events", ["agent", "seq", "kind", "ts", "severity", "details"]
+        event_rows(store, limit, agent=agent, before_seq=before),
+        as_json,
+        "events",
+        ["agent", "seq", "kind", "ts", "severity", "details"],
     )
 
 

@@ -351,14 +351,20 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def events(self, limit: int = 1000, agent: str | None = None) -> list[dict[str, Any]]:
-        if agent:
+    def events(
+        self, limit: int = 1000, agent: str | None = None, before_seq: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest ``limit`` events, newest first: new events never fall behind a full page of old ones.
+        With ``agent``, that agent's below ``before_seq`` (its next page), by seq."""
+        if agent is not None:
+            below = "" if before_seq is None else " AND seq < :before"
             rows = self._db.execute(
-                "SELECT * FROM events WHERE agent = ? ORDER BY received, agent, seq LIMIT ?", (agent, limit)
+                f"SELECT * FROM events WHERE agent = :agent{below} ORDER BY seq DESC LIMIT :limit",  # noqa: S608
+                {"agent": agent, "before": before_seq, "limit": limit},
             ).fetchall()
         else:
             rows = self._db.execute(
-                "SELECT * FROM events ORDER BY received, agent, seq LIMIT ?", (limit,)
+                "SELECT * FROM events ORDER BY received DESC, rowid DESC LIMIT ?", (limit,)
             ).fetchall()
         return [
             {

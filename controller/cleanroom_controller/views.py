@@ -68,8 +68,11 @@ def session_rows(store: Store) -> list[dict[str, Any]]:
     ]
 
 
-def event_rows(store: Store, limit: int) -> list[dict[str, Any]]:
-    return store.events(limit=limit)
+def event_rows(
+    store: Store, limit: int, *, agent: str | None = None, before_seq: int | None = None
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` events (of ``agent``, below ``before_seq``), newest first."""
+    return store.events(limit=limit, agent=agent, before_seq=before_seq)
 
 
 def unenrolled_rejects(store: Store) -> dict[str, dict[str, int]]:
