@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cleanroom_protocol.datafiles import secure_database
+
 MAX_REMEMBERED_COMMANDS = 1000
 # An endpoint cut off for days keeps its events, but not without limit: ~100,000 signed events is
 # ~60 MB on disk. Past it new events are refused and counted (see Outbox.event), never silently lost.
@@ -55,7 +57,8 @@ class Spool:
 
     def __init__(self, path: Path, *, max_rows: int = MAX_OUTBOX_ROWS) -> None:
         self.max_rows = max_rows
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Data dir 0700, agent.db and its -wal/-shm 0600, before SQLite opens (and creates) them.
+        self.tightened = secure_database(path)
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cleanroom_protocol.datafiles import secure_database
+
 from .audit import GENESIS, AuditEntry, ChainHead, make_entry
 from .enrolment import TokenRecord
 from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
@@ -107,7 +109,8 @@ def _token(r: sqlite3.Row) -> TokenRecord:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Data dir 0700, controller.db and its -wal/-shm 0600, before SQLite opens (and creates) them.
+        self.tightened = secure_database(path)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
