@@ -3,17 +3,29 @@
 Connects with a signed Last Will, subscribes to its commands and the retained policy, publishes the
 outbox strictly in seq order (a row leaves the spool only after the broker's PUBACK), verifies every
 incoming message against the controller key, and reconnects with jittered backoff. Bad input is
-rejected (counted, reported through ``on_reject``), never fatal.
+rejected (counted, reported through ``on_reject`` in bounded form: ``refusals.py``), never fatal.
+
+Incoming messages are checked in this order, cheapest and most discriminating first, so that junk never
+costs a genuine command its place:
+
+1. admission, as the message is read off the socket (before it may take a place in the client's queue):
+   the size, then the signature against the controller key. Junk, whatever its volume, is counted and
+   dropped here; it never reaches a queue or a budget.
+2. the budgets: only messages signed by the controller draw on them, fresh commands, redeliveries (an old
+   seq: the ack is sent again) and policies each on their own, so replays of a captured command cannot
+   starve new ones.
+3. the full verdict (staleness, the replay check against the last accepted seq), then what the command
+   itself must be (``commandchecks.py``: for this agent, not expired, its nonce unused), then the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiomqtt
 import structlog
@@ -32,19 +44,33 @@ from cleanroom_protocol import (
     Status,
     VerdictStatus,
     agent_topic,
+    client_tls_context,
     verify,
 )
 
 from . import __version__
+from .commandchecks import Refusal, check_command
 from .localsock import TokenBucket
 from .outbox import Outbox
+from .refusals import RefusalReport, RefusalTally
 
 log = structlog.get_logger("cleanroom_agent.link")
 
 CONTROLLER_LAST_SEQ = "controller_last_seq"
 POLICY_WAIT_S = 2.0
-INCOMING_RATE = 20.0  # messages/s on average from the controller side; more is dropped
-INCOMING_BURST = 100
+# Budgets for messages signed by the controller (junk never draws on them), per second and burst.
+COMMAND_RATE, COMMAND_BURST = 20.0, 100  # new commands
+REDELIVERY_RATE, REDELIVERY_BURST = 5.0, 20  # commands with an old seq: each one costs an ack sent again
+POLICY_RATE, POLICY_BURST = 2.0, 10
+# Admitted (signed, within budget) messages waiting for the handler; the budgets keep it far below this.
+MAX_QUEUED_INCOMING = 1000
+REFUSAL_FLUSH_S = 1.0  # how often held-back refusal counts are checked for a summary
+
+
+class RejectSink(Protocol):
+    """``(what, reason)`` for one refusal; a summary adds ``count``, ``window_s`` and counts per verdict."""
+
+    def __call__(self, what: str, reason: str, /, **counts: float) -> None: ...
 
 
 @dataclass
@@ -54,7 +80,7 @@ class LinkCallbacks:
     on_command: Callable[[Command], Awaitable[None]]
     on_command_replayed: Callable[[str], bool]  # command id → True if its ack was re-sent
     on_policy: Callable[[PolicyDocument, bytes], Awaitable[None]]
-    on_reject: Callable[[str, str], None]  # (what: "command" | "policy", reason)
+    on_reject: RejectSink  # (what: "command" | "policy", reason)
     on_connected: Callable[[], None]
     on_disconnected: Callable[[], None] = field(default=lambda: None)
 
@@ -82,8 +108,10 @@ class Link:
         self._wake = asyncio.Event()
         self._policy_seen = asyncio.Event()
         self._drained = asyncio.Event()
-        self._bucket = TokenBucket(INCOMING_RATE, INCOMING_BURST)
-        self._last_rate_report = 0.0
+        self._command_budget = TokenBucket(COMMAND_RATE, COMMAND_BURST)
+        self._redelivery_budget = TokenBucket(REDELIVERY_RATE, REDELIVERY_BURST)
+        self._policy_budget = TokenBucket(POLICY_RATE, POLICY_BURST)
+        self.refusals = RefusalTally()
         self.connected = False
         self._reconnector = Reconnector()
         self.offline_since: float | None = time.time()
@@ -120,6 +148,7 @@ class Link:
         try:
             await self._connect_and_serve()
         finally:
+            self._report(self.refusals.flush_all())
             if self.connected:
                 self.connected = False
                 self.offline_since = time.time()
@@ -128,16 +157,20 @@ class Link:
     async def _connect_and_serve(self) -> None:
         will_seq, will_payload = self._outbox.will()
         status_topic = agent_topic(self._agent_id, Channel.STATUS)
-        tls = ssl.create_default_context() if self._broker.tls else None
+        # mqtts://: the shared TLS context (CA, this device's certificate), re-read at each connection so a
+        # renewed certificate is used from the next reconnect. With a client certificate the broker takes
+        # the client id from its CN (use_username_as_clientid); ours is the same id, so logs agree.
+        tls = client_tls_context(self._broker)
         client = aiomqtt.Client(
             self._broker.host,
             self._broker.port,
-            identifier=f"cleanroom-agent-{self._agent_id}",
+            identifier=self._agent_id if self._broker.tls_files.cert else f"cleanroom-agent-{self._agent_id}",
             will=aiomqtt.Will(status_topic, will_payload, qos=1, retain=True),
             keepalive=self._keepalive,
             tls_context=tls,
             clean_session=False,  # commands sent while we reconnect are queued by the broker
-            max_queued_incoming_messages=1000,
+            queue_type=self._admitting_queue(),
+            max_queued_incoming_messages=MAX_QUEUED_INCOMING,
             timeout=10,
         )
         async with client:
@@ -148,6 +181,7 @@ class Link:
             log.info("broker_connected", broker=self._broker.url, will_seq=will_seq)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client), name="link.receive")
+                tg.create_task(self._report_refusals(), name="link.refusals")
                 try:
                     await asyncio.wait_for(self._policy_seen.wait(), POLICY_WAIT_S)
                 except TimeoutError:
@@ -197,6 +231,66 @@ class Link:
                 await asyncio.wait_for(self._drained.wait(), 0.5)
 
     # --- incoming ----------------------------------------------------------------------------------
+    def _admitting_queue(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+        """The client's incoming queue, admitting only what :meth:`_admit` lets through.
+
+        The MQTT client puts each message in this queue as it reads it off the socket, before anything of
+        ours runs; checking there keeps a flood of junk from filling the queue (whose overflow the client
+        drops, genuine or not)."""
+        admit = self._admit
+
+        class AdmittingQueue(asyncio.Queue[aiomqtt.Message]):
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                if admit(str(item.topic), item.payload):
+                    super().put_nowait(item)
+
+        return AdmittingQueue
+
+    def _admit(self, topic: str, payload: object) -> bool:
+        """Size, then signature, then budget: ``True`` if the message may wait for :meth:`_handle`."""
+        try:
+            admitted = self._check_admission(topic, payload)
+        except Exception:  # raised here it would end the connection (the MQTT client's read loop)
+            log.exception("admission_failed", topic=topic)
+            self._refuse("policy" if topic == POLICY_TOPIC else "command", "malformed", "admission failed")
+            admitted = False
+        if not admitted and topic == POLICY_TOPIC:
+            self._policy_seen.set()  # nothing to apply: stop waiting for a retained policy
+        return admitted
+
+    def _check_admission(self, topic: str, payload: object) -> bool:
+        is_policy = topic == POLICY_TOPIC
+        what = "policy" if is_policy else "command"
+        if not isinstance(payload, bytes | bytearray):
+            self._refuse(what, "malformed", "payload is not bytes")
+            return False
+        if is_policy and not payload:
+            return False  # a cleared retained policy: keep the one in force
+        if len(payload) > MAX_MESSAGE_BYTES:
+            self._refuse(what, "too_large", f"{len(payload)} bytes")
+            return False
+        # Signature only (no replay or clock check yet: those need the state the handler holds).
+        verdict = verify(
+            bytes(payload),
+            public_key_for=self._key_for,
+            last_seq=None,
+            max_skew_s=None,
+            expected_kind=Kind.POLICY if is_policy else Kind.COMMAND,
+        )
+        if not verdict.ok or verdict.envelope is None:
+            self._refuse(what, verdict.status.value, verdict.detail)
+            return False
+        if is_policy:
+            budget = self._policy_budget
+        else:
+            last_seq = self._spool.get_int(CONTROLLER_LAST_SEQ)
+            fresh = last_seq is None or verdict.envelope.seq > last_seq
+            budget = self._command_budget if fresh else self._redelivery_budget
+        if not budget.take():
+            self._refuse(what, "rate_limited", f"signed by the controller, over the {what} budget")
+            return False
+        return True
+
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             try:
@@ -206,27 +300,13 @@ class Link:
                 log.exception("incoming_message_failed", topic=str(message.topic))
 
     async def _handle(self, topic: str, payload: object) -> None:
-        is_policy = topic == POLICY_TOPIC
-        what = "policy" if is_policy else "command"
+        """An admitted message: signed by the controller, within its budget."""
         if not isinstance(payload, bytes | bytearray):
-            self._reject(what, "malformed: payload is not bytes")
             return
-        raw = bytes(payload)
-        if is_policy and not raw:
-            return  # a cleared retained policy: keep the one in force
-        if not self._bucket.take():
-            self.rejected += 1
-            if time.monotonic() - self._last_rate_report > 10:
-                self._last_rate_report = time.monotonic()
-                self._cb.on_reject(what, "rate_limited")
-            return
-        if len(raw) > MAX_MESSAGE_BYTES:
-            self._reject(what, f"too_large: {len(raw)} bytes")
-            return
-        if is_policy:
-            await self._handle_policy(raw)
+        if topic == POLICY_TOPIC:
+            await self._handle_policy(bytes(payload))
         else:
-            await self._handle_command(raw)
+            await self._handle_command(bytes(payload))
 
     def _key_for(self, sender: str) -> Ed25519PublicKey | None:
         return self._controller_key if sender == self._controller_id else None
@@ -241,7 +321,7 @@ class Link:
             expected_kind=Kind.POLICY,
         )
         if not verdict.ok or not isinstance(verdict.body, PolicyDocument):
-            self._reject("policy", f"{verdict.status.value}: {verdict.detail}")
+            self._refuse("policy", verdict.status.value, verdict.detail)
             return
         await self._cb.on_policy(verdict.body, raw)
 
@@ -258,12 +338,52 @@ class Link:
             if isinstance(command_id, str) and self._cb.on_command_replayed(command_id):
                 return
         if not verdict.ok or not isinstance(verdict.body, Command) or verdict.envelope is None:
-            self._reject("command", f"{verdict.status.value}: {verdict.detail}")
+            self._refuse("command", verdict.status.value, verdict.detail)
             return
-        self._spool.set_state(CONTROLLER_LAST_SEQ, str(verdict.envelope.seq))
-        await self._cb.on_command(verdict.body)
+        command, envelope = verdict.body, verdict.envelope
+        # The controller's seq is used up whatever the command says: a second copy is a redelivery.
+        self._spool.set_state(CONTROLLER_LAST_SEQ, str(envelope.seq))
+        now = time.time()
+        checked = check_command(
+            command,
+            agent_id=self._agent_id,
+            signed_at=envelope.ts,
+            now=now,
+            nonce_owner=None if command.nonce is None else self._spool.nonce_owner(command.nonce, now),
+        )
+        if isinstance(checked, Refusal):
+            self._refuse("command", checked.status, checked.detail)
+            return
+        self._spool.remember_nonce(checked.nonce, command.id, checked.expires_at, now)
+        await self._cb.on_command(command)
 
-    def _reject(self, what: str, reason: str) -> None:
+    # --- refusals ----------------------------------------------------------------------------------
+    def _refuse(self, what: str, status: str, detail: str) -> None:
         self.rejected += 1
-        log.warning(f"{what}_rejected", reason=reason)
-        self._cb.on_reject(what, reason[:1000])
+        self._report(self.refusals.refused(what, status, detail[:1000]))
+
+    def _report(self, reports: list[RefusalReport]) -> None:
+        for report in reports:
+            if report.summary:
+                log.warning(
+                    f"{report.what}_rejected_summary",
+                    count=report.count,
+                    by_status=report.by_status,
+                    last=report.reason,
+                    window_s=report.window_s,
+                )
+                self._cb.on_reject(
+                    report.what,
+                    report.reason,
+                    count=report.count,
+                    window_s=report.window_s,
+                    **report.by_status,
+                )
+            else:
+                log.warning(f"{report.what}_rejected", reason=report.reason)
+                self._cb.on_reject(report.what, report.reason)
+
+    async def _report_refusals(self) -> None:
+        while True:
+            await asyncio.sleep(REFUSAL_FLUSH_S)
+            self._report(self.refusals.flush())

@@ -52,9 +52,11 @@ class EventSink:
     ) -> None:
         self.emit(Event(kind=kind, at=time.time(), severity=severity, blocked=blocked, details=details))
 
-    def rejected(self, what: str, reason: str) -> None:
-        """A command or policy refused (bad signature, older version, ...): ``{what}.rejected``."""
-        self.event(f"{what}.rejected", Severity.WARNING, reason=reason)
+    def rejected(self, what: str, reason: str, /, **counts: float) -> None:
+        """A command or policy refused (bad signature, older version, ...): ``{what}.rejected``. ``counts``:
+        a flood's summary (``count``, ``window_s`` and how many per verdict), see ``refusals.py``."""
+        details: dict[str, Any] = {"reason": reason, **counts}
+        self.emit(Event(kind=f"{what}.rejected", at=time.time(), severity=Severity.WARNING, details=details))
 
 
 class PostureAssembler:

@@ -19,6 +19,10 @@ from typing import Any
 from cleanroom_protocol.datafiles import secure_database
 
 MAX_REMEMBERED_COMMANDS = 1000
+# Command nonces are remembered until their command expires (at most MAX_COMMAND_LIFETIME_S, 1 h) and
+# commands draw on a budget of 20/s, so this many cover far more than the controller ever sends; past it
+# the soonest to expire are forgotten first (the seq check still refuses a replayed envelope).
+MAX_REMEMBERED_NONCES = 10_000
 # An endpoint cut off for days keeps its events, but not without limit: ~100,000 signed events is
 # ~60 MB on disk. Past it new events are refused and counted (see Outbox.event), never silently lost.
 MAX_OUTBOX_ROWS = 100_000
@@ -40,6 +44,8 @@ CREATE INDEX IF NOT EXISTS outbox_coalesce ON outbox (coalesce_key);
 CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, ack TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, command_id TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_at);
 """
 
 
@@ -196,3 +202,35 @@ class Spool:
                 "DELETE FROM commands WHERE id NOT IN (SELECT id FROM commands ORDER BY at DESC LIMIT ?)",
                 (MAX_REMEMBERED_COMMANDS,),
             )
+
+    # command nonces (replay protection) ----------------------------------------------------------------
+    def nonce_owner(self, nonce: str, now: float) -> str | None:
+        """The id of the command that already used ``nonce`` and has not expired yet, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT command_id FROM nonces WHERE nonce = ? AND expires_at >= ?", (nonce, now)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def remember_nonce(self, nonce: str, command_id: str, expires_at: float, now: float) -> None:
+        """Keep ``nonce`` (used by ``command_id``) until ``expires_at``; forget the expired ones, and past
+        ``MAX_REMEMBERED_NONCES`` the ones expiring soonest."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM nonces WHERE expires_at < ?", (now,))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO nonces (nonce, command_id, expires_at) VALUES (?, ?, ?)",
+                    (nonce, command_id, expires_at),
+                )
+                count = int(self._db.execute("SELECT COUNT(*) FROM nonces").fetchone()[0])
+                if count > MAX_REMEMBERED_NONCES:
+                    self._db.execute(
+                        """DELETE FROM nonces WHERE nonce IN
+                           (SELECT nonce FROM nonces ORDER BY expires_at LIMIT ?)""",
+                        (count - MAX_REMEMBERED_NONCES,),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise

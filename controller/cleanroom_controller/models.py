@@ -73,3 +73,7 @@ class CommandRecord:
     result: str | None = None
     detail: str = ""
     sessions: tuple[str, ...] = field(default_factory=tuple)
+    # Fixed when the command is created and sent with every attempt (the agent refuses a nonce used by
+    # another command, and a command past its expiry); "" / None: created before commands carried them.
+    nonce: str = ""
+    expires_at: float | None = None

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS decisions (
 CREATE TABLE IF NOT EXISTS commands (
     id TEXT PRIMARY KEY, agent TEXT NOT NULL, session_id TEXT, action TEXT NOT NULL, reason TEXT NOT NULL,
     state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, last_sent REAL,
-    result TEXT, detail TEXT NOT NULL DEFAULT '', sessions TEXT NOT NULL DEFAULT '[]'
+    result TEXT, detail TEXT NOT NULL DEFAULT '', sessions TEXT NOT NULL DEFAULT '[]',
+    nonce TEXT NOT NULL DEFAULT '', expires_at REAL
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL, subject TEXT NOT NULL,
@@ -117,8 +118,16 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         self._tip: tuple[int, str] | None = None  # audit chain tip, cached inside one transaction
         self._head_dirty = False
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a table was first created (CREATE TABLE IF NOT EXISTS keeps the old one)."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(commands)")}
+        for column, decl in (("nonce", "TEXT NOT NULL DEFAULT ''"), ("expires_at", "REAL")):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE commands ADD COLUMN {column} {decl}")
 
     @classmethod
     def open(cls, data_dir: Path) -> Store:
@@ -464,7 +473,7 @@ class Store:
     def save_command(self, c: CommandRecord) -> None:
         self._db.execute(
             """INSERT OR REPLACE INTO commands (id, agent, session_id, action, reason, state, attempts, created,
-                   last_sent, result, detail, sessions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
+                   last_sent, result, detail, sessions, nonce, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
             (
                 c.id,
                 c.agent,
@@ -478,6 +487,8 @@ class Store:
                 c.result,
                 c.detail,
                 json.dumps(list(c.sessions)),
+                c.nonce,
+                c.expires_at,
             ),
         )
 
@@ -509,6 +520,8 @@ class Store:
             result=r["result"],
             detail=r["detail"],
             sessions=tuple(json.loads(r["sessions"])),
+            nonce=r["nonce"],
+            expires_at=r["expires_at"],
         )
 
     # -- audit ---------------------------------------------------------------------------------------------

@@ -126,11 +126,24 @@ class CommandAction(StrEnum):
     END_SESSION = "end_session"
 
 
+# The longest a command may stay valid (expires_at - ts). The agent refuses one valid for longer, so the
+# nonces it must remember (until each one's expiry) are bounded in time as well as in number.
+MAX_COMMAND_LIFETIME_S = 3600.0
+# 128 bits or more of randomness, as lowercase hex.
+Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{32,128}$")]
+
+
 class Command(_Body):
     id: Name
     action: CommandAction
     session_id: Name | None = None  # None: every session on the endpoint
     reason: Text = ""
+    # Optional in the model so that the schema stays readable by older parties; the agent refuses a command
+    # without them. ``agent``: whom it is for (the topic says it too, the body is what the signature covers).
+    # ``nonce``: fixed for the command's life, every retry reuses it; ``expires_at``: epoch s.
+    agent: Name | None = None
+    nonce: Nonce | None = None
+    expires_at: Annotated[float, Field(allow_inf_nan=False)] | None = None
 
 
 class AckResult(StrEnum):

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,25 @@ class Controller:
             seq = self.seq
         return seal(kind, body, sender=sender, seq=seq, key=self.key)
 
-    def command(self, command_id: str, session_id: str | None = None) -> bytes:
-        body = Command(id=command_id, action=CommandAction.END_SESSION, session_id=session_id, reason="test")
+    def command(
+        self,
+        command_id: str,
+        session_id: str | None = None,
+        *,
+        agent: str = AGENT_ID,
+        nonce: str | None = None,
+        expires_at: float | None = None,
+    ) -> bytes:
+        """A signed end_session for ``agent``, valid for a minute, with a fresh nonce unless given."""
+        body = Command(
+            id=command_id,
+            action=CommandAction.END_SESSION,
+            session_id=session_id,
+            reason="test",
+            agent=agent,
+            nonce=nonce or secrets.token_hex(16),
+            expires_at=time.time() + 60 if expires_at is None else expires_at,
+        )
         return self.sign(Kind.COMMAND, body)
 
     def policy(self, policy: Policy) -> bytes:

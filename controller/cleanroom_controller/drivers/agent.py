@@ -1,14 +1,20 @@
 """The agent driver: a signed ``end_session`` command on ``cleanroom/v1/agents/{id}/commands`` (QoS 1).
 
-Each attempt republishes the same command (same id, a new seq: the agent answers a retried id with the same
-ack) and waits for the ack with a doubling timeout. An offline or frozen agent cannot answer: the broker
-keeps the command queued for its persistent session, the outcome here is ``expired`` and the agent's
-fail-closed rule ends the session on its own side. Every attempt and the outcome are audited.
+Each attempt republishes the same command (same id, same nonce, same expiry, a new seq: the agent answers a
+retried id with the same ack) and waits for the ack with a doubling timeout. An offline or frozen agent
+cannot answer: the broker keeps the command queued for its persistent session, the outcome here is
+``expired`` and the agent's fail-closed rule ends the session on its own side. Every attempt and the
+outcome are audited.
+
+A command names its agent and carries a random 128-bit nonce and an expiry (:func:`command_lifetime`), so
+a copy captured on the wire, or left queued at the broker, is refused by the agent once it has expired,
+and cannot be passed off as another command; MQTT 3.1.1 has no message expiry of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -17,7 +23,8 @@ from typing import Protocol
 
 import structlog
 
-from cleanroom_protocol import Ack, Channel, Command, CommandAction, Kind, agent_topic
+from cleanroom_protocol import DEFAULT_MAX_SKEW_S, Ack, Channel, Command, CommandAction, Kind, agent_topic
+from cleanroom_protocol.messages import MAX_COMMAND_LIFETIME_S
 
 from ..decide import retry_delay
 from ..models import CommandRecord, CommandState
@@ -27,6 +34,14 @@ from ..store import Store
 from .base import Outcome, SessionDriver
 
 log = structlog.get_logger("cleanroom.controller.driver.agent")
+
+
+def command_lifetime(timeout_s: float, attempts: int) -> float:
+    """How long a command stays valid: every attempt's ack wait (the whole retry schedule), plus the clock
+    skew the envelope check already tolerates (an agent whose clock runs that far ahead still accepts the
+    last retry), at most ``MAX_COMMAND_LIFETIME_S``. Defaults (5 s, 6 attempts): 155 s + 300 s = 455 s."""
+    schedule = sum(retry_delay(attempt, timeout_s) for attempt in range(1, attempts + 1))
+    return min(schedule + DEFAULT_MAX_SKEW_S, MAX_COMMAND_LIFETIME_S)
 
 
 class Publisher(Protocol):
@@ -53,11 +68,13 @@ class AgentDriver(SessionDriver):
         self._publisher = publisher
         self._timeout_s = timeout_s
         self._attempts = attempts
+        self._lifetime_s = command_lifetime(timeout_s, attempts)
         self._clock = clock
         self._waiters: dict[str, asyncio.Future[Ack | None]] = {}  # None: cancelled
         self._send_lock = asyncio.Lock()
 
     async def end_session(self, agent: str, session_id: str | None, reason: str) -> Outcome:
+        now = self._clock()
         command = CommandRecord(
             id=f"c-{uuid.uuid4().hex}",
             agent=agent,
@@ -65,7 +82,9 @@ class AgentDriver(SessionDriver):
             action=CommandAction.END_SESSION.value,
             reason=reason[:4096],
             state=CommandState.PENDING,
-            created=self._clock(),
+            created=now,
+            nonce=secrets.token_hex(16),
+            expires_at=now + self._lifetime_s,
         )
         self._store.save_command(command)
         return await self.deliver(command)
@@ -100,11 +119,20 @@ class AgentDriver(SessionDriver):
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Ack | None] = loop.create_future()
         self._waiters[command.id] = waiter
+        if not command.nonce or command.expires_at is None:  # pending since before commands carried them
+            command = replace(
+                command, nonce=secrets.token_hex(16), expires_at=self._clock() + self._lifetime_s
+            )
+            self._store.save_command(command)
+        expires_at = command.expires_at
         body = Command(
             id=command.id,
             action=CommandAction(command.action),
             session_id=command.session_id,
             reason=command.reason,
+            agent=command.agent,
+            nonce=command.nonce,
+            expires_at=expires_at,
         )
         topic = agent_topic(command.agent, Channel.COMMANDS)
         try:
@@ -113,6 +141,8 @@ class AgentDriver(SessionDriver):
                 if current is not None and current.state in (CommandState.ACKED, CommandState.CANCELLED):
                     # Acked or cancelled while nobody waited (e.g. across a restart).
                     return Outcome(command.id, current.result or "", current.detail, current.attempts)
+                if expires_at is not None and self._clock() >= expires_at:
+                    break  # the agent would refuse it now (e.g. resumed after a long controller outage)
                 command = replace(command, attempts=attempt, last_sent=self._clock())
                 self._store.save_command(command)
                 delay = retry_delay(attempt, self._timeout_s)
@@ -138,6 +168,7 @@ class AgentDriver(SessionDriver):
                         "reason": command.reason,
                         "attempt": attempt,
                         "seq": seq,
+                        "expires_at": expires_at,
                         "published": sent,
                     },
                 )
@@ -150,8 +181,8 @@ class AgentDriver(SessionDriver):
                     return Outcome(command.id, "cancelled", "the endpoint is compliant again", attempt)
                 return Outcome(command.id, ack.result.value, ack.detail, attempt)
             detail = (
-                f"no ack after {command.attempts} attempts; stays queued for the agent's persistent session, "
-                "and the agent fails closed on its own when cut off"
+                f"no ack after {command.attempts} attempts, valid until {expires_at}; the agent refuses it "
+                "after that, and fails closed on its own when cut off"
             )
             command = replace(command, state=CommandState.EXPIRED, result="expired", detail=detail)
             self._store.save_command(command)
