@@ -1,7 +1,7 @@
 """Enforcement benchmark: how fast and how cheaply the enforcers block.
 
     uv run python bench/enforce.py [--idle 60] [--copies 200] [--execs 1000] [--uevents 500]
-                                   [--session-runs 50] [--agent-idle 20] [--only all|enforcers|session]
+                                   [--session-runs 50] [--agent-idle 20] [--only all|enforcers|session|agent]
 
 Needs root (fanotify, the proc connector), Xvfb and Mosquitto. Prints, plainly:
   * copy → cleared (clipboard): a real X client takes CLIPBOARD ownership and waits until the guard of a
@@ -12,6 +12,8 @@ Needs root (fanotify, the proc connector), Xvfb and Mosquitto. Prints, plainly:
     (this machine has no USB bus);
   * RSS and CPU of an enforcer process (all four enforcers running, plus its fanotify listener process)
     over an idle period;
+  * the whole agent (``--only agent``): ``cleanroom-agent run`` with all four enforcers under Xvfb, idle:
+    RSS, PSS and USS of the daemon and its fanotify listener process, and their CPU;
   * denied process started → session ended: a real Mosquitto, ``cleanroom-controller run`` and
     ``cleanroom-agent run`` (enforce mode, enforcers off, default 1 s poll), a fake VDI client (a renamed
     /bin/sleep with a child, as the integration tests build it) listed running by the controller, then a
@@ -288,6 +290,91 @@ def denied_to_session_ended(
             broker.stop()
 
 
+def memory_of(pid: int) -> dict[str, float]:
+    """RSS, PSS and USS (private) of one process, MB, from /proc/PID/smaps_rollup: PSS shares the pages
+    two processes map (libpython, libc) between them, so the agent's processes' PSS add up honestly."""
+    fields: dict[str, float] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for row in f:
+            name, _, rest = row.partition(":")
+            if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                fields[name] = int(rest.split()[0]) / 1024
+    return {
+        "rss": fields["Rss"],
+        "pss": fields["Pss"],
+        "uss": fields["Private_Clean"] + fields["Private_Dirty"],
+    }
+
+
+def whole_agent(idle_s: float) -> None:
+    """The whole agent as it runs on an endpoint: ``cleanroom-agent run`` with all four enforcers (clipboard
+    on a real Xvfb, capture with its fanotify listener process, usb on a simulated sysfs tree, media),
+    connected to a real Mosquitto and controller, idle: memory of each process and CPU over ``idle_s``."""
+    _repo_on_path()
+    from tests.support.mosquitto import Mosquitto
+    from tests.support.procs import Cleanroom
+
+    xvfb, display = start_xvfb()
+    with tempfile.TemporaryDirectory(prefix="bench-footprint-") as tmp:
+        broker = Mosquitto(Path(tmp) / "mosquitto")
+        broker.start()
+        world = Cleanroom(Path(tmp) / "world", broker)
+        world.root.mkdir()
+        sysfs = Path(tmp) / "sys"
+        sysfs.mkdir()
+        old_display = os.environ.get("DISPLAY")
+        os.environ["DISPLAY"] = display
+        try:
+            world.write_policy(heartbeat_s=30)
+            ctl = world.start_controller("--log-level", "warning")
+            agent = world.add_agent(
+                "bench-agent",
+                enforcers="clipboard,capture,usb,media",
+                extra=["--sysfs-root", str(sysfs), "--log-level", "warning"],
+            )
+            _gate(ctl, "endpoints", "agent", "bench-agent", {"online": True}, 60)
+            time.sleep(5)  # start-up done: enforcers up, first postures sent, allocations settled
+            proc = psutil.Process(agent.pid)
+            family = [proc, *proc.children(recursive=True)]
+            cpu0 = {p.pid: sum(p.cpu_times()[:2]) for p in family}
+            t0 = time.monotonic()
+            time.sleep(idle_s)
+            elapsed = time.monotonic() - t0
+            print(
+                f"whole agent, all four enforcers, idle {idle_s:.0f} s (aim: <= 50 MB, <= 0.5 % of a core):"
+            )
+            total = {"rss": 0.0, "pss": 0.0, "uss": 0.0}
+            cpu_total = 0.0
+            for p in family:
+                mem = memory_of(p.pid)
+                cpu = (sum(p.cpu_times()[:2]) - cpu0[p.pid]) / elapsed * 100
+                cpu_total += cpu
+                for k in total:
+                    total[k] += mem[k]
+                name = (
+                    "daemon"
+                    if p.pid == proc.pid
+                    else "fanotify listener"
+                    if "cleanroom_enforcers" in " ".join(p.cmdline())
+                    else p.name()
+                )
+                print(
+                    f"  {name:<24} RSS {mem['rss']:6.1f} MB  PSS {mem['pss']:6.1f} MB  USS {mem['uss']:6.1f} MB  CPU {cpu:6.3f} %"
+                )
+            print(
+                f"  {'total':<24} RSS {total['rss']:6.1f} MB  PSS {total['pss']:6.1f} MB  USS {total['uss']:6.1f} MB  CPU {cpu_total:6.3f} %"
+            )
+        finally:
+            if old_display is None:
+                os.environ.pop("DISPLAY", None)
+            else:
+                os.environ["DISPLAY"] = old_display
+            world.close()
+            broker.stop()
+            xvfb.terminate()
+            xvfb.wait(5)
+
+
 def session_end(runs: int, idle_s: float) -> None:
     print(f"denied process -> session ended, {runs} runs each (agent enforce, enforcers off, poll 1 s) ...")
     events, events_usage = denied_to_session_ended(runs, process_events=True, idle_s=idle_s, settle_s=0.5)
@@ -313,7 +400,7 @@ def main() -> None:
     parser.add_argument("--uevents", type=int, default=500)
     parser.add_argument("--session-runs", type=int, default=50, help="denied process -> session ended runs")
     parser.add_argument("--agent-idle", type=float, default=20.0, help="agent idle period, seconds (0: skip)")
-    parser.add_argument("--only", choices=("all", "enforcers", "session"), default="all")
+    parser.add_argument("--only", choices=("all", "enforcers", "session", "agent"), default="all")
     parser.add_argument("--runner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--display", help=argparse.SUPPRESS)
     parser.add_argument("--sysfs", help=argparse.SUPPRESS)
@@ -323,9 +410,11 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         sys.exit("run as root: the exec figures need fanotify, the session figures the proc connector")
+    if args.only in ("all", "agent") and args.agent_idle > 0:
+        whole_agent(args.agent_idle)
     if args.only in ("all", "session") and args.session_runs > 0:
         session_end(args.session_runs, args.agent_idle)
-    if args.only == "session":
+    if args.only in ("session", "agent"):
         return
     xvfb, display = start_xvfb()
     tmp = tempfile.mkdtemp(prefix="bench-enforce-")
