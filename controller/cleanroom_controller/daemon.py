@@ -60,7 +60,6 @@ class Controller:
         self.address = settings.broker_address
         self._tg: asyncio.TaskGroup | None = None
         self._deferred: list[EndSession] = []
-        self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=INBOX_SIZE)
         self.link = BrokerLink(
             self.address,
             client_id=settings.mqtt_client_id,
@@ -97,6 +96,9 @@ class Controller:
             on_ack=self.driver.ack_received,
             shared=settings.share_group is not None,
         )
+        # Per-sender queues: a device that floods is served last and its overflow dropped (counted), so
+        # the others' messages are not stuck behind its junk (inbox.py).
+        self._inbox = self.ingest.inbox(capacity=INBOX_SIZE)
 
     def _recovered(self, agent: str) -> None:
         self.driver.cancel_pending(agent, "the endpoint is compliant again")
@@ -170,6 +172,7 @@ class Controller:
             now = time.time()
             try:
                 self.tracker.tick(now)
+                self.ingest.tick(now)  # reject windows due, counts of dropped messages, orphaned windows
                 self._submit_deferred()
                 if now - last_prune > PRUNE_EVERY_S:
                     last_prune = now
@@ -230,6 +233,10 @@ class Controller:
             self._tg = None
             if embedded is not None:
                 await embedded.shutdown()
+            try:
+                self.ingest.close()  # the open reject windows go into the audit trail now
+            except Exception:
+                log.exception("reject_windows_not_written")
             self.recorder.record("controller.stopped", self.settings.id, {})
             self.store.close()
             for sig in (signal.SIGTERM, signal.SIGINT):

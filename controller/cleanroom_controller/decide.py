@@ -23,6 +23,11 @@ from .judge import Judgement
 from .models import Condition, EndpointState, SessionRecord, SessionState
 
 SILENCE_HEARTBEATS = 3
+# What one agent can make the controller track and send, whatever it (or a thief of its key) reports. A thin
+# client runs one or two VDI clients; 32 leaves room for reconnect churn. Every open session has at most one
+# pending end_session, so commands are bounded by sessions; the command cap is a second fence.
+MAX_OPEN_SESSIONS = 32
+MAX_PENDING_COMMANDS = 32
 ACTING_CONDITIONS = frozenset({Condition.VIOLATION, Condition.OFFLINE, Condition.SILENT})
 # Outcomes after which the same condition does not ask again (the agent said it will not or could not).
 _NO_REPEAT = frozenset({AckResult.AUDIT_ONLY.value, AckResult.FAILED.value, AckResult.REJECTED.value})
@@ -45,6 +50,7 @@ class Decision:
     reasons: tuple[str, ...]
     at: float
     actions: tuple[EndSession, ...]
+    deferred: tuple[EndSession, ...] = ()  # over MAX_PENDING_COMMANDS: not sent now
 
 
 def condition_key(ep: EndpointState) -> str:
@@ -122,6 +128,11 @@ def plan_end_sessions(
     )
 
 
+def command_room(pending: int) -> int:
+    """How many more end_session commands an agent with ``pending`` unanswered ones may be sent."""
+    return max(0, MAX_PENDING_COMMANDS - pending)
+
+
 def decide(
     before: EndpointState,
     after: EndpointState,
@@ -129,27 +140,58 @@ def decide(
     policy: Policy,
     *,
     now: float,
+    room: int | None = None,
 ) -> Decision | None:
-    """A decision when the condition or its reasons changed, or when sessions must be ended now."""
+    """A decision when the condition or its reasons changed, or when sessions must be ended now.
+
+    ``room``: how many commands may still be sent (:func:`command_room`); ends beyond it are left for a
+    later message (their sessions stay running) and named in ``Decision.deferred``."""
     actions = plan_end_sessions(after, sessions, policy)
+    deferred: tuple[EndSession, ...] = ()
+    if room is not None and len(actions) > room:
+        actions, deferred = actions[:room], actions[room:]
     changed = (before.condition, before.reasons) != (after.condition, after.reasons)
     if not changed and not actions:
-        return None
-    return Decision(after.agent, after.condition, after.reasons, now, actions)
+        return None  # ends still deferred are not news: they go when there is room
+    return Decision(after.agent, after.condition, after.reasons, now, actions, deferred)
 
 
 # -- sessions ------------------------------------------------------------------------------------------------
-def reconcile_sessions(
-    agent: str, known: Sequence[SessionRecord], reported: Sequence[SessionInfo]
-) -> list[SessionRecord]:
-    """The records that change given the sessions a posture reports (the agent's list is authoritative)."""
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    changes: list[SessionRecord]
+    refused: tuple[str, ...]  # reported sessions not tracked: the agent is at its open-session cap
+
+
+def reconcile(
+    agent: str,
+    known: Sequence[SessionRecord],
+    reported: Sequence[SessionInfo],
+    *,
+    max_open: int = MAX_OPEN_SESSIONS,
+) -> Reconciled:
+    """The records that change given the sessions a posture reports (the agent's list is authoritative).
+
+    ``known``: the agent's open sessions plus any stored record of a reported id (an ended one stays ended).
+    New sessions are tracked while fewer than ``max_open`` would be open, in the order reported."""
     by_id = {s.id: s for s in known}
     changed: list[SessionRecord] = []
-    reported_ids = set()
+    refused: list[str] = []
+    reported_ids: set[str] = set()
+    staying = {
+        info.id for info in reported if info.id in by_id and by_id[info.id].state is not SessionState.ENDED
+    }
+    room = max_open - len(staying)
     for info in reported:
+        if info.id in reported_ids:
+            continue  # the same id twice in one posture: the first one counts
         reported_ids.add(info.id)
         old = by_id.get(info.id)
         if old is None:
+            if room <= 0:
+                refused.append(info.id)
+                continue
+            room -= 1
             changed.append(
                 SessionRecord(
                     agent, info.id, SessionState.RUNNING, info.client, info.pid, info.user, info.started
@@ -161,7 +203,19 @@ def reconcile_sessions(
     for old in known:
         if old.state is not SessionState.ENDED and old.id not in reported_ids:
             changed.append(ended(old, "gone_from_posture"))
-    return changed
+    return Reconciled(changed, tuple(refused))
+
+
+def reconcile_sessions(
+    agent: str, known: Sequence[SessionRecord], reported: Sequence[SessionInfo]
+) -> list[SessionRecord]:
+    """:func:`reconcile`'s changes (with the open-session cap)."""
+    return reconcile(agent, known, reported).changes
+
+
+def may_open_session(open_sessions: int) -> bool:
+    """Whether one more session of an agent with ``open_sessions`` running or ending may be tracked."""
+    return open_sessions < MAX_OPEN_SESSIONS
 
 
 def ended(s: SessionRecord, reason: str) -> SessionRecord:

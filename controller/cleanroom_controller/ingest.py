@@ -2,10 +2,19 @@
 
 Subscribes (QoS 1) to ``cleanroom/v1/agents/+/{posture,events,status,acks}``, optionally as a shared
 subscription. The topic names who the sender must be and what kind; verification uses the sender's enrolled
-key, its last accepted seq and the seq it announced for its Last Will. A message redelivered by QoS 1 (same
-agent, seq and bytes) is a duplicate, stored once and not counted as a reject; a retained status replayed to
-a restarted controller is expected and recorded, not counted. Everything else that fails is counted per
-status and audited. Nothing here raises on bad input.
+key, its last accepted seq and the seq it announced for its Last Will. Nothing here raises on bad input.
+
+Accepted messages are audited one ``verdict`` entry each. Everything else is counted per sender and reason
+(:mod:`.rejects`): the ``rejects`` table (what ``agents list`` shows) per batch, and one ``verdict.summary``
+audit entry per sender per window, so a flood of forgeries writes a handful of rows, not one per message. A
+message redelivered by QoS 1 (same agent, seq and bytes) is a ``duplicate`` and a retained status replayed to
+a restarted controller is an ``old_status``: both summed up, neither counted as a reject.
+
+Budgets (:mod:`.budgets`), spent only after the signature is checked: an accepted message spends its
+verified sender's budget (refused ``rate_limited`` when it is empty, a Last Will excepted); anything else
+spends the junk budget of the topic it came on, which only makes that topic noisy (served last by the inbox,
+:mod:`.inbox`). Per-message work does not depend on an agent's history: one endpoint row, one digest lookup,
+indexed reads of the agent's *open* sessions (bounded, see ``decide.MAX_OPEN_SESSIONS``).
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 
@@ -37,7 +48,11 @@ from cleanroom_protocol import (
     verify,
 )
 
+from .budgets import Budgets, Limits
+from .inbox import CAPACITY, FairInbox
+from .inbox import Item as Item
 from .recorder import Recorder
+from .rejects import WINDOW_S, Flush, Reason, RejectWindows, Window
 from .store import Store
 from .tracker import Tracker
 
@@ -51,7 +66,11 @@ KIND_OF_CHANNEL = {
 }
 UNENROLLED = "(unenrolled)"  # rejects from ids nobody enrolled are counted together: bounded rows
 UNKNOWN_TOPIC = "(topic)"
+SUMMARY_KIND = "verdict.summary"
 _NEGATIVE_TTL_S = 5.0
+# A window persisted by a process that has not touched it for this long is an orphan (that process
+# crashed): whoever finds it writes it to the audit trail. Live processes close theirs after WINDOW_S.
+_ORPHAN_AFTER_WINDOWS = 3.0
 
 
 class Outcome(StrEnum):
@@ -109,19 +128,19 @@ class KeyCache:
         return self(agent) is not None
 
 
-Item = tuple[str, bytes, bool]  # topic, payload, retained
-
-
 class Ingest:
-    """Verifies and applies messages in batches: one SQLite transaction per batch (each message in its own
-    savepoint, so a bug on one rolls back only that one), audit entries chained per message in arrival order.
+    """Verifies and applies messages in batches: one SQLite transaction per batch (each message that passed
+    its signature check in its own savepoint, so a bug on one rolls back only that one), audit entries
+    chained per message in arrival order; the batch's reject counts and due summaries in the same
+    transaction.
 
     ``shared``: this process is one of a ``--share-group``. The broker then deals one agent's messages over
     the group's processes, each of which sees an increasing subsequence (the broker keeps per-publisher order),
     so the replay rule is per process: *replayed = seq not above the last seq this process accepted from
     that sender*. The database's UNIQUE (agent, seq) stops a message from being acted on twice across the
     group, endpoint state only moves forward (the tracker ignores older seqs) and the stale window bounds the
-    rest. Without a share group the stored last_seq is the rule (one writer).
+    rest. Without a share group the stored last_seq is the rule (one writer). Budgets and windows are per
+    process.
     """
 
     def __init__(
@@ -135,6 +154,8 @@ class Ingest:
         on_ack: Callable[[str, Ack], None] | None = None,
         clock: Callable[[], float] = time.time,
         shared: bool = False,
+        limits: Limits | None = None,
+        window_s: float = WINDOW_S,
     ) -> None:
         self._store = store
         self._recorder = recorder
@@ -145,24 +166,131 @@ class Ingest:
         self._clock = clock
         self._shared = shared
         self._accepted: dict[str, int] = {}  # shared: last seq accepted by this process, per sender
+        self.budgets = Budgets(limits)
+        self.windows = RejectWindows(window_s)
+        self._owner = uuid.uuid4().hex  # whose persisted windows are whose (share groups, restarts)
+        self._next_orphan_check = 0.0
+        # What this process did with each message it was handed, by outcome or reason (tests, bench), and
+        # how many times a bug (an exception) was caught on the way: zero, or something is wrong.
+        self.counts: Counter[str] = Counter()
+        self.internal_errors = 0
 
+    # -- the link's side: which queue a message goes to -----------------------------------------------------
+    def sender_key(self, topic: str) -> str:
+        """Who a topic speaks for, before anything is verified: the enrolled agent it names, else
+        ``(unenrolled)`` or ``(topic)``. Rejects are counted and budgets kept under this key."""
+        parsed = parse_agent_topic(topic)
+        if parsed is None or parsed[1] not in KIND_OF_CHANNEL:
+            return UNKNOWN_TOPIC
+        return parsed[0] if self._keys.is_enrolled(parsed[0]) else UNENROLLED
+
+    def inbox(self, capacity: int = CAPACITY) -> FairInbox:
+        """The queue between the broker link and :meth:`handle_batch`, fed by this ingest's budgets."""
+        return FairInbox(
+            key_of=self.sender_key,
+            noisy=lambda key: self.budgets.noisy(key, self._clock()),
+            on_overflow=self.overflowed,
+            capacity=capacity,
+        )
+
+    def overflowed(self, key: str, item: Item) -> None:
+        """The inbox dropped ``item`` unread (its sender is noisy and its queue full): count it."""
+        topic, payload, retained = item
+        self._count(
+            key,
+            Reason.OVERFLOW,
+            "dropped unread: the sender is over its budget and its queue is full",
+            self._clock(),
+            {"topic": topic, "retained": retained, "bytes": len(payload)},
+        )
+
+    # -- batches ---------------------------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> Outcome:
         return self.handle_batch([(topic, payload, retained)])[0]
 
     def handle_batch(self, items: Iterable[Item]) -> list[Outcome]:
         """Apply ``items`` in order in one transaction. Signatures (the costly part) are checked first,
         without the write lock, so that processes of a share group verify in parallel and hold the lock only
-        to apply. Raises only when the transaction itself cannot commit (then none of the batch is stored)."""
+        to apply. Raises only when the transaction itself cannot commit (then none of the batch is stored,
+        and its counts stay for the next batch)."""
         checked = [
             (topic, payload, retained, self._check_signature(topic, payload))
             for topic, payload, retained in items
         ]
         outcomes: list[Outcome] = []
-        with self._store.transaction():
-            for topic, payload, retained, signed in checked:
-                outcomes.append(self._handle_one(topic, payload, retained, signed))
+        flush: Flush | None = None
+        try:
+            with self._store.transaction():
+                for topic, payload, retained, signed in checked:
+                    outcomes.append(self._handle_one(topic, payload, retained, signed))
+                flush = self.windows.flush(self._clock())
+                self._write(flush)
+        except BaseException:
+            if flush is not None:
+                self.windows.undo(flush)
+            raise
         return outcomes
 
+    def tick(self, now: float | None = None) -> None:
+        """Close due windows when no batch comes to do it, store counts of messages the inbox dropped, and
+        write windows that a crashed process left behind. Called every second or so by the daemon."""
+        now = self._clock() if now is None else now
+        if now >= self._next_orphan_check:
+            self._next_orphan_check = now + self.windows.window_s
+            self._recover_orphans(now)
+        if self.windows.pending() or self.windows.due(now):
+            self._flush(now, close_all=False)
+
+    def close(self) -> None:
+        """Shutdown: every open window is written now (nothing counted is left unaudited)."""
+        self._flush(self._clock(), close_all=True)
+
+    def _flush(self, now: float, *, close_all: bool) -> None:
+        flush = self.windows.flush(now, close_all=close_all)
+        try:
+            with self._store.transaction():
+                self._write(flush)
+        except BaseException:
+            self.windows.undo(flush)
+            raise
+
+    def _write(self, flush: Flush) -> None:
+        for (sender, reason), (n, at) in flush.counts.items():
+            self._store.count_reject(sender, reason, at, n)
+        for w in flush.touched:
+            self._store.save_reject_window(self._owner, w.sender, w.opened, w.last, self._summary(w))
+        for w in flush.closed:
+            self._audit_window(w, self._summary(w))
+            self._store.delete_reject_window(self._owner, w.sender)
+
+    def _summary(self, w: Window) -> str:
+        return json.dumps(w.summary(self.windows.window_s), separators=(",", ":"), sort_keys=True)
+
+    def _audit_window(self, w: Window, summary_json: str, *, recovered: bool = False) -> None:
+        data = json.loads(summary_json)
+        if recovered:
+            data["recovered"] = True  # written by another start than the one that counted it
+        self._recorder.record(SUMMARY_KIND, w.sender, data, actor=w.sender)
+        log.warning(
+            "messages_not_accepted",
+            sender=w.sender,
+            counts=data["counts"],
+            window_s=data["window_s"],
+            recovered=recovered,
+        )
+
+    def _recover_orphans(self, now: float) -> None:
+        before = now - _ORPHAN_AFTER_WINDOWS * self.windows.window_s
+        orphans = self._store.reject_windows(updated_before=before, other_than=self._owner)
+        if not orphans:
+            return
+        with self._store.transaction():
+            for owner, sender, opened, last, summary_json in orphans:
+                # The delete decides who writes it: one process of a share group, once.
+                if self._store.delete_reject_window(owner, sender, updated_before=before):
+                    self._audit_window(Window(sender, opened, last), summary_json, recovered=True)
+
+    # -- one message -------------------------------------------------------------------------------------------
     def _check_signature(self, topic: str, payload: bytes) -> Verdict | None:
         """Everything ``verify`` checks except seq and ts; ``None`` for a topic that is not an agent's."""
         try:
@@ -179,32 +307,55 @@ class Ingest:
                 expected_sender=agent,
                 expected_kind=KIND_OF_CHANNEL[channel],
             )
+        except RecursionError:  # json.loads on a deeply nested document
+            return Verdict(VerdictStatus.MALFORMED, "not JSON: nested too deeply")
         except Exception:  # a bug must not lose the batch; the apply step records it per message
             log.exception("verify_error", topic=topic[:200])
+            self.internal_errors += 1
             return Verdict(VerdictStatus.MALFORMED, "internal error while verifying")
 
     def _handle_one(self, topic: str, payload: bytes, retained: bool, signed: Verdict | None) -> Outcome:
         try:
+            if signed is None or not signed.ok:
+                # Refused on its form or signature: nothing to store but a count, no savepoint needed.
+                return self._refused_unsigned(topic, payload, retained, signed)
             # Verdict, state, decision and audit of one message land together or not at all.
             with self._store.savepoint():
                 return self._handle(topic, payload, retained, signed)
         except Exception:  # a bug on one message must not stop ingest; it is logged and audited
             log.exception("ingest_error", topic=topic[:200])
+            self.internal_errors += 1
             try:
                 with self._store.savepoint():
                     self._recorder.record("ingest.error", topic[:200], {"bytes": len(payload)})
+                self._count(
+                    self.sender_key(topic),
+                    Reason.MALFORMED,
+                    "internal error while applying (see the ingest.error entry)",
+                    self._clock(),
+                    {"topic": topic, "retained": retained, "bytes": len(payload)},
+                )
             except Exception:
                 log.exception("audit_failed")
             return Outcome.REJECTED
 
-    def _handle(self, topic: str, payload: bytes, retained: bool, signed: Verdict | None) -> Outcome:
+    def _refused_unsigned(
+        self, topic: str, payload: bytes, retained: bool, signed: Verdict | None
+    ) -> Outcome:
+        now = self._clock()
+        base = {"topic": topic, "retained": retained, "bytes": len(payload)}
+        if signed is None:
+            self._count(UNKNOWN_TOPIC, Reason.MALFORMED, "not an agent-to-controller topic", now, base)
+            return Outcome.REJECTED
+        key = self.sender_key(topic)
+        self._count(key, Reason(signed.status.value), signed.detail, now, {**base, "seq": signed.seq})
+        return Outcome.REJECTED
+
+    def _handle(self, topic: str, payload: bytes, retained: bool, signed: Verdict) -> Outcome:
         now = self._clock()
         parsed = parse_agent_topic(topic)
-        if signed is None or parsed is None:
-            return self._reject(
-                UNKNOWN_TOPIC, topic, VerdictStatus.MALFORMED, "not an agent-to-controller topic", now
-            )
-        agent, channel = parsed
+        assert parsed is not None  # signed is not None only for an agent topic
+        agent, channel = parsed  # the verified sender: verify checked the envelope's against the topic's
         ep = self._store.endpoint(agent)
         verdict = check_sequence(
             signed,
@@ -222,42 +373,37 @@ class Ingest:
                 and seq is not None
                 and self._store.message_digest(agent, seq) == digest
             ):
-                self._recorder.record("verdict", agent, {**base, "status": "duplicate"}, actor=agent)
+                self._count(agent, Reason.DUPLICATE, "the same bytes as an accepted message", now, base)
                 return Outcome.DUPLICATE
             expected = _expected_old_status(channel, verdict, retained)
             if expected is not None:
                 # Signed by the agent (the signature is checked before seq and ts), only old: the broker
                 # replays the retained status to each new subscription, and a Will superseded by a newer
-                # connection can arrive late. Recorded, not counted as an attack.
-                self._recorder.record(
-                    "verdict",
-                    agent,
-                    {**base, "status": verdict.status.value, "detail": verdict.detail, "expected": expected},
-                    actor=agent,
-                )
+                # connection can arrive late. Summed up, not counted as an attack.
+                self._count(agent, Reason.OLD_STATUS, verdict.detail, now, {**base, "expected": expected})
                 return Outcome.OLD_STATUS
-            counted_as = agent if self._keys.is_enrolled(agent) else UNENROLLED
-            return self._reject(counted_as, topic, verdict.status, verdict.detail, now, base)
+            self._count(agent, Reason(verdict.status.value), verdict.detail, now, base)
+            return Outcome.REJECTED
 
         envelope = verdict.envelope
         assert envelope is not None  # ok verdicts carry both
         seq = envelope.seq
         kind = envelope.kind.value
+        if not verdict.is_will and not self.budgets.take_accepted(agent, now):
+            lim = self.budgets.limits
+            detail = f"over the budget of {lim.accepted_burst:.0f} messages, then {lim.accepted_per_s:g}/s"
+            self._count(agent, Reason.RATE_LIMITED, detail, now, base, junk=False)
+            return Outcome.REJECTED
         if not self._store.record_message(agent, seq, kind, digest, now):
             if self._store.message_digest(agent, seq) == digest:
                 # A Last Will (exempt from the replay check) again, or with a share group a redelivery
                 # another process of the group already accepted.
-                self._recorder.record("verdict", agent, {**base, "status": "duplicate"}, actor=agent)
+                self._count(agent, Reason.DUPLICATE, "the same bytes as an accepted message", now, base)
                 return Outcome.DUPLICATE
             # Same (agent, seq), other bytes: accepted once already (by this or another process).
-            return self._reject(
-                agent,
-                topic,
-                VerdictStatus.REPLAYED,
-                f"seq {seq} already accepted with other content",
-                now,
-                base,
-            )
+            detail = f"seq {seq} already accepted with other content"
+            self._count(agent, Reason.REPLAYED, detail, now, base)
+            return Outcome.REJECTED
         if self._shared and not verdict.is_will:
             self._accepted[agent] = max(seq, self._accepted.get(agent, seq))
         self._recorder.record(
@@ -289,21 +435,30 @@ class Ingest:
             self._tracker.on_ack(agent, body, seq=seq, now=now, before=ep)
             if self._on_ack is not None:
                 self._on_ack(agent, body)
+        self.counts[Outcome.ACCEPTED.value] += 1
         return Outcome.ACCEPTED
 
-    def _reject(
+    def _count(
         self,
-        counted_as: str,
-        topic: str,
-        status: VerdictStatus,
+        key: str,
+        reason: Reason,
         detail: str,
         now: float,
-        base: Mapping[str, object] | None = None,
-    ) -> Outcome:
-        self._store.count_reject(counted_as, status.value, now)
-        data = {**(base or {"topic": topic[:200]}), "status": status.value, "detail": detail[:500]}
-        self._recorder.record("verdict", counted_as, data, actor=counted_as)
-        log.warning(
-            "message_rejected", sender=counted_as, topic=topic[:200], status=status.value, detail=detail[:200]
-        )
-        return Outcome.REJECTED
+        base: Mapping[str, object],
+        *,
+        junk: bool = True,
+    ) -> None:
+        """A message not acted on: counted in its sender's window; spends the topic's junk budget (a
+        verified sender over its own budget is noisy already)."""
+        self.counts[reason.value] += 1
+        if junk:
+            self.budgets.charge_junk(key, now)
+        if self.windows.add(key, reason, now, {**base, "detail": detail}):
+            log.warning(
+                "message_not_accepted",
+                sender=key,
+                reason=reason.value,
+                topic=str(base.get("topic", ""))[:200],
+                detail=detail[:200],
+                note=f"further ones from this sender are summed up for {self.windows.window_s:g} s",
+            )

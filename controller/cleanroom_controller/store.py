@@ -82,6 +82,14 @@ CREATE TABLE IF NOT EXISTS agent_revocations (
 CREATE INDEX IF NOT EXISTS events_received ON events (received);
 CREATE INDEX IF NOT EXISTS messages_received ON messages (received);
 CREATE INDEX IF NOT EXISTS commands_state ON commands (state);
+-- Per-message reads of one agent's open sessions and pending commands, independent of its history.
+CREATE INDEX IF NOT EXISTS sessions_agent_state ON sessions (agent, state);
+CREATE INDEX IF NOT EXISTS commands_agent_state ON commands (agent, state);
+-- Reject windows being counted (rejects.py), persisted with each batch; a crashed process's are audited later.
+CREATE TABLE IF NOT EXISTS reject_windows (
+    owner TEXT NOT NULL, sender TEXT NOT NULL, opened REAL NOT NULL, updated REAL NOT NULL, summary TEXT NOT NULL,
+    PRIMARY KEY (owner, sender)
+);
 """
 
 
@@ -310,12 +318,46 @@ class Store:
         )
 
     # -- rejects and accepted messages ------------------------------------------------------------------------
-    def count_reject(self, sender: str, status: str, now: float) -> None:
+    def count_reject(self, sender: str, status: str, now: float, n: int = 1) -> None:
         self._db.execute(
-            """INSERT INTO rejects (sender, status, count, last_at) VALUES (?, ?, 1, ?)
-               ON CONFLICT (sender, status) DO UPDATE SET count = count + 1, last_at = excluded.last_at""",
-            (sender, status, now),
+            """INSERT INTO rejects (sender, status, count, last_at) VALUES (?, ?, ?, ?)
+               ON CONFLICT (sender, status) DO UPDATE SET count = count + excluded.count,
+                   last_at = MAX(last_at, excluded.last_at)""",
+            (sender, status, n, now),
         )
+
+    def save_reject_window(
+        self, owner: str, sender: str, opened: float, updated: float, summary: str
+    ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO reject_windows (owner, sender, opened, updated, summary) VALUES (?,?,?,?,?)",
+            (owner, sender, opened, updated, summary),
+        )
+
+    def delete_reject_window(self, owner: str, sender: str, *, updated_before: float | None = None) -> bool:
+        """Forget a persisted window (it was audited); with ``updated_before`` only if still that old."""
+        if updated_before is None:
+            cur = self._db.execute(
+                "DELETE FROM reject_windows WHERE owner = ? AND sender = ?", (owner, sender)
+            )
+        else:
+            cur = self._db.execute(
+                "DELETE FROM reject_windows WHERE owner = ? AND sender = ? AND updated < ?",
+                (owner, sender, updated_before),
+            )
+        return cur.rowcount == 1
+
+    def reject_windows(
+        self, *, updated_before: float, other_than: str
+    ) -> list[tuple[str, str, float, float, str]]:
+        """Windows of other processes not touched since ``updated_before``: (owner, sender, opened,
+        updated, summary JSON)."""
+        rows = self._db.execute(
+            """SELECT owner, sender, opened, updated, summary FROM reject_windows
+               WHERE owner != ? AND updated < ? ORDER BY opened""",
+            (other_than, updated_before),
+        ).fetchall()
+        return [(str(r[0]), str(r[1]), float(r[2]), float(r[3]), str(r[4])) for r in rows]
 
     def reject_counts(self) -> dict[str, dict[str, int]]:
         counts: dict[str, dict[str, int]] = {}
@@ -406,6 +448,31 @@ class Store:
         ).fetchone()
         return None if row is None else self._session(row)
 
+    # Per-message reads (ingest): indexed on (agent, state), so their cost follows the agent's *open*
+    # sessions (bounded by decide.MAX_OPEN_SESSIONS), never how many it ever had.
+    def open_sessions(self, agent: str) -> list[SessionRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM sessions WHERE agent = ? AND state IN ('running', 'ending') ORDER BY started, id",
+            (agent,),
+        )
+        return [self._session(r) for r in rows]
+
+    def count_open_sessions(self, agent: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM sessions WHERE agent = ? AND state IN ('running', 'ending')", (agent,)
+        ).fetchone()
+        return int(row[0])
+
+    def sessions_among(self, agent: str, ids: list[str]) -> dict[str, SessionRecord]:
+        """The stored sessions of ``agent`` among ``ids`` (any state), by id."""
+        if not ids:
+            return {}
+        rows = self._db.execute(
+            "SELECT * FROM sessions WHERE agent = ? AND id IN (SELECT value FROM json_each(?))",
+            (agent, json.dumps(ids)),
+        )
+        return {r["id"]: self._session(r) for r in rows}
+
     @staticmethod
     def _session(r: sqlite3.Row) -> SessionRecord:
         return SessionRecord(
@@ -491,6 +558,12 @@ class Store:
                 c.expires_at,
             ),
         )
+
+    def count_pending_commands(self, agent: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM commands WHERE agent = ? AND state = ?", (agent, CommandState.PENDING.value)
+        ).fetchone()
+        return int(row[0])
 
     def command(self, command_id: str) -> CommandRecord | None:
         row = self._db.execute("SELECT * FROM commands WHERE id = ?", (command_id,)).fetchone()

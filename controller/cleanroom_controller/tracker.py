@@ -67,14 +67,20 @@ class Tracker:
         after = decide.after_posture(
             before, verdict, now=now, seq=seq, mode=posture.mode.value, policy_ref=ref
         )
-        sessions = self._store.sessions(agent)
-        changes = decide.reconcile_sessions(agent, sessions, posture.sessions)
-        for change in changes:
+        # The agent's open sessions and the stored records of reported ids only: work bounded by what is
+        # open and what this posture reports, never by how many sessions the agent ever had.
+        open_sessions = self._store.open_sessions(agent)
+        open_ids = {s.id for s in open_sessions}
+        others = [info.id for info in posture.sessions if info.id not in open_ids]
+        known = [*open_sessions, *self._store.sessions_among(agent, others).values()]
+        result = decide.reconcile(agent, known, posture.sessions)
+        for change in result.changes:
             self._save_session_change(change)
-        if changes:
-            by_id = {s.id: s for s in sessions}
-            by_id.update((c.id, c) for c in changes)
-            sessions = list(by_id.values())
+        if result.refused:
+            self._refuse_sessions(agent, result.refused, seq)
+        by_id = {s.id: s for s in known}
+        by_id.update((c.id, c) for c in result.changes)
+        sessions = [s for s in by_id.values() if s.state is not SessionState.ENDED]
         if posture_json is None:
             posture_json = json.dumps(posture.model_dump(mode="json"), separators=(",", ":"))
         return self._conclude(before, after, posture=posture_json, now=now, sessions=sessions, cause=seq)
@@ -104,6 +110,9 @@ class Tracker:
         if isinstance(session_id, str) and event.kind in ("session.started", "session.ended"):
             known = self._store.session(agent, session_id)
             if event.kind == "session.started" and known is None:
+                if not decide.may_open_session(self._store.count_open_sessions(agent)):
+                    self._refuse_sessions(agent, (session_id,), seq)
+                    return self._conclude(before, after, now=now, cause=seq)
                 pid = event.details.get("pid")
                 user = event.details.get("user")
                 self._save_session_change(
@@ -176,6 +185,21 @@ class Tracker:
         return decisions
 
     # -- conclusions ---------------------------------------------------------------------------------------
+    def _refuse_sessions(self, agent: str, ids: tuple[str, ...], seq: int) -> None:
+        """Sessions an agent reported while at its cap: not tracked (so never a command either), audited."""
+        self._recorder.record(
+            "limit.refused",
+            agent,
+            {
+                "what": "sessions",
+                "limit": decide.MAX_OPEN_SESSIONS,
+                "count": len(ids),
+                "ids": list(ids[:8]),
+                "cause_seq": seq,
+            },
+        )
+        log.warning("sessions_refused", agent=agent, count=len(ids), limit=decide.MAX_OPEN_SESSIONS)
+
     def _save_session_change(self, session: SessionRecord) -> None:
         self._store.save_session(session)
         self._recorder.record(
@@ -208,11 +232,15 @@ class Tracker:
             and before.condition is not Condition.COMPLIANT
         ):
             self._recovered(after.agent)  # pending end requests are moot now
+        acting = after.condition in decide.ACTING_CONDITIONS
         if sessions is None:
-            # Sessions matter only for a condition that ends them (a cheap skip for the common compliant case).
-            acting = after.condition in decide.ACTING_CONDITIONS
-            sessions = self._store.sessions(after.agent) if acting else []
-        decision = decide.decide(before, after, sessions, self._policy(), now=now)
+            # Sessions matter only for a condition that ends them (a cheap skip for the common compliant
+            # case); only open ones can be ended.
+            sessions = self._store.open_sessions(after.agent) if acting else []
+        room = None
+        if acting and any(s.state is SessionState.RUNNING for s in sessions):
+            room = decide.command_room(self._store.count_pending_commands(after.agent))
+        decision = decide.decide(before, after, sessions, self._policy(), now=now, room=room)
         if decision is None:
             return None
         actions = [
@@ -221,16 +249,19 @@ class Tracker:
         self._store.add_decision(
             decision.agent, now, decision.condition.value, list(decision.reasons), actions
         )
-        self._recorder.record(
-            "decision",
-            decision.agent,
-            {
-                "condition": decision.condition.value,
-                "reasons": list(decision.reasons),
-                "actions": actions,
-                "cause_seq": cause,
-            },
-        )
+        data: dict[str, object] = {
+            "condition": decision.condition.value,
+            "reasons": list(decision.reasons),
+            "actions": actions,
+            "cause_seq": cause,
+        }
+        if decision.deferred:
+            # Over MAX_PENDING_COMMANDS: these sessions stay running and are asked once commands finish.
+            data["deferred"] = {
+                "limit": decide.MAX_PENDING_COMMANDS,
+                "sessions": [a.session_id for a in decision.deferred],
+            }
+        self._recorder.record("decision", decision.agent, data)
         log.info(
             "decision",
             agent=decision.agent,

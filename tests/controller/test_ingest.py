@@ -1,9 +1,9 @@
-"""Ingest against a real Mosquitto and the real daemon: each bad message is rejected, counted and audited,
-nothing crashes, duplicates are stored once, a retained status replayed after a restart is not an attack."""
+"""Ingest against a real Mosquitto and the real daemon: each bad message is rejected, counted and audited
+(summed up per sender per window: ``verdict.summary``), nothing crashes, duplicates are stored once, a
+retained status replayed after a restart is not an attack."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,6 +22,23 @@ from .helpers import Sender, enrol, posture, session, shipped_policy
 
 def verdicts(store, status: str) -> list[dict]:
     return [e.data for e in store.audit_entries() if e.kind == "verdict" and e.data["status"] == status]
+
+
+def summaries(store: Store, sender: str) -> list[dict]:
+    """The ``verdict.summary`` entries of ``sender``: one per window it had messages not accepted in."""
+    return [e.data for e in store.audit_entries() if e.kind == "verdict.summary" and e.subject == sender]
+
+
+def summed(store: Store, sender: str) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for data in summaries(store, sender):
+        for reason, n in data["counts"].items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
+def reopened(data_dir: Path) -> Store:
+    return Store.open(data_dir)
 
 
 async def test_bad_messages_are_rejected_counted_and_audited(mosquitto: Mosquitto, tmp_path: Path) -> None:
@@ -58,16 +75,24 @@ async def test_bad_messages_are_rejected_counted_and_audited(mosquitto: Mosquitt
             timeout=5,
             what="unknown sender counted",
         )
-        for status in expected:
-            assert verdicts(run.store, status), f"no audited {status} verdict"
-        assert verdicts(run.store, "unknown_sender")[0]["topic"].endswith("/mallory/posture")
-
         # Still alive and accepting: the next good message goes through.
         await publish(c, "a1", Channel.POSTURE, a1.seal(Kind.POSTURE, posture("a1", denied=("scrot",))))
         await until(
             lambda: run.store.endpoint("a1").compliant is False, timeout=5, what="next posture accepted"
         )
         assert run.store.endpoint("a1").reasons == ("denied_process:scrot",)
+        assert summaries(run.store, "a1") == []  # its window is still open (10 s)
+    # Audited on shutdown: one summary per sender, counts by reason, the first of each reason in detail.
+    store = reopened(tmp_path / "c")
+    (a1_summary,) = summaries(store, "a1")
+    assert a1_summary["counts"] == expected and a1_summary["total"] == 6
+    assert a1_summary["first"]["bad_signature"]["detail"] == "signature does not verify"
+    assert a1_summary["first"]["too_large"]["bytes"] == 65 * 1024
+    (stranger,) = summaries(store, "(unenrolled)")
+    assert stranger["counts"] == {"unknown_sender": 1}
+    assert stranger["first"]["unknown_sender"]["topic"].endswith("/mallory/posture")
+    assert not [e for e in store.audit_entries() if e.kind == "verdict" and e.data["status"] != "ok"]
+    assert verify_chain(list(store.audit_entries()), store.audit_head()) is None
 
 
 async def test_duplicates_are_stored_once(mosquitto: Mosquitto, tmp_path: Path) -> None:
@@ -80,10 +105,13 @@ async def test_duplicates_are_stored_once(mosquitto: Mosquitto, tmp_path: Path) 
         for _ in range(3):  # what a QoS 1 redelivery looks like: the same bytes again
             await publish(c, "a1", Channel.EVENTS, event)
         await until(
-            lambda: len(verdicts(run.store, "duplicate")) == 2, timeout=5, what="two duplicates audited"
+            lambda: run.controller.ingest.counts["duplicate"] == 2, timeout=5, what="two duplicates seen"
         )
         assert [(e["agent"], e["seq"]) for e in run.store.events()] == [("a1", 1)]
         assert run.store.reject_counts() == {}
+    store = reopened(tmp_path / "c")
+    assert summed(store, "a1") == {"duplicate": 2}  # summed up, not counted as rejects
+    assert len(verdicts(store, "ok")) == 1
 
 
 async def test_will_and_retained_status_after_restart(mosquitto: Mosquitto, tmp_path: Path) -> None:
@@ -109,12 +137,15 @@ async def test_will_and_retained_status_after_restart(mosquitto: Mosquitto, tmp_
     # Restart: the broker replays the retained Will; it is recognised, recorded, not counted.
     async with running_controller(mosquitto, data) as run:
         await until(
-            lambda: verdicts(run.store, "duplicate"), timeout=5, what="retained will recorded as duplicate"
+            lambda: run.controller.ingest.counts["duplicate"], timeout=5, what="retained will seen again"
         )
         assert run.store.reject_counts() == {}
         assert run.store.endpoint("a1").condition.value == "offline"
-        last = [e for e in run.store.audit_entries() if e.kind == "verdict"][-1]
-        assert json.loads(last.data_json)["retained"] is True
+    store = reopened(data)
+    (summary,) = summaries(store, "a1")
+    assert summary["counts"] == {"duplicate": 1}
+    assert summary["first"]["duplicate"]["retained"] is True
+    assert summary["first"]["duplicate"]["seq"] == will_seq
 
 
 async def test_retained_status_replayed_after_restart_is_expected(
@@ -131,11 +162,14 @@ async def test_retained_status_replayed_after_restart_is_expected(
     # the same bytes it accepted before, so a duplicate, recorded and not counted.
     async with running_controller(mosquitto, data) as run:
         await until(
-            lambda: [d for d in verdicts(run.store, "duplicate") if d["retained"]],
+            lambda: run.controller.ingest.counts["duplicate"],
             timeout=5,
-            what="retained status recorded as a duplicate",
+            what="retained status seen as a duplicate",
         )
         assert run.store.reject_counts() == {}
+    store = reopened(data)
+    (summary,) = summaries(store, "a1")
+    assert summary["counts"] == {"duplicate": 1} and summary["first"]["duplicate"]["retained"] is True
 
 
 def test_retained_status_never_seen_but_older_is_recorded_not_counted(tmp_path: Path) -> None:
@@ -159,12 +193,16 @@ def test_retained_status_never_seen_but_older_is_recorded_not_counted(tmp_path: 
     assert ingest.handle(topic + "status", superseded) is Outcome.OLD_STATUS
     assert store.reject_counts() == {"a1": {"replayed": 1}}
     assert store.endpoint("a1").condition.value == "compliant"
-    assert [d for d in verdicts(store, "replayed") if d.get("expected") == "retained"]
     # Garbage never raises.
     for junk in (b"", b"\xff\xfe", b"[]", b'{"v":1}', b"null"):
         assert ingest.handle(topic + "events", junk) is Outcome.REJECTED
     assert ingest.handle("cleanroom/v1/agents/a1/commands", b"{}") is Outcome.REJECTED
     assert ingest.handle("elsewhere", b"{}") is Outcome.REJECTED
+    ingest.close()
+    (summary,) = summaries(store, "a1")
+    assert summary["counts"] == {"old_status": 2, "replayed": 1, "malformed": 5}
+    assert summary["first"]["old_status"]["expected"] == "retained"
+    assert summaries(store, "(topic)")[0]["counts"] == {"malformed": 2}
 
 
 def _ingest(store: Store, *, shared: bool = False, acts: list | None = None) -> tuple[Ingest, Tracker]:

@@ -1,0 +1,125 @@
+"""Per-sender budgets (pure: token buckets, the clock is passed in): who is noisy right now.
+
+Two buckets per *sender key* (the agent the topic names when it is enrolled, else ``(unenrolled)`` or
+``(topic)``, so there are at most "enrolled agents + 2" keys):
+
+- **accepted**: charged by every message whose signature, sequence and time check out (a Last Will excepted).
+  Only a message signed with the sender's key can spend it, so junk that names agent B on B's topic (possible
+  when the broker's ACL is missing) never costs B its place. When it is empty the message is refused as
+  ``rate_limited``: that bounds what one agent key can make the controller store and act on.
+- **junk**: charged by every message on the key's topics that is *not* accepted (malformed, forged, replayed,
+  stale, duplicate, ...). Its exhaustion costs nothing but scheduling: the key becomes *noisy*.
+
+A noisy key is served after every quiet one (:mod:`.inbox`), and what it sends beyond its queue is dropped
+unread (counted ``overflow``). Signatures are always checked before a budget is spent: a message is charged
+to the accepted bucket only once it verified, and a junk message only ever makes its own topic noisy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The numbers, with why. One controller process; a share group has one set per process."""
+
+    # An agent sends a posture per heartbeat or change (seconds apart), a status per connection and a few
+    # events a minute; after an outage its outbox replays what it spooled (≤ max_skew_s old, or the
+    # messages are stale anyway). 1,000 at once and 50/s sustained is far above that and still bounds a
+    # stolen key to 50 stored messages a second.
+    accepted_burst: float = 1_000.0
+    accepted_per_s: float = 50.0
+    # A genuine agent is rarely rejected (a QoS 1 redelivery, a retained status after a controller restart).
+    junk_burst: float = 100.0
+    junk_per_s: float = 10.0
+    # How many keys to remember at most; idle (full) buckets carry no state and are forgotten first.
+    max_keys: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("accepted_burst", "accepted_per_s", "junk_burst", "junk_per_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Limits.{name} must be > 0")
+        if self.max_keys < 1:
+            raise ValueError("Limits.max_keys must be >= 1")
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``per_s``; :meth:`take` spends one if there is one."""
+
+    __slots__ = ("_at", "_burst", "_per_s", "_tokens")
+
+    def __init__(self, burst: float, per_s: float, now: float) -> None:
+        self._burst = burst
+        self._per_s = per_s
+        self._tokens = burst
+        self._at = now
+
+    def _refill(self, now: float) -> None:
+        if now > self._at:
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._per_s)
+        self._at = max(self._at, now)  # a clock that steps back does not mint tokens
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def spend(self, now: float) -> None:
+        """Take one token, or go on being empty (the debt is not carried: refill starts from zero)."""
+        self._refill(now)
+        self._tokens = max(0.0, self._tokens - 1.0)
+
+    def empty(self, now: float) -> bool:
+        self._refill(now)
+        return self._tokens < 1.0
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self._tokens >= self._burst
+
+
+class Budgets:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._accepted: dict[str, TokenBucket] = {}
+        self._junk: dict[str, TokenBucket] = {}
+
+    def _bucket(self, table: dict[str, TokenBucket], key: str, now: float, junk: bool) -> TokenBucket:
+        bucket = table.get(key)
+        if bucket is None:
+            if len(table) >= self.limits.max_keys:
+                self._forget_idle(table, now)
+            lim = self.limits
+            bucket = (
+                TokenBucket(lim.junk_burst, lim.junk_per_s, now)
+                if junk
+                else TokenBucket(lim.accepted_burst, lim.accepted_per_s, now)
+            )
+            table[key] = bucket
+        return bucket
+
+    @staticmethod
+    def _forget_idle(table: dict[str, TokenBucket], now: float) -> None:
+        idle = [k for k, b in table.items() if b.full(now)]
+        for k in idle:
+            del table[k]
+        if not idle:  # everyone is busy: forget the oldest half rather than grow without bound
+            for k in list(table)[: len(table) // 2 or 1]:
+                del table[k]
+
+    def take_accepted(self, key: str, now: float) -> bool:
+        """A verified message from ``key``: ``False`` when its budget is spent (refuse it)."""
+        return self._bucket(self._accepted, key, now, junk=False).take(now)
+
+    def charge_junk(self, key: str, now: float) -> None:
+        """A message on ``key``'s topics that was not accepted."""
+        self._bucket(self._junk, key, now, junk=True).spend(now)
+
+    def noisy(self, key: str, now: float) -> bool:
+        """Has ``key`` spent either budget? (Unknown keys are quiet.)"""
+        accepted = self._accepted.get(key)
+        junk = self._junk.get(key)
+        return (accepted is not None and accepted.empty(now)) or (junk is not None and junk.empty(now))

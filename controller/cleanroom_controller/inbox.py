@@ -1,0 +1,187 @@
+"""Between the broker link and ingest: one queue per sender, quiet senders first, noisy ones rationed.
+
+Every message the broker hands over has already been acknowledged (QoS 1), and one MQTT connection carries
+every agent's messages in one stream: a device that floods would put its junk in front of everyone else's
+messages. So the link puts each message into its *sender's* queue (the agent the topic names, or
+``(unenrolled)`` / ``(topic)``: at most enrolled agents + 2 queues), and ingest takes a batch as a *round*:
+
+- senders that are quiet (both budgets left, :mod:`.budgets`) are served first, one message each in turn;
+- noisy senders share at most ``noisy_per_round`` messages per round, so a round that holds a quiet
+  sender's violation is never long (a round of forgeries costs ~0.1 ms each to verify);
+- a noisy sender's message that finds its queue full (or the inbox full) is dropped unread and counted
+  ``overflow``: the link reads the flood off the socket as fast as it arrives, so the broker never queues
+  it in front of other devices' messages. A quiet sender's message is never dropped: when the inbox is full
+  the link waits (the broker queues; QoS 1), as it did before this module, after first evicting noisy
+  messages to make room.
+
+The order within one sender's queue is kept (its seqs arrive in order); the order across senders is not
+needed by anything (each sender's state is its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+Item = tuple[str, bytes, bool]  # topic, payload, retained
+
+CAPACITY = 2_000
+PER_SENDER = 500
+NOISY_PER_ROUND = 64
+
+
+class FairInbox:
+    """The ``asyncio.Queue`` subset the daemon's batch collector uses (``put``, ``get``, ``get_nowait``,
+    ``empty``), with rounds: :meth:`get` waits for a round's first message and opens the round;
+    :meth:`get_nowait` hands out the rest of it and :meth:`empty` is true when nothing more may join it."""
+
+    def __init__(
+        self,
+        *,
+        key_of: Callable[[str], str],
+        noisy: Callable[[str], bool],
+        on_overflow: Callable[[str, Item], None],
+        capacity: int = CAPACITY,
+        per_sender: int = PER_SENDER,
+        noisy_per_round: int = NOISY_PER_ROUND,
+    ) -> None:
+        if min(capacity, per_sender, noisy_per_round) < 1:
+            raise ValueError("inbox capacity, per_sender and noisy_per_round must be >= 1")
+        self._key_of = key_of
+        self._noisy = noisy
+        self._on_overflow = on_overflow
+        self._capacity = capacity
+        self._per_sender = per_sender
+        self._noisy_per_round = noisy_per_round
+        self._queues: dict[str, deque[Item]] = {}
+        # Senders with queued messages, in turn order, by class. A sender's class is fixed for a round
+        # (decided when the round opens or when its first message arrives) so that empty() is O(1).
+        self._quiet: deque[str] = deque()
+        self._loud: deque[str] = deque()
+        self._is_loud: dict[str, bool] = {}
+        self._quiet_n = 0
+        self._loud_n = 0
+        self._round_loud = 0
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.overflowed = 0
+
+    def qsize(self) -> int:
+        return self._quiet_n + self._loud_n
+
+    # -- producer: the link --------------------------------------------------------------------------------
+    async def put(self, item: Item) -> None:
+        key = self._key_of(item[0])
+        while True:
+            queue = self._queues.get(key)
+            if queue is not None and len(queue) >= self._per_sender:
+                if self._noisy(key):
+                    self._drop(key, item)
+                    return
+            elif self.qsize() < self._capacity:
+                self._append(key, item)
+                return
+            elif self._noisy(key):
+                self._drop(key, item)
+                return
+            elif self._evict_loud():
+                continue
+            # A quiet sender and no room: wait for ingest (the broker queues meanwhile).
+            self._writable.clear()
+            await self._writable.wait()
+
+    def _append(self, key: str, item: Item) -> None:
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+            loud = self._noisy(key)
+            self._is_loud[key] = loud
+            (self._loud if loud else self._quiet).append(key)
+        queue.append(item)
+        if self._is_loud[key]:
+            self._loud_n += 1
+        else:
+            self._quiet_n += 1
+        self._readable.set()
+
+    def _drop(self, key: str, item: Item) -> None:
+        self.overflowed += 1
+        self._on_overflow(key, item)
+
+    def _evict_loud(self) -> bool:
+        """Room for a quiet sender: drop the oldest message of the noisy sender next in turn."""
+        if not self._loud:
+            return False
+        key = self._loud[0]
+        item = self._pop(key, self._loud)
+        self._drop(key, item)
+        return True
+
+    # -- consumer: ingest -----------------------------------------------------------------------------------
+    async def get(self) -> Item:
+        """Wait for a message, open a round and return its first message."""
+        while not self.qsize():
+            self._readable.clear()
+            await self._readable.wait()
+        self._open_round()
+        item = self._take()
+        assert item is not None  # qsize() > 0, and a new round serves at least one noisy message
+        return item
+
+    def get_nowait(self) -> Item:
+        item = self._take()
+        if item is None:
+            raise asyncio.QueueEmpty
+        return item
+
+    def empty(self) -> bool:
+        return self._quiet_n == 0 and (self._loud_n == 0 or self._round_loud >= self._noisy_per_round)
+
+    def _open_round(self) -> None:
+        """Re-class the senders with queued messages: budgets refill, a noisy sender becomes quiet again."""
+        self._round_loud = 0
+        keys = [*self._quiet, *self._loud]
+        self._quiet.clear()
+        self._loud.clear()
+        self._quiet_n = self._loud_n = 0
+        for key in keys:
+            loud = self._noisy(key)
+            self._is_loud[key] = loud
+            (self._loud if loud else self._quiet).append(key)
+            n = len(self._queues[key])
+            if loud:
+                self._loud_n += n
+            else:
+                self._quiet_n += n
+
+    def _take(self) -> Item | None:
+        if self._quiet_n:
+            return self._pop_turn(self._quiet)
+        if self._loud_n and self._round_loud < self._noisy_per_round:
+            self._round_loud += 1
+            return self._pop_turn(self._loud)
+        return None
+
+    def _pop_turn(self, order: deque[str]) -> Item:
+        """One message of the sender whose turn it is; it goes to the back of the line if it has more."""
+        key = order[0]
+        item = self._pop(key, order)
+        if key in self._queues:
+            order.rotate(-1)
+        return item
+
+    def _pop(self, key: str, order: deque[str]) -> Item:
+        queue = self._queues[key]
+        item = queue.popleft()
+        if self._is_loud[key]:
+            self._loud_n -= 1
+        else:
+            self._quiet_n -= 1
+        if not queue:
+            del self._queues[key]
+            del self._is_loud[key]
+            order.remove(key)  # it is at the front (its turn, or the evicted one): O(1)
+        self._writable.set()
+        return item

@@ -1,0 +1,38 @@
+"""Token buckets per sender key (pure): bursts, refill, noisy, a bounded number of keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from cleanroom_controller.budgets import Budgets, Limits, TokenBucket
+
+
+def test_bucket_bursts_refills_and_a_clock_stepping_back_mints_nothing() -> None:
+    b = TokenBucket(3, 2.0, now=100.0)
+    assert [b.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert b.take(100.5) and not b.take(100.5)  # 0.5 s × 2/s = one token
+    assert not b.take(50.0)  # back in time: no refill
+    assert not b.take(100.9) and b.take(101.0)
+
+
+def test_junk_makes_a_key_noisy_without_spending_its_accepted_budget() -> None:
+    budgets = Budgets(Limits(accepted_burst=5, accepted_per_s=1, junk_burst=3, junk_per_s=1))
+    for _ in range(100):
+        budgets.charge_junk("b", now=10.0)  # forgeries on b's topic
+    assert budgets.noisy("b", 10.0)
+    assert all(budgets.take_accepted("b", 10.0) for _ in range(5))  # b's own messages still go
+    assert not budgets.take_accepted("b", 10.0)
+    assert not budgets.noisy("a", 10.0)  # nobody else is touched
+    assert budgets.noisy("b", 10.5) and not budgets.noisy("b", 11.0)  # both refill, 1/s
+
+
+def test_keys_are_bounded() -> None:
+    budgets = Budgets(Limits(max_keys=10))
+    for i in range(1000):
+        budgets.charge_junk(f"k{i}", now=float(i))
+    assert len(budgets._junk) <= 10
+
+
+def test_limits_refuse_nonsense() -> None:
+    with pytest.raises(ValueError, match="accepted_per_s"):
+        Limits(accepted_per_s=0)
