@@ -91,8 +91,13 @@ def run(
     exec_backend: Annotated[
         str | None, typer.Option(help="fanotify (blocks, default) or procconn (kills after the fact)")
     ] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="mqtts://: CA of the broker's certificate")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="mqtts://: this device's certificate")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="mqtts://: this device's TLS key (0600)")] = None,
 ) -> None:
     """Run the agent: report posture, track and end sessions, serve the launch gate."""
+    from cleanroom_protocol import TlsSettingsError, client_tls_context
+
     from .daemon import Agent, StartupError
 
     settings = settings_or_fail(
@@ -111,8 +116,15 @@ def run(
         enforcers=enforcers,
         sysfs_root=sysfs_root,
         exec_backend=exec_backend,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     configure_logging(settings.log_level)
+    try:
+        client_tls_context(settings.broker_address)  # unusable TLS files: say so now, not at each reconnect
+    except TlsSettingsError as exc:
+        fail(str(exc))
     if settings.controller_key is None:
         fail(
             "--controller-key FILE is required: the controller's public key "

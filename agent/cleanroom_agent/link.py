@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from cleanroom_protocol import (
     Status,
     VerdictStatus,
     agent_topic,
+    client_tls_context,
     verify,
 )
 
@@ -157,11 +157,14 @@ class Link:
     async def _connect_and_serve(self) -> None:
         will_seq, will_payload = self._outbox.will()
         status_topic = agent_topic(self._agent_id, Channel.STATUS)
-        tls = ssl.create_default_context() if self._broker.tls else None
+        # mqtts://: the shared TLS context (CA, this device's certificate), re-read at each connection so a
+        # renewed certificate is used from the next reconnect. With a client certificate the broker takes
+        # the client id from its CN (use_username_as_clientid); ours is the same id, so logs agree.
+        tls = client_tls_context(self._broker)
         client = aiomqtt.Client(
             self._broker.host,
             self._broker.port,
-            identifier=f"cleanroom-agent-{self._agent_id}",
+            identifier=self._agent_id if self._broker.tls_files.cert else f"cleanroom-agent-{self._agent_id}",
             will=aiomqtt.Will(status_topic, will_payload, qos=1, retain=True),
             keepalive=self._keepalive,
             tls_context=tls,

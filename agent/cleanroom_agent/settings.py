@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -18,7 +18,7 @@ from pydantic_settings import (
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 from cleanroom_protocol import BrokerAddress as BrokerAddress  # re-exported: cleanroom_agent.BrokerAddress
-from cleanroom_protocol import Mode, is_valid_agent_id
+from cleanroom_protocol import Mode, TlsFiles, is_valid_agent_id
 from cleanroom_protocol import parse_broker_url as parse_broker_url
 
 DEFAULT_CONFIG = Path("/etc/cleanroom/agent.toml")
@@ -38,6 +38,11 @@ class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLEANROOM_", extra="forbid", enable_decoding=False)
 
     broker: str = "mqtt://127.0.0.1:1883"
+    # mTLS with an mqtts:// broker: the CA that signed the broker's certificate (none: the system's) and
+    # this device's certificate (CN = its id) and key (0600).
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     id: str = Field(default_factory=_default_id)
     mode: Mode = Mode.ENFORCE
@@ -91,9 +96,21 @@ class AgentSettings(BaseSettings):
             raise ValueError("log_level must be debug, info, warning or error")
         return value.lower()
 
+    @model_validator(mode="after")
+    def _tls_needs_mqtts(self) -> AgentSettings:
+        given = [n for n in ("tls_ca", "tls_cert", "tls_key") if getattr(self, n) is not None]
+        if given and not parse_broker_url(self.broker).tls:
+            raise ValueError(
+                f"{', '.join(given)} given but broker {self.broker} is plain mqtt://: use mqtts://"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
     @property
     def broker_address(self) -> BrokerAddress:
-        return parse_broker_url(self.broker)
+        """The broker and, for mqtts://, the TLS files to reach it with."""
+        return parse_broker_url(self.broker).with_tls(TlsFiles(self.tls_ca, self.tls_cert, self.tls_key))
 
     @property
     def key_path(self) -> Path:

@@ -11,7 +11,7 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from cleanroom_protocol import BrokerAddress, Reconnector
+from cleanroom_protocol import BrokerAddress, Reconnector, client_tls_context
 
 log = structlog.get_logger("cleanroom.controller.link")
 
@@ -77,7 +77,8 @@ class BrokerLink:
                 identifier=self._client_id,
                 clean_session=not self._persistent,
                 keepalive=self._keepalive,
-                tls_params=aiomqtt.TLSParameters() if self._address.tls else None,
+                # mqtts://: the shared TLS context (CA, this process's certificate), re-read per connection
+                tls_context=client_tls_context(self._address),
                 max_concurrent_outgoing_calls=200,
                 max_queued_incoming_messages=100_000,
             ) as client:

@@ -7,12 +7,13 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cleanroom_protocol import (
     BrokerAddress as BrokerAddress,
 )  # re-exported: cleanroom_controller.BrokerAddress
+from cleanroom_protocol import TlsFiles
 from cleanroom_protocol import parse_broker_url as parse_broker_url
 
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-controller")
@@ -26,6 +27,14 @@ class ControllerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLEANROOM_", extra="forbid")
 
     broker: str = "mqtt://127.0.0.1:1883"  # mqtt[s]://host:port; credentials in it are refused
+    # mTLS with an mqtts:// broker: the CA of the broker's certificate (none: the system's) and this
+    # process's client certificate and key (pki/controllers/NAME.crt|.key; its CN is the ACL user).
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # The `broker-config --out DIR` of a Mosquitto on this host: the controller keeps its CRL copy fresh
+    # there and reloads it (SIGHUP via its pid file). None: the broker's CRL is refreshed some other way.
+    broker_dir: Path | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     policy: Path | None = None
     embedded_broker: bool = False
@@ -45,9 +54,21 @@ class ControllerSettings(BaseSettings):
         parse_broker_url(value)  # BrokerUrlError is a ValueError: reported naming the field, URL redacted
         return value
 
+    @model_validator(mode="after")
+    def _tls_needs_mqtts(self) -> ControllerSettings:
+        given = [n for n in ("tls_ca", "tls_cert", "tls_key") if getattr(self, n) is not None]
+        if given and not parse_broker_url(self.broker).tls:
+            raise ValueError(
+                f"{', '.join(given)} given but broker {self.broker} is plain mqtt://: use mqtts://"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
     @property
     def broker_address(self) -> BrokerAddress:
-        return parse_broker_url(self.broker)
+        """The broker and, for mqtts://, the TLS files to reach it with."""
+        return parse_broker_url(self.broker).with_tls(TlsFiles(self.tls_ca, self.tls_cert, self.tls_key))
 
     @property
     def mqtt_client_id(self) -> str:

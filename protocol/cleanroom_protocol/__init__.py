@@ -56,7 +56,18 @@ from .topics import (
     is_valid_agent_id,
     parse_agent_topic,
 )
-from .transport import BrokerAddress, BrokerUrlError, Reconnector, backoff_delay, parse_broker_url, redact_url
+from .transport import (
+    BrokerAddress,
+    BrokerUrlError,
+    Reconnector,
+    TlsFiles,
+    TlsSettingsError,
+    backoff_delay,
+    client_tls_context,
+    parse_broker_url,
+    redact_url,
+    tls_context,
+)
 
 __version__ = "0.1.0"
 
@@ -95,6 +106,8 @@ __all__ = [
     "SessionInfo",
     "Severity",
     "Status",
+    "TlsFiles",
+    "TlsSettingsError",
     "Verdict",
     "VerdictStatus",
     "agent_filter",
@@ -102,6 +115,7 @@ __all__ = [
     "backoff_delay",
     "canonical_json",
     "check_sequence",
+    "client_tls_context",
     "fingerprint",
     "is_valid_agent_id",
     "load_or_create_private_key",
@@ -118,6 +132,7 @@ __all__ = [
     "redact_url",
     "renew_message",
     "seal",
+    "tls_context",
     "verify",
     "violations",
 ]
