@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ from .audit import verify_chain
 from .settings import ControllerSettings, SettingsError, load_settings
 from .store import DB_NAME, AgentExistsError, Store
 from .views import agent_rows, event_rows, session_rows, unenrolled_rejects
+
+if TYPE_CHECKING:
+    from .trust import Pki
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 agents_app = typer.Typer(no_args_is_help=True, help="Enrolled agents and their endpoints.")
@@ -108,13 +111,27 @@ def run(
         float | None, typer.Option("--command-timeout", help="First ack wait, s.")
     ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error")] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option("--tls-ca", help="mqtts://: CA of the broker's certificate (pki/ca.crt).")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="mqtts://: this controller's client certificate.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="mqtts://: its key (0600).")] = None,
+    broker_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--broker-dir", help="broker-config --out DIR of a Mosquitto on this host: CRL kept fresh."
+        ),
+    ] = None,
 ) -> None:
     """Run the controller daemon until SIGTERM/SIGINT."""
-    from cleanroom_protocol import KeyFileError
+    from cleanroom_protocol import KeyFileError, TlsSettingsError, client_tls_context
 
     from .daemon import Controller
     from .logs import configure_logging
     from .policy_keeper import NoPolicyError
+    from .trust import PkiError
 
     settings = _settings(
         config,
@@ -127,12 +144,17 @@ def run(
         id=id,
         command_timeout=command_timeout,
         log_level=log_level,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        broker_dir=broker_dir,
     )
     configure_logging(settings.log_level)
     try:
+        client_tls_context(settings.broker_address)  # unusable TLS files: say so now, not at each reconnect
         controller = Controller(settings)
         asyncio.run(controller.run())
-    except (NoPolicyError, KeyFileError, SettingsError) as exc:
+    except (NoPolicyError, KeyFileError, SettingsError, TlsSettingsError, PkiError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot start: {exc}")
@@ -526,6 +548,25 @@ def broker_config(
         fail(str(exc))
     for line in describe(files, address, pki):
         _note(line)
+
+
+@app.command("broker-reload")
+def broker_reload(
+    out: Annotated[Path, typer.Option("--out", help="The broker-config directory of the running broker.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Copy the PKI's current CRL into the broker's directory and reload Mosquitto (SIGHUP via its pid
+    file): for a broker the controller cannot signal itself (run as root, e.g. by a systemd path unit)."""
+    from .trust import BrokerConfigError, PkiError, reload_broker, write_crl
+
+    pki = _load_pki(_settings(config, data_dir=data_dir).data_dir)
+    try:
+        write_crl(out, pki)
+        pid = reload_broker(out)
+    except (BrokerConfigError, PkiError, OSError) as exc:
+        fail(str(exc))
+    _note(f"CRL ({len(pki.crl())} revoked) handed to mosquitto, pid {pid}, reloaded")
 
 
 def main() -> None:

@@ -27,6 +27,8 @@ from .settings import ControllerSettings
 from .signer import Signer
 from .store import Store
 from .tracker import Tracker
+from .trust import CrlKeeper, Pki, PkiError, PkiFiles
+from .trust.crlkeeper import CHECK_EVERY_S as CRL_CHECK_EVERY_S
 
 log = structlog.get_logger("cleanroom.controller")
 
@@ -40,6 +42,17 @@ IDLE_WAIT_S = 0.0005  # one wait for more messages; the loop serves the socket m
 IDLE_WAITS = 2  # consecutive waits that bring nothing end the collection
 DEDUP_WINDOW_S = 24 * 3600.0  # how long accepted messages' digests are kept to recognise redeliveries
 PRUNE_EVERY_S = 300.0
+
+
+def _crl_keeper(settings: ControllerSettings) -> CrlKeeper | None:
+    """With a PKI (``pki init`` was run in the data dir), the task that keeps its CRL valid; else None."""
+    if not PkiFiles.under(settings.data_dir).exists():
+        if settings.broker_dir is not None:
+            raise PkiError(
+                f"broker_dir {settings.broker_dir} is set but there is no PKI in {settings.data_dir}"
+            )
+        return None
+    return CrlKeeper(Pki.load(settings.data_dir), settings.broker_dir)
 
 
 class Stop(Exception):
@@ -58,6 +71,7 @@ class Controller:
             store=self.store, recorder=self.recorder, signer=self.signer, path=settings.policy
         )
         self.address = settings.broker_address
+        self.crl_keeper = _crl_keeper(settings)
         self._tg: asyncio.TaskGroup | None = None
         self._deferred: list[EndSession] = []
         self.link = BrokerLink(
@@ -181,6 +195,25 @@ class Controller:
                 self._deferred.clear()
                 log.exception("silence_check_failed")
 
+    async def _keep_crl(self, keeper: CrlKeeper) -> None:
+        """Re-issue the CRL before it expires and hand it to a broker on this host (``broker_dir``)."""
+        while True:
+            try:
+                update = keeper.check()
+            except Exception as exc:  # PkiError, BrokerConfigError, OSError: said, and tried again
+                log.warning("crl_check_failed", error=str(exc))
+            else:
+                if update is not None:
+                    data = {
+                        "refreshed": update.refreshed,
+                        "crl_number": update.crl_number,
+                        "revoked": update.revoked,
+                        "broker_pid": update.broker_pid,
+                    }
+                    self.recorder.record("trust.crl_published", "crl", data)
+                    log.info("crl_published", **data)
+            await asyncio.sleep(CRL_CHECK_EVERY_S)
+
     async def _resume_commands(self) -> None:
         for command in self.store.commands(CommandState.PENDING):
             log.info("command_resumed", command=command.id, agent=command.agent)
@@ -226,6 +259,8 @@ class Controller:
                     tg.create_task(self._silence_ticker(), name="silence_ticker")
                     tg.create_task(self._watch_policy(), name="policy_watcher")
                     tg.create_task(self._resume_commands(), name="command_retries")
+                    if self.crl_keeper is not None:
+                        tg.create_task(self._keep_crl(self.crl_keeper), name="crl_keeper")
                     tg.create_task(self._stop_on(stop, self.link), name="stop")
             except* Stop:
                 pass

@@ -1,9 +1,11 @@
-"""A real Mosquitto on a free loopback port, started in the foreground and stopped by PID."""
+"""A real Mosquitto on a free loopback port, started in the foreground and stopped by PID: with a plain,
+anonymous test configuration, or from a given configuration file (e.g. what `broker-config` writes)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -35,13 +37,48 @@ class Mosquitto:
     workdir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # Start from this file as it is (its listener must be on ``port``, on 127.0.0.1); None: the plain,
+    # anonymous test configuration written into ``workdir``.
+    config: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.config is not None else 'mqtt'}://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its configuration, ACL and CRL (for new connections)."""
+        assert self.proc is not None and self.proc.poll() is None, "mosquitto is not running"
+        os.kill(self.proc.pid, signal.SIGHUP)
 
     def start(self, timeout: float = 10.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.config or self._write_test_config()
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mosquitto exited with {self.proc.returncode}; see {self.log_path}:\n{self.log_text()[-2000:]}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s")
+
+    def _write_test_config(self) -> Path:
         conf = self.workdir / "mosquitto.conf"
         # Mosquitto started as root drops to the `mosquitto` user; `user root` keeps it able to write here.
         conf.write_text(
@@ -55,20 +92,7 @@ class Mosquitto:
             "max_inflight_messages 100\n"
             "max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else "")
         )
-        log = (self.workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mosquitto exited with {self.proc.returncode}; see {self.workdir}/mosquitto.log"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s")
+        return conf
 
     def forget_sessions(self) -> None:
         """Delete the stopped broker's persistence file: it restarts with no sessions, subscriptions or
