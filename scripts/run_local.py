@@ -2,20 +2,31 @@
 """`make run`: a broker, the controller and one local agent in audit mode, live in this terminal.
 
 Evaluation set-up on embedded defaults: everything lives under .run/ in the checkout, the broker listens on
-127.0.0.1 only. Mosquitto is used when installed; otherwise the controller embeds an amqtt broker (for
-evaluation only: no shared subscriptions, no enforced client certificates). Ctrl-C stops everything.
+127.0.0.1 only. Mosquitto is used when installed, as in production: the controller's PKI is created once
+(`pki init`), `broker-config` writes an mTLS-only configuration (client certificates from that CA, per-agent
+ACL, CRL), and the controller and the local agent connect with certificates from the PKI (the agent's key
+stays in its data dir; its certificate is issued here from a CSR, through the PKI API). Without Mosquitto the
+controller embeds an amqtt broker: plain MQTT, for evaluation only. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+
+from cryptography import x509
+
+from cleanroom_controller.trust import Pki, build_csr
+from cleanroom_controller.trust.certificates import cert_pem, key_pem, new_key
+from cleanroom_controller.trust.pkifiles import write_whole
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / ".run"
@@ -27,8 +38,13 @@ def main() -> int:
     RUN.mkdir(exist_ok=True)
     controller_dir, agent_dir = RUN / "controller", RUN / "agent"
     agent_id = _agent_id()
-    port = _port()
-    broker_url = f"mqtt://127.0.0.1:{port}"
+    mosquitto = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if os.environ.get("CLEANROOM_RUN_BROKER") == "embedded":  # the evaluation broker, Mosquitto or not
+        mosquitto = None
+    port = _port(8883 if mosquitto else 1883)
+    broker_url = f"{'mqtts' if mosquitto else 'mqtt'}://127.0.0.1:{port}"
 
     controller_pub = RUN / "controller.pub"
     agent_pub = RUN / "agent.pub"
@@ -40,37 +56,39 @@ def main() -> int:
     )  # fmt: skip
 
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-    mosquitto = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if os.environ.get("CLEANROOM_RUN_BROKER") == "embedded":  # the evaluation broker, Mosquitto or not
-        mosquitto = None
     controller_args = [
         str(BIN / "cleanroom-controller"), "run", "--broker", broker_url,
         "--data-dir", str(controller_dir), "--policy", str(POLICY),
     ]  # fmt: skip
+    agent_args = [
+        str(BIN / "cleanroom-agent"), "run", "--broker", broker_url, "--data-dir", str(agent_dir),
+        "--id", agent_id, "--mode", "audit", "--controller-key", str(controller_pub),
+        "--socket", str(RUN / "agent.sock"), "--policy", str(POLICY),
+    ]  # fmt: skip
     try:
         if mosquitto:
-            conf = RUN / "mosquitto.conf"
-            conf.write_text(
-                f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                + ("user root\n" if os.geteuid() == 0 else "")
+            broker_dir = RUN / "broker"
+            controller_tls, agent_tls = _mtls(controller_dir, agent_dir, agent_id, broker_dir, port)
+            controller_args += [*controller_tls, "--broker-dir", str(broker_dir)]
+            agent_args += agent_tls
+            procs.append(
+                ("mosquitto", _start([mosquitto, "-c", str(broker_dir / "mosquitto.conf")], "mosquitto"))
             )
-            procs.append(("mosquitto", _start([mosquitto, "-c", str(conf)], "mosquitto")))
-            broker_note = f"Mosquitto ({mosquitto}) on 127.0.0.1:{port}"
+            broker_note = (
+                f"Mosquitto ({mosquitto}) on 127.0.0.1:{port}, mTLS only: TLS 1.2+, client certificates "
+                f"from the controller's CA ({controller_dir / 'pki'}), per-agent ACL, CRL; "
+                f"configuration in {broker_dir}"
+            )
         else:
             controller_args.append("--embedded-broker")
             broker_note = (
-                f"embedded amqtt broker on 127.0.0.1:{port} — FOR EVALUATION ONLY "
-                "(install mosquitto for anything real)"
+                f"embedded amqtt broker on 127.0.0.1:{port}, plain MQTT — FOR EVALUATION ONLY: no TLS, no "
+                "client certificates, no ACL (any local process can connect, read every posture and "
+                "publish under any agent's topics; signatures still protect what is accepted). "
+                "Install mosquitto for the mTLS set-up"
             )
         procs.append(("controller", _start(controller_args, "controller")))
         _wait_port(port, procs)
-        agent_args = [
-            str(BIN / "cleanroom-agent"), "run", "--broker", broker_url, "--data-dir", str(agent_dir),
-            "--id", agent_id, "--mode", "audit", "--controller-key", str(controller_pub),
-            "--socket", str(RUN / "agent.sock"), "--policy", str(POLICY),
-        ]  # fmt: skip
         procs.append(("agent", _start(agent_args, "agent")))
         print(f"cleanroom running: broker {broker_note}")
         print(f"  controller data {controller_dir}, agent '{agent_id}' (audit mode) data {agent_dir}")
@@ -108,6 +126,51 @@ def main() -> int:
                 proc.wait()
 
 
+def _mtls(
+    controller_dir: Path, agent_dir: Path, agent_id: str, broker_dir: Path, port: int
+) -> tuple[list[str], list[str]]:
+    """The PKI (created once), the broker's mTLS configuration (rewritten every run: the port may change)
+    and the local agent's certificate (issued when missing, from another CA, or in its last third).
+    Returns the TLS flags of the controller and of the agent."""
+    if not (controller_dir / "pki").exists():
+        print(_cli("cleanroom-controller", "pki", "init", "--data-dir", str(controller_dir)), end="")
+    # Mosquitto keeps running as whoever runs `make run` (root: it would drop to `mosquitto`, which may
+    # not reach a checkout under a private home directory).
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    _cli(
+        "cleanroom-controller", "broker-config", "--out", str(broker_dir), "--data-dir", str(controller_dir),
+        "--listen", f"127.0.0.1:{port}", "--user", user,
+    )  # fmt: skip
+    pki = Pki.load(controller_dir)
+    tls = agent_dir / "tls"
+    key_path, cert_path, ca_path = tls / "agent.key", tls / "agent.crt", tls / "ca.crt"
+    if _needs_certificate(cert_path, pki.ca_cert):
+        key = new_key()
+        cert = pki.issue_client(build_csr(key, agent_id), common_name=agent_id)
+        tls.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_whole(key_path, key_pem(key), 0o600)
+        write_whole(cert_path, cert_pem(cert), 0o644)
+        print(f"issued {cert_path} for agent '{agent_id}' until {cert.not_valid_after_utc:%Y-%m-%d}")
+    write_whole(ca_path, pki.ca_pem, 0o644)
+    controller_tls = [
+        "--tls-ca", str(pki.ca_cert_path),
+        "--tls-cert", str(pki.controller_cert_path), "--tls-key", str(pki.controller_key_path),
+    ]  # fmt: skip
+    agent_tls = ["--tls-ca", str(ca_path), "--tls-cert", str(cert_path), "--tls-key", str(key_path)]
+    return controller_tls, agent_tls
+
+
+def _needs_certificate(cert_path: Path, ca: x509.Certificate) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError):
+        return True
+    if cert.issuer != ca.subject:
+        return True
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return datetime.now(UTC) > start + (end - start) * 2 / 3
+
+
 def _cli(*args: str) -> str:
     result = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -126,8 +189,8 @@ def _agent_id() -> str:
     return host if host and host[0].isalnum() else f"agent-{host}"[:64]
 
 
-def _port() -> int:
-    wanted = int(os.environ.get("CLEANROOM_RUN_PORT", "1883"))
+def _port(default: int) -> int:
+    wanted = int(os.environ.get("CLEANROOM_RUN_PORT", str(default)))
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", wanted))
