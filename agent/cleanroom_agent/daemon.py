@@ -9,7 +9,8 @@ launch socket's requests), ``link`` (MQTT). Nothing here decides or acts: it onl
 Tasks: ``link`` (MQTT), ``posture`` (probe every poll interval, report on change), ``procevents`` (exec
 and exit events that matter → a coalesced observe at once; see procevents.py), ``heartbeat`` (posture
 at least every ``report.heartbeat_s``), ``failclosed`` (end sessions itself while cut off), ``localsock``
-(the launch gate), ``enforcers`` (their lifecycle) and ``shutdown`` (SIGTERM/SIGINT → offline status,
+(the launch gate), ``enforcers`` (their lifecycle), ``renewal`` (an enrolled agent's certificate, at two
+thirds of its lifetime) and ``shutdown`` (SIGTERM/SIGINT → offline status,
 drain, stop).
 """
 
@@ -38,6 +39,7 @@ from .outbox import Outbox
 from .policykeeper import PolicyKeeper, StartupError, initial_policy, load_signed_policy
 from .posture import HostProbe, LinuxHostProbe
 from .procevents import ProcConnectorEvents, ProcessEventsOff, ProcessEventSource
+from .renewal import CertificateRenewer
 from .reporting import EventSink, PostureAssembler, PostureReporter
 from .sessionbook import SessionBook
 from .sessions import ProcessTable, PsutilProcessTable, PsutilTreeEnder, TreeEnder
@@ -180,6 +182,19 @@ class Agent:
             events=self.events,
         )
         self.server = LocalSocketServer(settings.socket, self.gate.handle_local)
+        # An enrolled agent renews its own certificate (renewal.py); one configured by hand does not.
+        self.renewer = (
+            CertificateRenewer(
+                agent_id=settings.id,
+                data_dir=settings.data_dir,
+                cert_path=settings.tls_cert,
+                controller_url=settings.enrol_url,
+                key=key,
+                events=self.events,
+            )
+            if settings.enrol_url and settings.tls_cert is not None
+            else None
+        )
         self._stop = asyncio.Event()
 
     # The policy keeper and the link are built after the parts that read these: read them at call time.
@@ -217,6 +232,8 @@ class Agent:
                 tg.create_task(self.reporter.heartbeat_loop(), name="heartbeat")
                 tg.create_task(self.fail_closed.run(), name="failclosed")
                 tg.create_task(self.server.serve(), name="localsock")
+                if self.renewer is not None:
+                    tg.create_task(self.renewer.run(), name="renewal")
                 tg.create_task(self._shutdown_task(), name="shutdown")
         except* _Shutdown:
             log.info("agent_stopped")

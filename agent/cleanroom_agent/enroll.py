@@ -42,12 +42,8 @@ from cryptography.x509.oid import NameOID
 
 from cleanroom_protocol import load_or_create_private_key, parse_public_key, public_key_pem, renew_message
 
-TLS_DIR = "tls"
-TLS_KEY = "agent.key"
-TLS_CERT = "agent.crt"
-TLS_CA = "ca.crt"
-CONTROLLER_KEY = "controller.pub"
-ENROLMENT_FILE = "enrolment.json"
+from .settings import CONTROLLER_KEY, ENROLMENT_FILE, TLS_CA, TLS_CERT, TLS_DIR, TLS_KEY
+
 TIMEOUT_S = 15.0
 MAX_ANSWER = 256 * 1024
 _TOKEN_PARTS = 4
@@ -175,7 +171,7 @@ def _answer(status: int, data: bytes, what: str) -> dict[str, Any]:
 
 
 def _store_answer(
-    data_dir: Path, agent_id: str, answer: dict[str, Any], tls_key: bytes, ca_pem: bytes
+    data_dir: Path, controller_url: str, agent_id: str, answer: dict[str, Any], tls_key: bytes, ca_pem: bytes
 ) -> Enrolled:
     cert = x509.load_pem_x509_certificate(answer["certificate"].encode("ascii"))
     if cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value != agent_id:
@@ -199,6 +195,7 @@ def _store_answer(
         "agent_id": agent_id,
         "controller_id": answer["controller_id"],
         "broker_url": answer.get("broker_url"),
+        "controller_url": controller_url,  # where the running agent renews its certificate
         "enrolled_at": time.time(),
     }
     _write_private(files[4], json.dumps(record, indent=2).encode() + b"\n")
@@ -226,7 +223,9 @@ def enroll(
         "signing_key": public_key_pem(signing_key),
     }
     status, data = _request(host, port, pinned_context(ca_pem), "POST", "/v1/enroll", body)
-    return _store_answer(data_dir, agent_id, _answer(status, data, "enrolment"), tls_key, ca_pem)
+    return _store_answer(
+        data_dir, controller_url, agent_id, _answer(status, data, "enrolment"), tls_key, ca_pem
+    )
 
 
 def renew_certificate(controller_url: str, agent_id: str, data_dir: Path, key: Ed25519PrivateKey) -> Enrolled:
@@ -238,7 +237,9 @@ def renew_certificate(controller_url: str, agent_id: str, data_dir: Path, key: E
     host, port = _https_target(controller_url)
     body = {"agent_id": agent_id, "csr": csr, "ts": ts, "sig": sig}
     status, data = _request(host, port, pinned_context(ca_pem), "POST", "/v1/renew", body)
-    return _store_answer(data_dir, agent_id, _answer(status, data, "renewal"), tls_key, ca_pem)
+    return _store_answer(
+        data_dir, controller_url, agent_id, _answer(status, data, "renewal"), tls_key, ca_pem
+    )
 
 
 def renewal_due(not_before: float, not_after: float, now: float) -> bool:

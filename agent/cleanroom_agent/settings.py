@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import tomllib
 from pathlib import Path
@@ -24,6 +25,11 @@ from cleanroom_protocol import parse_broker_url as parse_broker_url
 DEFAULT_CONFIG = Path("/etc/cleanroom/agent.toml")
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-agent")
 DEFAULT_SOCKET = Path("/run/cleanroom/agent.sock")
+# What `cleanroom-agent enroll` (enroll.py) writes into the data dir, and `run` picks up by default.
+ENROLMENT_FILE = "enrolment.json"
+TLS_DIR, TLS_CA, TLS_CERT, TLS_KEY = "tls", "ca.crt", "agent.crt", "agent.key"
+CONTROLLER_KEY = "controller.pub"
+MAX_ENROLMENT_FILE = 64 * 1024
 
 
 class SettingsError(Exception):
@@ -48,6 +54,9 @@ class AgentSettings(BaseSettings):
     mode: Mode = Mode.ENFORCE
     controller_key: Path | None = None
     controller_id: str = "controller"
+    # The controller's enrolment endpoint (https://host:8443), where the running agent renews its
+    # certificate; set from enrolment.json when the agent was enrolled.
+    enrol_url: str | None = None
     policy: Path | None = None
     socket: Path = DEFAULT_SOCKET
     # Group (name or gid) whose members may read the posture over the local socket; none: root only.
@@ -98,6 +107,7 @@ class AgentSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_needs_mqtts(self) -> AgentSettings:
+        self._enrolment_defaults()
         given = [n for n in ("tls_ca", "tls_cert", "tls_key") if getattr(self, n) is not None]
         if given and not parse_broker_url(self.broker).tls:
             raise ValueError(
@@ -106,6 +116,45 @@ class AgentSettings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         return self
+
+    def _enrolment_defaults(self) -> None:
+        """What ``cleanroom-agent enroll`` wrote into the data dir fills every setting no layer gave: the
+        broker URL and controller id from ``enrolment.json``, the TLS files from ``tls/``, the controller's
+        key from ``controller.pub``. An enrolled endpoint runs with no configuration at all."""
+        record_path = self.data_dir / ENROLMENT_FILE
+        if not record_path.is_file():
+            return
+        try:
+            with record_path.open("rb") as f:
+                record = json.loads(f.read(MAX_ENROLMENT_FILE + 1))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{record_path}: unreadable enrolment record ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{record_path}: not an enrolment record")
+        given = self.model_fields_set
+        broker_url = record.get("broker_url")
+        if "broker" not in given and isinstance(broker_url, str):
+            parse_broker_url(broker_url)
+            self.broker = broker_url
+        enrol_url = record.get("controller_url")
+        if "enrol_url" not in given and isinstance(enrol_url, str):
+            self.enrol_url = enrol_url
+        controller_id = record.get("controller_id")
+        if (
+            "controller_id" not in given
+            and isinstance(controller_id, str)
+            and is_valid_agent_id(controller_id)
+        ):
+            self.controller_id = controller_id
+        tls = self.data_dir / TLS_DIR
+        if not given & {"tls_ca", "tls_cert", "tls_key"} and parse_broker_url(self.broker).tls:
+            self.tls_ca, self.tls_cert, self.tls_key = tls / TLS_CA, tls / TLS_CERT, tls / TLS_KEY
+        if self.controller_key is None and (self.data_dir / CONTROLLER_KEY).is_file():
+            self.controller_key = self.data_dir / CONTROLLER_KEY
+
+    @property
+    def enrolled(self) -> bool:
+        return (self.data_dir / ENROLMENT_FILE).is_file()
 
     @property
     def broker_address(self) -> BrokerAddress:

@@ -215,6 +215,46 @@ def agents_add(
     store.close()
 
 
+@agents_app.command("revoke")
+def agents_revoke(
+    agent_id: Annotated[str, typer.Argument(metavar="ID", help="The agent to cut off.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (audited): lost, stolen, decommissioned...")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Cut a device off: its key refused at once, its certificates revoked, the broker's CRL reloaded and
+    its connection closed within seconds; the policy's actions end its sessions. Every step is audited."""
+    from .revocation import revoke_agent
+    from .trust import Pki, PkiError
+
+    settings = _settings(config, data_dir=data_dir)
+    store = _open_store(settings.data_dir)
+    if agent_id not in store.agent_fingerprints():  # an agent revoked before may be revoked again (retry)
+        store.close()
+        fail(f"no enrolled agent {agent_id!r}")
+    try:
+        pki: Pki | None = Pki.load(settings.data_dir)
+    except PkiError:
+        pki = None
+    report = revoke_agent(
+        store=store,
+        pki=pki,
+        agent=agent_id,
+        reason=reason[:500],
+        operator=_operator(),
+        broker_dir=settings.broker_dir,
+        broker=settings.broker_address,
+    )
+    store.close()
+    say(
+        f"{agent_id}: revoked{'' if report.newly_revoked else ' (already)'}; certificates revoked: "
+        f"{len(report.serials)}; broker reloaded: {'yes' if report.broker_pid else 'no'}; "
+        f"disconnected: {'yes' if report.disconnected else 'no'}"
+    )
+    if report.problems:
+        fail("; ".join(report.problems), 1)
+
+
 @agents_app.command("list")
 def agents_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Enrolled agents: online, compliant, reasons, last seen, rejects."""

@@ -12,12 +12,13 @@ from typing import Any
 
 import structlog
 
-from cleanroom_protocol import POLICY_TOPIC, load_or_create_private_key
+from cleanroom_protocol import POLICY_TOPIC, load_or_create_private_key, public_key_pem
 
 from .actions import ActionRunner
 from .broker import EmbeddedBroker
 from .decide import EndSession
 from .drivers.agent import AgentDriver
+from .enrolserver import EnrolmentServer, EnrolmentService, EnrolmentSettings, build_app
 from .ingest import Ingest, KeyCache, subscriptions
 from .link import BrokerLink
 from .models import CommandState
@@ -27,7 +28,7 @@ from .settings import ControllerSettings
 from .signer import Signer
 from .store import Store
 from .tracker import Tracker
-from .trust import CrlKeeper, Pki, PkiError, PkiFiles
+from .trust import CrlKeeper, Pki, PkiError, PkiFiles, parse_listen
 from .trust.crlkeeper import CHECK_EVERY_S as CRL_CHECK_EVERY_S
 
 log = structlog.get_logger("cleanroom.controller")
@@ -42,17 +43,38 @@ IDLE_WAIT_S = 0.0005  # one wait for more messages; the loop serves the socket m
 IDLE_WAITS = 2  # consecutive waits that bring nothing end the collection
 DEDUP_WINDOW_S = 24 * 3600.0  # how long accepted messages' digests are kept to recognise redeliveries
 PRUNE_EVERY_S = 300.0
+REVOCATION_CHECK_S = 1.0
 
 
-def _crl_keeper(settings: ControllerSettings) -> CrlKeeper | None:
-    """With a PKI (``pki init`` was run in the data dir), the task that keeps its CRL valid; else None."""
+def _load_pki(settings: ControllerSettings) -> Pki | None:
+    """The PKI if ``pki init`` was run in the data dir (its CRL is then kept valid and its enrolment
+    endpoint served); else None."""
     if not PkiFiles.under(settings.data_dir).exists():
         if settings.broker_dir is not None:
             raise PkiError(
                 f"broker_dir {settings.broker_dir} is set but there is no PKI in {settings.data_dir}"
             )
         return None
-    return CrlKeeper(Pki.load(settings.data_dir), settings.broker_dir)
+    return Pki.load(settings.data_dir)
+
+
+def _enrolment_server(settings: ControllerSettings, key_pem: str, pki: Pki | None) -> EnrolmentServer | None:
+    """With a PKI, the HTTPS enrolment endpoint (its own store connection: it writes between ingest
+    batches); None without a PKI or with ``enroll_listen = "off"``."""
+    if pki is None or settings.enroll_listen == "off":
+        return None
+    listen = parse_listen(settings.enroll_listen)
+    broker_url = settings.agent_broker_url or (settings.broker if settings.broker_address.tls else None)
+    service = EnrolmentService(
+        Store.open(settings.data_dir), pki, EnrolmentSettings(settings.id, key_pem, broker_url)
+    )
+    return EnrolmentServer(
+        build_app(service),
+        host=listen.host,
+        port=listen.port,
+        certfile=str(pki.server_cert_path),
+        keyfile=str(pki.server_key_path),
+    )
 
 
 class Stop(Exception):
@@ -71,7 +93,10 @@ class Controller:
             store=self.store, recorder=self.recorder, signer=self.signer, path=settings.policy
         )
         self.address = settings.broker_address
-        self.crl_keeper = _crl_keeper(settings)
+        pki = _load_pki(settings)
+        self.crl_keeper = CrlKeeper(pki, settings.broker_dir) if pki is not None else None
+        self.enrolment = _enrolment_server(settings, public_key_pem(self.key), pki)
+        self._revoked: set[str] = set(self.store.revoked_agents())
         self._tg: asyncio.TaskGroup | None = None
         self._deferred: list[EndSession] = []
         self.link = BrokerLink(
@@ -101,11 +126,12 @@ class Controller:
             act=self._deferred.append,  # submitted after the batch commits (see _submit_deferred)
             recovered=self._recovered,
         )
+        self.keys = KeyCache(self.store)
         self.ingest = Ingest(
             store=self.store,
             recorder=self.recorder,
             tracker=self.tracker,
-            keys=KeyCache(self.store),
+            keys=self.keys,
             max_skew_s=settings.max_skew_s,
             on_ack=self.driver.ack_received,
             shared=settings.share_group is not None,
@@ -214,6 +240,24 @@ class Controller:
                     log.info("crl_published", **data)
             await asyncio.sleep(CRL_CHECK_EVERY_S)
 
+    async def _watch_revocations(self) -> None:
+        """``agents revoke`` (another process) marks agents revoked in the store: within a second their keys
+        are dropped here and their endpoints judged in violation, so the policy's actions apply."""
+        while True:
+            await asyncio.sleep(REVOCATION_CHECK_S)
+            try:
+                revoked = self.store.revoked_agents()
+                for agent in sorted(set(revoked) - self._revoked):
+                    self.keys.forget(agent)
+                    with self.store.transaction():
+                        self.tracker.on_revoked(agent, now=time.time(), reason="operator")
+                    self._submit_deferred()
+                    log.warning("agent_revoked", agent=agent)
+                self._revoked = set(revoked)
+            except Exception:
+                self._deferred.clear()
+                log.exception("revocation_check_failed")
+
     async def _resume_commands(self) -> None:
         for command in self.store.commands(CommandState.PENDING):
             log.info("command_resumed", command=command.id, agent=command.agent)
@@ -261,7 +305,10 @@ class Controller:
                     tg.create_task(self._resume_commands(), name="command_retries")
                     if self.crl_keeper is not None:
                         tg.create_task(self._keep_crl(self.crl_keeper), name="crl_keeper")
-                    tg.create_task(self._stop_on(stop, self.link), name="stop")
+                    if self.enrolment is not None:
+                        tg.create_task(self.enrolment.serve(), name="enrolment")
+                    tg.create_task(self._watch_revocations(), name="revocations")
+                    tg.create_task(self._stop_on(stop), name="stop")
             except* Stop:
                 pass
         finally:
@@ -279,8 +326,12 @@ class Controller:
                     loop.remove_signal_handler(sig)
             log.info("controller_stopped")
 
-    @staticmethod
-    async def _stop_on(stop: asyncio.Event, link: BrokerLink) -> None:
+    async def _stop_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
-        link.request_stop()
+        self.link.request_stop()
+        if self.enrolment is not None:
+            # Let the endpoint close its socket and finish a request in flight before the group is cancelled.
+            self.enrolment.request_stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.enrolment.stopped.wait(), 3.0)
         raise Stop

@@ -25,6 +25,7 @@ The decisions are in :mod:`enrolment` (pure); this module is the transport.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -323,9 +324,19 @@ class EnrolmentServer:
             server_header=False,
         )
         self._server = _EmbeddedServer(config)
+        self._listen = f"{host}:{port}"
+        self.stopped = asyncio.Event()
 
     async def serve(self) -> None:
-        await self._server.serve()
+        """Serve until :meth:`request_stop`. A listener that cannot start (the port taken: a second
+        controller process on this host) is logged and leaves the controller running without it: uvicorn
+        reports that with SystemExit, which must not end the controller."""
+        try:
+            await self._server.serve()
+        except SystemExit:
+            log.error("enrolment_endpoint_not_started", listen=f"{self._listen}", hint="port in use?")
+        finally:
+            self.stopped.set()
 
     def request_stop(self) -> None:
         self._server.should_exit = True

@@ -127,6 +127,11 @@ class KeyCache:
     def is_enrolled(self, agent: str) -> bool:
         return self(agent) is not None
 
+    def forget(self, agent: str) -> None:
+        """The agent was revoked: its cached key goes, and the store no longer returns it."""
+        self._keys.pop(agent, None)
+        self._missing.pop(agent, None)
+
 
 class Ingest:
     """Verifies and applies messages in batches: one SQLite transaction per batch (each message that passed

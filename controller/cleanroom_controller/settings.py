@@ -35,6 +35,11 @@ class ControllerSettings(BaseSettings):
     # The `broker-config --out DIR` of a Mosquitto on this host: the controller keeps its CRL copy fresh
     # there and reloads it (SIGHUP via its pid file). None: the broker's CRL is refreshed some other way.
     broker_dir: Path | None = None
+    # The HTTPS enrolment endpoint (enrolserver.py), served once `pki init` made a PKI in the data dir;
+    # "off" disables it. 8443: the customary unprivileged HTTPS port, apart from MQTT's 8883.
+    enroll_listen: str = "0.0.0.0:8443"
+    # The broker URL enrolled agents are told (mqtts://host:8883); default: this controller's, if mqtts://.
+    agent_broker_url: str | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     policy: Path | None = None
     embedded_broker: bool = False

@@ -259,7 +259,12 @@ class Store:
         return {str(r["agent"]): float(r["revoked_at"]) for r in rows}
 
     def public_key_pem(self, agent: str) -> str | None:
-        row = self._db.execute("SELECT public_key FROM agents WHERE id = ?", (agent,)).fetchone()
+        """The agent's enrolled signing key; None for an unknown or a revoked agent (its key counts for
+        nothing any more)."""
+        row = self._db.execute(
+            "SELECT public_key FROM agents WHERE id = ? AND id NOT IN (SELECT agent FROM agent_revocations)",
+            (agent,),
+        ).fetchone()
         return None if row is None else str(row[0])
 
     def agent_fingerprints(self) -> dict[str, str]:

@@ -101,6 +101,16 @@ class Tracker:
         after = decide.after_status(before, status, now=now, seq=seq, is_will=is_will)
         return self._conclude(before, after, now=now, cause=seq)
 
+    def on_revoked(self, agent: str, *, now: float, reason: str) -> Decision | None:
+        """An operator revoked the agent (`agents revoke`): it is judged in violation ``agent_revoked`` from
+        now on (its messages are refused, so no posture can clear it), and the policy's actions for a
+        violation apply to its sessions."""
+        before = self._store.endpoint(agent)
+        after = replace(
+            before, compliant=False, condition=Condition.VIOLATION, reasons=(f"agent_revoked:{reason}"[:200],)
+        )
+        return self._conclude(before, after, now=now)
+
     def on_event(
         self, agent: str, event: Event, *, seq: int, now: float, before: EndpointState | None = None
     ) -> Decision | None:
