@@ -124,6 +124,15 @@ def run(
             "--broker-dir", help="broker-config --out DIR of a Mosquitto on this host: CRL kept fresh."
         ),
     ] = None,
+    enroll_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--enroll-listen", help="HTTPS enrolment endpoint HOST:PORT (default 0.0.0.0:8443), or off."
+        ),
+    ] = None,
+    agent_broker_url: Annotated[
+        str | None, typer.Option("--agent-broker-url", help="mqtts://host:port told to enrolled agents.")
+    ] = None,
 ) -> None:
     """Run the controller daemon until SIGTERM/SIGINT."""
     from cleanroom_protocol import KeyFileError, TlsSettingsError, client_tls_context
@@ -148,6 +157,8 @@ def run(
         tls_cert=tls_cert,
         tls_key=tls_key,
         broker_dir=broker_dir,
+        enroll_listen=enroll_listen,
+        agent_broker_url=agent_broker_url,
     )
     configure_logging(settings.log_level)
     try:
@@ -219,6 +230,12 @@ def agents_add(
 def agents_revoke(
     agent_id: Annotated[str, typer.Argument(metavar="ID", help="The agent to cut off.")],
     reason: Annotated[str, typer.Option("--reason", help="Why (audited): lost, stolen, decommissioned...")],
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="mqtts://host:port of the broker (for the disconnect).")
+    ] = None,
+    broker_dir: Annotated[
+        Path | None, typer.Option("--broker-dir", help="broker-config --out DIR (CRL copy, reload).")
+    ] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -227,7 +244,7 @@ def agents_revoke(
     from .revocation import revoke_agent
     from .trust import Pki, PkiError
 
-    settings = _settings(config, data_dir=data_dir)
+    settings = _settings(config, data_dir=data_dir, broker=broker, broker_dir=broker_dir)
     store = _open_store(settings.data_dir)
     if agent_id not in store.agent_fingerprints():  # an agent revoked before may be revoked again (retry)
         store.close()
@@ -429,7 +446,9 @@ def enroll_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: Da
         for t in store.tokens()
     ]
     store.close()
-    _print_rows(rows, as_json, "enrolment tokens", ["id", "site", "state", "uses", "uses_allowed", "expires_at"])
+    _print_rows(
+        rows, as_json, "enrolment tokens", ["id", "site", "state", "uses", "uses_allowed", "expires_at"]
+    )
 
 
 @enroll_app.command("revoke")
