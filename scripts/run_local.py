@@ -4,9 +4,11 @@
 Evaluation set-up on embedded defaults: everything lives under .run/ in the checkout, the broker listens on
 127.0.0.1 only. Mosquitto is used when installed, as in production: the controller's PKI is created once
 (`pki init`), `broker-config` writes an mTLS-only configuration (client certificates from that CA, per-agent
-ACL, CRL), and the controller and the local agent connect with certificates from the PKI (the agent's key
-stays in its data dir; its certificate is issued here from a CSR, through the PKI API). Without Mosquitto the
-controller embeds an amqtt broker: plain MQTT, for evaluation only. Ctrl-C stops everything.
+ACL, CRL), the controller serves its HTTPS enrolment endpoint, and the local agent is enrolled the way every
+endpoint is: `enroll create` prints a one-time token, `cleanroom-agent enroll --token-file` gets the agent its
+certificate, the CA and the controller's key (its keys never leave its data dir). Without Mosquitto the
+controller embeds an amqtt broker: plain MQTT, keys registered with `agents add`, for evaluation only.
+Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -19,14 +21,11 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
 
-from cleanroom_controller.trust import Pki, build_csr
-from cleanroom_controller.trust.certificates import cert_pem, key_pem, new_key
-from cleanroom_controller.trust.pkifiles import write_whole
+from cleanroom_controller.trust import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / ".run"
@@ -34,7 +33,13 @@ BIN = Path(sys.executable).parent
 POLICY = ROOT / "policies" / "offshore-billing.toml"
 
 
+def _stop_like_ctrl_c(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP (a closed terminal, `timeout`) stop the children in order too
+
+
 def main() -> int:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_like_ctrl_c)
     RUN.mkdir(exist_ok=True)
     controller_dir, agent_dir = RUN / "controller", RUN / "agent"
     agent_id = _agent_id()
@@ -46,31 +51,26 @@ def main() -> int:
     port = _port(8883 if mosquitto else 1883)
     broker_url = f"{'mqtts' if mosquitto else 'mqtt'}://127.0.0.1:{port}"
 
-    controller_pub = RUN / "controller.pub"
-    agent_pub = RUN / "agent.pub"
-    controller_pub.write_text(_cli("cleanroom-controller", "identity", "--data-dir", str(controller_dir)))
-    agent_pub.write_text(_cli("cleanroom-agent", "identity", "--data-dir", str(agent_dir)))
-    _cli(
-        "cleanroom-controller", "agents", "add", agent_id,
-        "--public-key", str(agent_pub), "--data-dir", str(controller_dir),
-    )  # fmt: skip
-
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     controller_args = [
         str(BIN / "cleanroom-controller"), "run", "--broker", broker_url,
         "--data-dir", str(controller_dir), "--policy", str(POLICY),
     ]  # fmt: skip
+    # Broker URL, TLS files and the controller's key come from the agent's enrolment (mTLS) or are given
+    # below (evaluation broker).
     agent_args = [
         str(BIN / "cleanroom-agent"), "run", "--broker", broker_url, "--data-dir", str(agent_dir),
-        "--id", agent_id, "--mode", "audit", "--controller-key", str(controller_pub),
-        "--socket", str(RUN / "agent.sock"), "--policy", str(POLICY),
+        "--id", agent_id, "--mode", "audit", "--socket", str(RUN / "agent.sock"), "--policy", str(POLICY),
     ]  # fmt: skip
+    enrol_port = _port(8443)
     try:
         if mosquitto:
             broker_dir = RUN / "broker"
-            controller_tls, agent_tls = _mtls(controller_dir, agent_dir, agent_id, broker_dir, port)
-            controller_args += [*controller_tls, "--broker-dir", str(broker_dir)]
-            agent_args += agent_tls
+            controller_tls = _mtls(controller_dir, broker_dir, port)
+            controller_args += [
+                *controller_tls, "--broker-dir", str(broker_dir),
+                "--enroll-listen", f"127.0.0.1:{enrol_port}", "--agent-broker-url", broker_url,
+            ]  # fmt: skip
             procs.append(
                 ("mosquitto", _start([mosquitto, "-c", str(broker_dir / "mosquitto.conf")], "mosquitto"))
             )
@@ -80,7 +80,18 @@ def main() -> int:
                 f"configuration in {broker_dir}"
             )
         else:
-            controller_args.append("--embedded-broker")
+            controller_args += ["--embedded-broker", "--enroll-listen", "off"]
+            controller_pub = RUN / "controller.pub"
+            agent_pub = RUN / "agent.pub"
+            controller_pub.write_text(
+                _cli("cleanroom-controller", "identity", "--data-dir", str(controller_dir))
+            )
+            agent_pub.write_text(_cli("cleanroom-agent", "identity", "--data-dir", str(agent_dir)))
+            _cli(
+                "cleanroom-controller", "agents", "add", agent_id,
+                "--public-key", str(agent_pub), "--data-dir", str(controller_dir),
+            )  # fmt: skip
+            agent_args += ["--controller-key", str(controller_pub)]
             broker_note = (
                 f"embedded amqtt broker on 127.0.0.1:{port}, plain MQTT — FOR EVALUATION ONLY: no TLS, no "
                 "client certificates, no ACL (any local process can connect, read every posture and "
@@ -89,6 +100,9 @@ def main() -> int:
             )
         procs.append(("controller", _start(controller_args, "controller")))
         _wait_port(port, procs)
+        if mosquitto:
+            _wait_port(enrol_port, procs)
+            _enrol(controller_dir, agent_dir, agent_id, enrol_port)
         procs.append(("agent", _start(agent_args, "agent")))
         print(f"cleanroom running: broker {broker_note}")
         print(f"  controller data {controller_dir}, agent '{agent_id}' (audit mode) data {agent_dir}")
@@ -126,12 +140,9 @@ def main() -> int:
                 proc.wait()
 
 
-def _mtls(
-    controller_dir: Path, agent_dir: Path, agent_id: str, broker_dir: Path, port: int
-) -> tuple[list[str], list[str]]:
-    """The PKI (created once), the broker's mTLS configuration (rewritten every run: the port may change)
-    and the local agent's certificate (issued when missing, from another CA, or in its last third).
-    Returns the TLS flags of the controller and of the agent."""
+def _mtls(controller_dir: Path, broker_dir: Path, port: int) -> list[str]:
+    """The PKI (created once) and the broker's mTLS configuration (rewritten every run: the port may
+    change). Returns the controller's TLS flags."""
     if not (controller_dir / "pki").exists():
         print(_cli("cleanroom-controller", "pki", "init", "--data-dir", str(controller_dir)), end="")
     # Mosquitto keeps running as whoever runs `make run` (root: it would drop to `mosquitto`, which may
@@ -142,33 +153,45 @@ def _mtls(
         "--listen", f"127.0.0.1:{port}", "--user", user,
     )  # fmt: skip
     pki = Pki.load(controller_dir)
-    tls = agent_dir / "tls"
-    key_path, cert_path, ca_path = tls / "agent.key", tls / "agent.crt", tls / "ca.crt"
-    if _needs_certificate(cert_path, pki.ca_cert):
-        key = new_key()
-        cert = pki.issue_client(build_csr(key, agent_id), common_name=agent_id)
-        tls.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_whole(key_path, key_pem(key), 0o600)
-        write_whole(cert_path, cert_pem(cert), 0o644)
-        print(f"issued {cert_path} for agent '{agent_id}' until {cert.not_valid_after_utc:%Y-%m-%d}")
-    write_whole(ca_path, pki.ca_pem, 0o644)
-    controller_tls = [
+    return [
         "--tls-ca", str(pki.ca_cert_path),
         "--tls-cert", str(pki.controller_cert_path), "--tls-key", str(pki.controller_key_path),
     ]  # fmt: skip
-    agent_tls = ["--tls-ca", str(ca_path), "--tls-cert", str(cert_path), "--tls-key", str(key_path)]
-    return controller_tls, agent_tls
 
 
-def _needs_certificate(cert_path: Path, ca: x509.Certificate) -> bool:
+def _enrol(controller_dir: Path, agent_dir: Path, agent_id: str, enrol_port: int) -> None:
+    """Enrol the local agent as any endpoint is enrolled: a one-time token (in a 0600 file, removed after),
+    then `cleanroom-agent enroll`. Skipped once it holds a certificate from this CA: the running agent
+    renews it itself (proving itself with its signing key, no token)."""
+    pki = Pki.load(controller_dir)
+    if _enrolled_with(agent_dir / "tls" / "agent.crt", pki.ca_cert):
+        return
+    token = _cli(
+        "cleanroom-controller", "enroll", "create", "--site", "make-run", "--expires", "10m",
+        "--data-dir", str(controller_dir),
+    ).strip()  # fmt: skip
+    token_file = RUN / "enrol.token"
+    token_file.unlink(missing_ok=True)
+    token_file.touch(mode=0o600)
+    try:
+        token_file.write_text(token + "\n")
+        print(
+            _cli(
+                "cleanroom-agent", "enroll", "--controller", f"https://127.0.0.1:{enrol_port}",
+                "--token-file", str(token_file), "--data-dir", str(agent_dir), "--id", agent_id,
+            ),
+            end="",
+        )  # fmt: skip
+    finally:
+        token_file.unlink(missing_ok=True)
+
+
+def _enrolled_with(cert_path: Path, ca: x509.Certificate) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (OSError, ValueError):
-        return True
-    if cert.issuer != ca.subject:
-        return True
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return datetime.now(UTC) > start + (end - start) * 2 / 3
+        return False
+    return cert.issuer == ca.subject
 
 
 def _cli(*args: str) -> str:
