@@ -10,8 +10,8 @@ Two buckets per *sender key* (the agent the topic names when it is enrolled, els
 - **junk**: charged by every message on the key's topics that is *not* accepted (malformed, forged, replayed,
   stale, duplicate, ...). Its exhaustion costs nothing but scheduling: the key becomes *noisy*.
 
-A noisy key is served after every quiet one (:mod:`.inbox`), and what it sends beyond its queue is dropped
-unread (counted ``overflow``). Signatures are always checked before a budget is spent: a message is charged
+A noisy key is served after every quiet one (:mod:`.inbox`), and only a trickle of what it sends is read
+and verified (**noisy** bucket: 64, then 200/s); the rest is dropped unread (counted ``overflow``). Signatures are always checked before a budget is spent: a message is charged
 to the accepted bucket only once it verified, and a junk message only ever makes its own topic noisy.
 """
 
@@ -33,11 +33,23 @@ class Limits:
     # A genuine agent is rarely rejected (a QoS 1 redelivery, a retained status after a controller restart).
     junk_burst: float = 100.0
     junk_per_s: float = 10.0
+    # While a key is noisy, how many of its messages are still read and verified (the rest are dropped
+    # unread, ``overflow``): enough for its genuine messages to get through a flood of junk on its topic in
+    # a few tries, little enough that verifying them costs ~2% of a core (~80 µs each).
+    noisy_burst: float = 64.0
+    noisy_per_s: float = 200.0
     # How many keys to remember at most; idle (full) buckets carry no state and are forgotten first.
     max_keys: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("accepted_burst", "accepted_per_s", "junk_burst", "junk_per_s"):
+        for name in (
+            "accepted_burst",
+            "accepted_per_s",
+            "junk_burst",
+            "junk_per_s",
+            "noisy_burst",
+            "noisy_per_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Limits.{name} must be > 0")
         if self.max_keys < 1:
@@ -86,19 +98,16 @@ class Budgets:
         self.limits = limits or Limits()
         self._accepted: dict[str, TokenBucket] = {}
         self._junk: dict[str, TokenBucket] = {}
+        self._admitted: dict[str, TokenBucket] = {}
 
-    def _bucket(self, table: dict[str, TokenBucket], key: str, now: float, junk: bool) -> TokenBucket:
+    def _bucket(
+        self, table: dict[str, TokenBucket], key: str, now: float, burst: float, per_s: float
+    ) -> TokenBucket:
         bucket = table.get(key)
         if bucket is None:
             if len(table) >= self.limits.max_keys:
                 self._forget_idle(table, now)
-            lim = self.limits
-            bucket = (
-                TokenBucket(lim.junk_burst, lim.junk_per_s, now)
-                if junk
-                else TokenBucket(lim.accepted_burst, lim.accepted_per_s, now)
-            )
-            table[key] = bucket
+            bucket = table[key] = TokenBucket(burst, per_s, now)
         return bucket
 
     @staticmethod
@@ -112,11 +121,18 @@ class Budgets:
 
     def take_accepted(self, key: str, now: float) -> bool:
         """A verified message from ``key``: ``False`` when its budget is spent (refuse it)."""
-        return self._bucket(self._accepted, key, now, junk=False).take(now)
+        lim = self.limits
+        return self._bucket(self._accepted, key, now, lim.accepted_burst, lim.accepted_per_s).take(now)
 
     def charge_junk(self, key: str, now: float) -> None:
         """A message on ``key``'s topics that was not accepted."""
-        self._bucket(self._junk, key, now, junk=True).spend(now)
+        lim = self.limits
+        self._bucket(self._junk, key, now, lim.junk_burst, lim.junk_per_s).spend(now)
+
+    def admit_noisy(self, key: str, now: float) -> bool:
+        """A noisy ``key``'s message arrives: read and verify it (``True``) or drop it unread."""
+        lim = self.limits
+        return self._bucket(self._admitted, key, now, lim.noisy_burst, lim.noisy_per_s).take(now)
 
     def noisy(self, key: str, now: float) -> bool:
         """Has ``key`` spent either budget? (Unknown keys are quiet.)"""

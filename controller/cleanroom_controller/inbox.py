@@ -8,11 +8,13 @@ messages. So the link puts each message into its *sender's* queue (the agent the
 - senders that are quiet (both budgets left, :mod:`.budgets`) are served first, one message each in turn;
 - noisy senders share at most ``noisy_per_round`` messages per round, so a round that holds a quiet
   sender's violation is never long (a round of forgeries costs ~0.1 ms each to verify);
-- a noisy sender's message that finds its queue full (or the inbox full) is dropped unread and counted
-  ``overflow``: the link reads the flood off the socket as fast as it arrives, so the broker never queues
-  it in front of other devices' messages. A quiet sender's message is never dropped: when the inbox is full
-  the link waits (the broker queues; QoS 1), as it did before this module, after first evicting noisy
-  messages to make room.
+- of a noisy sender only a trickle is read and verified (``admit_noisy``: its budget for that), and never
+  more than a round's worth waits; the rest is dropped unread and counted ``overflow``. The link goes on
+  reading the flood off the socket instead of verifying it, so as little of it as possible waits at the
+  broker in front of other devices' messages (one connection: the broker delivers in order).
+  A quiet sender's message is never dropped: when its queue (``per_sender``) or the inbox is full the link
+  waits (the broker queues; QoS 1), as it did before this module, after evicting noisy messages to make
+  room.
 
 The order within one sender's queue is kept (its seqs arrive in order); the order across senders is not
 needed by anything (each sender's state is its own).
@@ -42,6 +44,7 @@ class FairInbox:
         key_of: Callable[[str], str],
         noisy: Callable[[str], bool],
         on_overflow: Callable[[str, Item], None],
+        admit_noisy: Callable[[str], bool] = lambda key: True,
         capacity: int = CAPACITY,
         per_sender: int = PER_SENDER,
         noisy_per_round: int = NOISY_PER_ROUND,
@@ -51,6 +54,7 @@ class FairInbox:
         self._key_of = key_of
         self._noisy = noisy
         self._on_overflow = on_overflow
+        self._admit_noisy = admit_noisy
         self._capacity = capacity
         self._per_sender = per_sender
         self._noisy_per_round = noisy_per_round
@@ -76,18 +80,22 @@ class FairInbox:
         key = self._key_of(item[0])
         while True:
             queue = self._queues.get(key)
-            if queue is not None and len(queue) >= self._per_sender:
-                if self._noisy(key):
+            queued = 0 if queue is None else len(queue)
+            if self._noisy(key):
+                # A noisy sender is served at most noisy_per_round per round: more waiting is no use, and
+                # dropping at once keeps the link reading as fast as the flood arrives.
+                full = queued >= self._noisy_per_round or self.qsize() >= self._capacity
+                if full or not self._admit_noisy(key):
                     self._drop(key, item)
+                else:
+                    self._append(key, item)
+                return
+            if queued < self._per_sender:
+                if self.qsize() < self._capacity:
+                    self._append(key, item)
                     return
-            elif self.qsize() < self._capacity:
-                self._append(key, item)
-                return
-            elif self._noisy(key):
-                self._drop(key, item)
-                return
-            elif self._evict_loud():
-                continue
+                if self._evict_loud():
+                    continue
             # A quiet sender and no room: wait for ingest (the broker queues meanwhile).
             self._writable.clear()
             await self._writable.wait()

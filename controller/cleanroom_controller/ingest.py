@@ -194,6 +194,7 @@ class Ingest:
         return FairInbox(
             key_of=self.sender_key,
             noisy=lambda key: self.budgets.noisy(key, self._clock()),
+            admit_noisy=lambda key: self.budgets.admit_noisy(key, self._clock()),
             on_overflow=self.overflowed,
             capacity=capacity,
         )

@@ -5,6 +5,8 @@ agent messages queue across reconnects), subscriptions on connect, jittered reco
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -82,6 +84,7 @@ class BrokerLink:
                 max_concurrent_outgoing_calls=200,
                 max_queued_incoming_messages=100_000,
             ) as client:
+                _no_delay(client)
                 for flt in self._subscriptions:
                     await client.subscribe(flt, qos=1)
                 self._client = client
@@ -97,3 +100,12 @@ class BrokerLink:
         finally:
             self._connected.clear()
             self._client = None
+
+
+def _no_delay(client: aiomqtt.Client) -> None:
+    """Send each MQTT packet at once (TCP_NODELAY): an end_session or a PUBACK must not wait for Nagle's
+    algorithm to collect more (with the peer's delayed ACK that is ~40 ms per hop on an idle link)."""
+    sock = client._client.socket()  # aiomqtt does not expose it
+    if isinstance(sock, socket.socket):  # an SSLSocket too
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

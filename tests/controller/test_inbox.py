@@ -24,32 +24,33 @@ def msg(sender: str, n: int) -> Item:
 
 
 async def one_round(inbox: FairInbox) -> list[str]:
-    round_ = [await inbox.get()]
+    round_ = [await asyncio.wait_for(inbox.get(), 1)]
     while not inbox.empty():
         round_.append(inbox.get_nowait())
     return [f"{t.split('/')[0]}{p.decode()}" for t, p, _ in round_]
 
 
-async def test_quiet_senders_go_first_in_turn_and_noisy_ones_are_rationed_per_round() -> None:
-    inbox, _ = make({"a"}, noisy_per_round=4)
+async def test_quiet_senders_go_first_in_turn_and_a_noisy_one_gets_a_rounds_worth() -> None:
+    inbox, dropped = make({"a"}, noisy_per_round=4)
     for i in range(100):
-        await inbox.put(msg("a", i))  # the flood came first
+        await inbox.put(msg("a", i))  # the flood came first: all but a round's worth dropped unread
     for i in range(3):
         await inbox.put(msg("b", i))
     for i in range(2):
         await inbox.put(msg("c", i))
     assert await one_round(inbox) == ["b0", "c0", "b1", "c1", "b2", "a0", "a1", "a2", "a3"]
-    assert await one_round(inbox) == ["a4", "a5", "a6", "a7"]
-    await inbox.put(msg("b", 3))  # a quiet message arriving between rounds jumps the queue
-    assert (await one_round(inbox))[0] == "b3"
+    assert [m for _, m in dropped] == [msg("a", i) for i in range(4, 100)]
+    for i in range(100, 110):
+        await inbox.put(msg("a", i))
+    await inbox.put(msg("b", 3))  # a quiet message arriving behind the flood jumps the queue
+    assert await one_round(inbox) == ["b3", "a100", "a101", "a102", "a103"]
 
 
 async def test_a_noisy_senders_overflow_is_dropped_and_a_quiet_sender_waits_instead() -> None:
-    noisy = {"a"}
-    inbox, dropped = make(noisy, per_sender=5, capacity=100)
+    inbox, dropped = make({"a"}, per_sender=5, capacity=100, noisy_per_round=10)
     for i in range(50):
         await inbox.put(msg("a", i))  # never blocks: the link keeps reading the socket
-    assert inbox.qsize() == 5 and len(dropped) == 45 and dropped[0] == ("a", msg("a", 5))
+    assert inbox.qsize() == 10 and len(dropped) == 40 and dropped[0] == ("a", msg("a", 10))
     for i in range(5):
         await inbox.put(msg("b", i))
     blocked = asyncio.create_task(inbox.put(msg("b", 5)))
@@ -61,7 +62,7 @@ async def test_a_noisy_senders_overflow_is_dropped_and_a_quiet_sender_waits_inst
 
 
 async def test_a_full_inbox_makes_room_for_a_quiet_sender_by_evicting_noisy_messages() -> None:
-    inbox, dropped = make({"a"}, per_sender=10, capacity=10)
+    inbox, dropped = make({"a"}, capacity=10, noisy_per_round=10)
     for i in range(10):
         await inbox.put(msg("a", i))
     await asyncio.wait_for(inbox.put(msg("b", 0)), 1)
@@ -72,8 +73,12 @@ async def test_a_full_inbox_makes_room_for_a_quiet_sender_by_evicting_noisy_mess
 async def test_a_sender_is_classed_again_each_round() -> None:
     noisy = {"a"}
     inbox, _ = make(noisy, noisy_per_round=1)
-    for i in range(3):
+    await inbox.put(msg("a", 0))
+    noisy.clear()  # its budget refilled: quiet from the next round on
+    for i in range(1, 3):
         await inbox.put(msg("a", i))
-    assert await one_round(inbox) == ["a0"]
-    noisy.clear()  # its budget refilled
-    assert await one_round(inbox) == ["a1", "a2"]
+    assert await one_round(inbox) == ["a0", "a1", "a2"]
+    noisy.add("a")
+    for i in range(3, 6):
+        await inbox.put(msg("a", i))  # one kept (a round's worth), two dropped
+    assert await one_round(inbox) == ["a3"]
