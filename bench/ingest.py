@@ -4,7 +4,7 @@ ends a session after a violation, and how both compare with what Mosquitto itsel
 
 Everything is real and on 127.0.0.1 only: a Mosquitto of our own on a free port, N simulated agents with
 real Ed25519 keys enrolled in a fresh controller data dir, real signed Posture messages, K real
-`cleanroom-controller run` processes (a shared subscription when K > 1). Three measurements, one run:
+`cleanroom-controller run` processes (a shared subscription when K > 1). Four measurements, one run:
 
 (a) ceiling: Mosquitto's loopback rate with its C clients (``mosquitto_pub -l`` publishers → one
     ``mosquitto_sub``), QoS 1 end to end, payloads the size of a posture;
@@ -13,10 +13,14 @@ real Ed25519 keys enrolled in a fresh controller data dir, real signed Posture m
     controllers recorded as accepted in controller.db (``messages`` rows per second of receive time);
 (c) decision latency: at a paced background load of ``--latency-rate`` reports/s (a Python paho
     publisher), a victim agent publishes a violating posture carrying a running session; latency is until
-    its signed ``end_session`` command arrives on its commands topic (measured in one process, one clock).
+    its signed ``end_session`` command arrives on its commands topic (measured in one process, one clock);
+(d) isolation: one enrolled device floods ``--flood-messages`` (100,000) junk messages (forgeries, garbage,
+    envelopes claiming another agent) at full speed or ``--flood-rate``/s, while other devices report
+    violations: their decision latency, how fast the junk is counted, and how many audit rows it wrote.
 
 Prints N, K, durations, rates, p50/p99 and the controllers' CPU and RSS (psutil). Aims, not assertions:
-≥ 10,000 verified reports/s on a 2-core machine; decision p99 ≤ 100 ms at 1,000 reports/s.
+≥ 10,000 verified reports/s on a 2-core machine; decision p99 ≤ 100 ms at 1,000 reports/s, and while one
+device floods.
 
     uv run python bench/ingest.py [--agents 100] [--controllers 2] [--messages 40000] ...
 """
@@ -51,6 +55,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cleanroom_protocol import (
     AgentState,
     Channel,
+    Event,
     Kind,
     Mode,
     Policy,
@@ -137,7 +142,9 @@ class Broker:
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             "max_inflight_messages 100\nmax_queued_messages 2000000\nmax_queued_bytes 0\n"
-            + ("user root\n" if os.geteuid() == 0 else "")
+            # each packet at once, as a production broker should: without it an idle link adds ~40 ms
+            # (Nagle + the peer's delayed ACK) to every decision
+            "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "")
         )
         log = (self.workdir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([need("mosquitto"), "-c", str(conf)], stdout=log, stderr=log)
@@ -519,6 +526,14 @@ def measure_ingest(
         a.seq += per_agent
     sign_s = time.monotonic() - t0
     print(f"    signed {signed} in {sign_s:.1f} s ({signed / sign_s:,.0f}/s, Ed25519 + canonical JSON)")
+    from cleanroom_controller.budgets import Limits
+
+    burst = Limits().accepted_burst
+    if per_agent > burst:
+        print(
+            f"    note: {per_agent} postures per agent at full rate exceed an agent's budget ({burst:.0f} at once, "
+            f"then {Limits().accepted_per_s:g}/s): the excess is refused as rate_limited, by design"
+        )
     sample = (lines_dir / f"{agents[0].agent_id}.lines").open("rb").readline()
     print(f"    posture size {len(sample) - 1} bytes")
 
@@ -740,6 +755,236 @@ def measure_latency(
         print(f"    {usage_line}")
 
 
+def junk_lines(flooder: SimAgent, claimed: str, count: int = 500) -> list[bytes]:
+    """One cycle of junk from ``flooder``'s connection (no newlines): 60% forgeries (well-formed envelopes
+    whose signature does not verify: the dearest junk to refuse), 20% garbage, 20% envelopes claiming to be
+    another agent (``claimed``), each signed with a key nobody enrolled."""
+    forged_key, claim_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    body = Event(kind="clipboard.blocked", at=time.time())
+    lines = []
+    for i in range(count):
+        kind = i % 5
+        if kind < 3:
+            lines.append(seal(Kind.EVENT, body, sender=flooder.agent_id, seq=10**6 + i, key=forged_key))
+        elif kind == 3:
+            lines.append(b'{"v":1,"kind":"event","sender":"' + str(i).encode() + b'", not json')
+        else:
+            lines.append(seal(Kind.EVENT, body, sender=claimed, seq=10**6 + i, key=claim_key))
+    return lines
+
+
+class Flooder:
+    """One enrolled device's client flooding its own events topic with ``total`` junk messages, from a
+    thread: at full speed (mosquitto_pub -l, 20,000 lines per connection: one mosquitto_pub loses messages
+    when its stdin holds ~100,000 lines) or paced at ``rate``/s (one mosquitto_pub fed through a pipe)."""
+
+    CHUNK = 20_000
+
+    def __init__(self, port: int, topic: str, lines: list[bytes], total: int, rate: int, tmp: Path) -> None:
+        self.port, self.topic, self.lines, self.total, self.rate, self.tmp = (
+            port,
+            topic,
+            lines,
+            total,
+            rate,
+            tmp,
+        )
+        self.sent = 0
+        self.started = self.finished = 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _argv(self) -> list[str]:
+        return [
+            need("mosquitto_pub"),
+            "-p",
+            str(self.port),
+            "-q",
+            "1",
+            "-i",
+            "bench-flooder",
+            "-l",
+            "-t",
+            self.topic,
+        ]
+
+    def _block(self, n: int) -> bytes:
+        reps = -(-n // len(self.lines))
+        return b"".join(line + b"\n" for line in (self.lines * reps)[:n])
+
+    def _run(self) -> None:
+        if self.rate <= 0:
+            chunk = self.tmp / "flood.lines"
+            while self.sent < self.total:
+                n = min(self.CHUNK, self.total - self.sent)
+                chunk.write_bytes(self._block(n))
+                with chunk.open("rb") as f:
+                    subprocess.run(self._argv(), stdin=f, check=True, timeout=600)
+                self.sent += n
+        else:
+            proc = subprocess.Popen(self._argv(), stdin=subprocess.PIPE)
+            assert proc.stdin is not None
+            step = max(1, self.rate // 100)  # 10 ms worth per write
+            block = self._block(step)
+            while self.sent < self.total:
+                n = min(step, self.total - self.sent)
+                due = self.started + (self.sent + n) / self.rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                proc.stdin.write(block if n == step else self._block(n))
+                proc.stdin.flush()
+                self.sent += n
+            proc.stdin.close()
+            proc.wait(600)
+        self.finished = time.monotonic()
+
+
+def rejects_of(db: Path, sender: str) -> dict[str, int]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute("SELECT status, count FROM rejects WHERE sender = ?", (sender,)).fetchall()
+    finally:
+        con.close()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+def summary_rows(db: Path, sender: str) -> int:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        row = con.execute(
+            "SELECT COUNT(*) FROM audit WHERE kind = 'verdict.summary' AND subject = ?", (sender,)
+        ).fetchone()
+    finally:
+        con.close()
+    return int(row[0])
+
+
+def measure_flood(
+    *,
+    exe: str,
+    broker: Broker,
+    tmp: Path,
+    flooder: SimAgent,
+    victims: list[SimAgent],
+    messages: int,
+    rate: int,
+    k: int,
+    share: bool,
+) -> None:
+    """(d) One enrolled device floods ``messages`` junk messages; meanwhile each victim reports a violation
+    with a running session; latency = violation published → its end_session received."""
+    data_dir = tmp / "controller"
+    policy_file = tmp / "policy.toml"
+    db = data_dir / "controller.db"
+    pol = parse_policy(POLICY)
+    received: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        now = time.monotonic()
+        with lock:
+            received.setdefault(msg.topic.split("/")[3], now)
+
+    with controllers(
+        exe, k, data_dir=data_dir, broker=broker, policy=policy_file, share_group=share, logs=tmp
+    ) as procs:
+        for p in procs:
+            wait_until(
+                lambda p=p: connected_to(p.pid, broker.port) or p.poll() is not None, 30, "controller connect"
+            )
+        listener = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-flood-victims")
+        listener.on_message = on_message
+        listener.connect("127.0.0.1", broker.port)
+        listener.subscribe("cleanroom/v1/agents/+/commands", qos=1)
+        listener.loop_start()
+        pub = Publisher(broker.port, "bench-flood-latency")
+        for v in victims:
+            key = v.key()
+            online = Status(state=AgentState.ONLINE)
+            pub.send(
+                agent_topic(v.agent_id, Channel.STATUS),
+                seal(Kind.STATUS, online, sender=v.agent_id, seq=v.next_seq(), key=key),
+                retain=True,
+            )
+            pub.send(
+                agent_topic(v.agent_id, Channel.POSTURE),
+                seal(Kind.POSTURE, posture(v.agent_id, pol), sender=v.agent_id, seq=v.next_seq(), key=key),
+            )
+        wait_until(
+            lambda: accepted_count(db, prefix=victims[0].agent_id.split("-")[0] + "-")[0] >= len(victims),
+            60,
+            "flood victims' first postures stored",
+        )
+        violations = []
+        for v in victims:
+            body = posture(v.agent_id, pol, denied=["anydesk"], session=f"s-4242-{v.agent_id}")
+            violations.append((v, seal(Kind.POSTURE, body, sender=v.agent_id, seq=v.next_seq(), key=v.key())))
+        lines = junk_lines(flooder, victims[0].agent_id)
+        flood = Flooder(
+            broker.port, agent_topic(flooder.agent_id, Channel.EVENTS), lines, messages, rate, tmp
+        )
+        before = sum(rejects_of(db, flooder.agent_id).values())
+        rows_before = summary_rows(db, flooder.agent_id)
+        usage = Usage([p.pid for p in procs])
+        flood.start()
+        # Let the flood build up first, then one violation after another while it lasts.
+        time.sleep(0.3)
+        expected_s = messages / rate if rate > 0 else 2.0
+        spacing = max(0.005, 0.8 * expected_s / len(victims))
+        sent: dict[str, float] = {}
+        during: set[str] = set()
+        for v, payload in violations:
+            if not flood.running():
+                break
+            sent[v.agent_id] = time.monotonic()
+            pub.send(agent_topic(v.agent_id, Channel.POSTURE), payload)
+            during.add(v.agent_id)
+            time.sleep(spacing)
+        flood.join()
+        with contextlib.suppress(RuntimeError):
+            wait_until(lambda: len(received) >= len(sent), 30, "end_session for every victim")
+        published_s = flood.finished - flood.started
+        last, last_change = -1, time.monotonic()
+        while True:  # every junk message accounted for (counted per batch and per second)
+            counted = sum(rejects_of(db, flooder.agent_id).values()) - before
+            if counted >= messages or time.monotonic() - last_change > 10:
+                break
+            if counted != last:
+                last, last_change = counted, time.monotonic()
+            time.sleep(0.2)
+        drained_s = time.monotonic() - flood.started
+        usage_line = usage.finish()
+        listener.loop_stop()
+        pub.close()
+        lat = [1000 * (received[a] - sent[a]) for a in sent if a in received]
+        how = "at full speed" if rate <= 0 else f"paced at {rate:,}/s"
+        print(
+            f"(d) flood: {messages:,} junk messages from one enrolled device {how}: published in {published_s:.1f} s "
+            f"({messages / published_s:,.0f}/s); counted {counted:,} ({counted / drained_s:,.0f}/s) after {drained_s:.1f} s "
+            f"(all runs so far: {rejects_of(db, flooder.agent_id)})"
+        )
+    # The controllers stopped: their open windows are written now.
+    rows = summary_rows(db, flooder.agent_id) - rows_before
+    print(f"    audit rows for the flood: {rows} verdict.summary entries (one per 10 s window)")
+    print(f"    violations during the flood {len(sent)}, end_session received {len(lat)}")
+    if lat:
+        print(
+            f"    decision latency of the other devices while one floods: p50 {percentile(lat, 0.5):.1f} ms, "
+            f"p99 {percentile(lat, 0.99):.1f} ms, max {max(lat):.1f} ms"
+        )
+    print(f"    {usage_line}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -759,7 +1004,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--latency-spacing", type=float, default=0.025, help="seconds between violations in (c)")
     ap.add_argument("--max-wait", type=float, default=120.0, help="cap on (b)'s drain time, seconds")
-    ap.add_argument("--skip", choices=["ceiling", "ingest", "latency"], action="append", default=[])
+    ap.add_argument(
+        "--flood-messages", type=int, default=100_000, help="junk messages one device floods in (d)"
+    )
+    ap.add_argument(
+        "--flood-rates",
+        default="0,10000",
+        help="junk messages/s in (d), one run each (default 0,10000); 0: as fast as mosquitto_pub can",
+    )
+    ap.add_argument("--flood-samples", type=int, default=100, help="violations measured during (d)")
+    ap.add_argument("--skip", choices=["ceiling", "ingest", "latency", "flood"], action="append", default=[])
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, controller.db)")
     args = ap.parse_args(argv)
     if args.controllers > 1 and args.no_share_group:
@@ -786,13 +1040,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         agents = [SimAgent.create(f"agent-{i:05d}") for i in range(args.agents)]
         background = [SimAgent.create(f"bg-{i:04d}") for i in range(50)]
         victims = [SimAgent.create(f"victim-{i:04d}") for i in range(args.latency_samples)]
+        flooder = SimAgent.create("flood-0000")
+        try:
+            flood_rates = [int(r) for r in args.flood_rates.split(",") if r.strip()]
+        except ValueError:
+            ap.error(f"--flood-rates: comma-separated integers, not {args.flood_rates!r}")
+        # Fresh victims per run: a victim's session is ended once, so it can be measured once.
+        flood_victims = [
+            [SimAgent.create(f"fv{run}-{i:04d}") for i in range(args.flood_samples)]
+            for run in range(len(flood_rates))
+        ]
         data_dir = tmp / "controller"
         (tmp / "policy.toml").write_text(POLICY)
         t0 = time.monotonic()
-        enrol_all(data_dir, exe, [*agents, *background, *victims])
-        print(
-            f"enrolled {len(agents) + len(background) + len(victims)} agents in {time.monotonic() - t0:.1f} s"
-        )
+        everyone = [*agents, *background, *victims, flooder, *(v for run in flood_victims for v in run)]
+        enrol_all(data_dir, exe, everyone)
+        print(f"enrolled {len(everyone)} agents in {time.monotonic() - t0:.1f} s")
         print(
             f"N = {args.agents} agents, K = {args.controllers} controller processes{' (--share-group bench)' if share else ''}"
         )
@@ -820,6 +1083,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 k=args.controllers,
                 share=share,
                 spacing=args.latency_spacing,
+            )
+        for rate, run_victims in zip(flood_rates, flood_victims, strict=True):
+            if "flood" in args.skip:
+                break
+            measure_flood(
+                exe=exe,
+                broker=broker,
+                tmp=tmp,
+                flooder=flooder,
+                victims=run_victims,
+                messages=args.flood_messages,
+                rate=rate,
+                k=args.controllers,
+                share=share,
             )
         return 0
     finally:
