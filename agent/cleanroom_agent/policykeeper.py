@@ -28,6 +28,7 @@ from cleanroom_protocol import (
 
 from .decisions import NO_POLICY, PolicyChoice, PolicyInForce, PolicySource, choose_policy
 from .enforcers import Enforcer
+from .memory import release_free_memory
 from .reporting import EventSink
 from .settings import AgentSettings
 from .spool import Spool
@@ -106,6 +107,7 @@ class PolicyKeeper:
                     await enforcer.start(self.in_force.effective, self._mode)
                 except Exception:
                     log.exception("enforcer_start_failed", enforcer=getattr(enforcer, "name", "?"))
+        release_free_memory()  # start-up is over: what it freed goes back to the kernel (memory.py)
         try:
             await asyncio.Event().wait()
         finally:
