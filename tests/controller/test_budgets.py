@@ -36,3 +36,12 @@ def test_keys_are_bounded() -> None:
 def test_limits_refuse_nonsense() -> None:
     with pytest.raises(ValueError, match="accepted_per_s"):
         Limits(accepted_per_s=0)
+
+
+def test_a_noisy_key_is_read_only_at_a_trickle() -> None:
+    budgets = Budgets(Limits(noisy_burst=64, noisy_per_s=200))
+    admitted = sum(budgets.admit_noisy("a", now=5.0) for _ in range(10_000))
+    assert admitted == 64
+    assert sum(budgets.admit_noisy("a", now=6.0) for _ in range(10_000)) == 64  # 200/s, capped at the burst
+    assert sum(budgets.admit_noisy("a", now=6.1) for _ in range(10_000)) == 20
+    assert budgets.admit_noisy("b", now=6.1)  # per key

@@ -3,8 +3,10 @@
 Against a running controller (real process, real Mosquitto) an enrolled identity driven by the test
 publishes a forged signature, a replayed seq, malformed JSON, an oversized payload and a message from an
 unknown sender; each is rejected with its verdict, counted per (sender, status) and written to the audit
-trail, and the controller still accepts and judges the next good message. A policy signed by the wrong key
-on ``cleanroom/v1/policy`` is refused by a real agent (event ``policy.rejected``), which keeps its policy.
+trail (summed up per sender per window: one ``verdict.summary`` entry with counts by reason, written at the
+latest when the controller stops), and the controller still accepts and judges the next good message. A
+policy signed by the wrong key on ``cleanroom/v1/policy`` is refused by a real agent (event
+``policy.rejected``), which keeps its policy.
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ def test_forged_replayed_malformed_oversized_and_unknown_messages_are_rejected_c
         f"the unknown sender's reject is not counted in `agents list`:\n{footer}"
     )
 
+    # Audited once per sender per window (``verdict.summary``, counts by reason): the window is still open
+    # (10 s), and a clean stop writes it.
+    ctl.assert_alive()
+    assert ctl.stop() == 0
     audited = _audited_rejects(ctl.db_path)
     for status in [*bad, "duplicate"]:
         assert any(status in e["data_json"] for e in audited), (
@@ -124,7 +130,12 @@ def test_forged_replayed_malformed_oversized_and_unknown_messages_are_rejected_c
                 [(e["id"], e["kind"], e["subject"], e["data_json"][:200]) for e in audited], indent=1
             )
         )
-    ctl.assert_alive()
+    summary = next(
+        json.loads(e["data_json"])
+        for e in audited
+        if e["kind"] == "verdict.summary" and e["subject"] == "sim-agent"
+    )
+    assert summary["counts"] == {s: 1 for s in [*expected, "duplicate"]}, summary
     verify = ctl.audit_verify()
     assert verify.returncode == 0, f"audit verify failed:\n{verify.stdout}{verify.stderr}"
 
