@@ -10,26 +10,34 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from cleanroom_protocol import EnforcerState, Mode
 
-from .test_capture import Capture, capture, policy, sh  # noqa: F401 - the fixture is used by name
+from .test_capture import Capture, policy, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.x11]
+
+
+@pytest.fixture
+async def guard(xvfb: str) -> AsyncIterator[Capture]:
+    c = Capture(xvfb)
+    yield c
+    await c.enforcer.stop()
 
 
 def refused(done: subprocess.CompletedProcess[str]) -> bool:
     return done.returncode == 126 and "not permitted" in done.stderr
 
 
-async def test_a_renamed_tool_on_dev_shm_is_refused(capture: Capture) -> None:
+async def test_a_renamed_tool_on_dev_shm_is_refused(guard: Capture) -> None:
     if os.geteuid() != 0:
         pytest.fail("needs root (fanotify permission events)")
-    await capture.enforcer.start(policy(), Mode.ENFORCE)
-    assert capture.enforcer.status().state is EnforcerState.ACTIVE, capture.enforcer.status()
+    await guard.enforcer.start(policy(), Mode.ENFORCE)
+    assert guard.enforcer.status().state is EnforcerState.ACTIVE, guard.enforcer.status()
     copy = Path("/dev/shm") / f"notes-{secrets.token_hex(3)}"
     shutil.copy2("/usr/bin/scrot", copy)
     try:
@@ -39,17 +47,17 @@ async def test_a_renamed_tool_on_dev_shm_is_refused(capture: Capture) -> None:
         copy.unlink()
 
 
-async def test_a_tmpfs_mounted_later_is_marked_and_judged(capture: Capture, tmp_path: Path) -> None:
+async def test_a_tmpfs_mounted_later_is_marked_and_judged(guard: Capture, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("needs root (fanotify permission events, mount)")
-    await capture.enforcer.start(policy(), Mode.ENFORCE)
-    before = (await capture.enforcer.listener_stats())["exec_filesystems"]
+    await guard.enforcer.start(policy(), Mode.ENFORCE)
+    before = (await guard.enforcer.listener_stats())["exec_filesystems"]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "cleanroom-test", str(mnt)], check=True)
     try:
         deadline = time.monotonic() + 5
-        while (await capture.enforcer.listener_stats())["exec_filesystems"] <= before:
+        while (await guard.enforcer.listener_stats())["exec_filesystems"] <= before:
             assert time.monotonic() < deadline, "the new tmpfs was not marked within 5 s of its mount"
             await asyncio.sleep(0.02)
         copy = mnt / "holiday"
