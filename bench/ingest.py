@@ -15,7 +15,8 @@ real Ed25519 keys enrolled in a fresh controller data dir, real signed Posture m
     publisher), a victim agent publishes a violating posture carrying a running session; latency is until
     its signed ``end_session`` command arrives on its commands topic (measured in one process, one clock);
 (d) isolation: one enrolled device floods ``--flood-messages`` (100,000) junk messages (forgeries, garbage,
-    envelopes claiming another agent) at full speed or ``--flood-rate``/s, while other devices report
+    envelopes claiming another agent) at full speed and paced (``--flood-rates``, default 0,10000), while
+    other devices report
     violations: their decision latency, how fast the junk is counted, and how many audit rows it wrote.
 
 Prints N, K, durations, rates, p50/p99 and the controllers' CPU and RSS (psutil). Aims, not assertions:
