@@ -17,13 +17,20 @@ real Ed25519 keys enrolled in a fresh controller data dir, real signed Posture m
 (d) isolation: one enrolled device floods ``--flood-messages`` (100,000) junk messages (forgeries, garbage,
     envelopes claiming another agent) at full speed and paced (``--flood-rates``, default 0,10000), while
     other devices report
-    violations: their decision latency, how fast the junk is counted, and how many audit rows it wrote.
+    violations: their decision latency, how fast the junk is counted, and how many audit rows it wrote;
+(e) mTLS off vs on: the same N agents push the same pre-signed postures (``--mtls-messages``) through
+    (1) a plain anonymous Mosquitto as in (a)-(d) and (2) a Mosquitto started from ``broker-config``
+    (TLS 1.2+, client certificates, CRL, ACL) with a PKI from ``Pki.init``: every simulated agent connects
+    with its own client certificate (CN = its agent id), each controller with its own; verified reports/s
+    of both, their ratio, and each broker's raw ceiling (mosquitto_pub → mosquitto_sub, with and without
+    ``--cafile --cert --key``). Each half has a fresh broker and a fresh controller data dir.
 
 Prints N, K, durations, rates, p50/p99 and the controllers' CPU and RSS (psutil). Aims, not assertions:
 ≥ 10,000 verified reports/s on a 2-core machine; decision p99 ≤ 100 ms at 1,000 reports/s, and while one
 device floods.
 
     uv run python bench/ingest.py [--agents 100] [--controllers 2] [--messages 40000] ...
+    uv run python bench/ingest.py --only mtls          # one section (or --skip SECTION, repeatable)
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
@@ -65,15 +73,18 @@ from cleanroom_protocol import (
     ProcessInfo,
     SessionInfo,
     Status,
+    agent_filter,
     agent_topic,
     fingerprint,
     parse_policy,
     policy_hash,
     public_key_pem,
     seal,
+    tls_context,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ["ceiling", "ingest", "latency", "flood", "mtls"]  # (a)-(e)
 POLICY = """\
 id = "bench"
 version = 1
@@ -131,14 +142,104 @@ def wait_until(cond: Any, timeout: float, what: str, interval: float = 0.05) -> 
         time.sleep(interval)
 
 
+class BenchPki:
+    """A controller site's PKI as ``pki init`` makes it (CA, broker certificate, the controller's client
+    certificate), one more controller certificate per extra controller process (``pki issue-controller``:
+    with ``use_username_as_clientid`` two processes on one certificate would take each other's connection
+    over) and one for the ceiling's reader; plus a client certificate per simulated agent, CN = its agent
+    id, as enrolment issues it. Client keys are written 0600 (mosquitto_pub reads them from a file)."""
+
+    CEILING_READER = "bench-ceiling"
+
+    def __init__(self, home: Path, controllers: int) -> None:
+        from cleanroom_controller.trust import Pki
+
+        self.pki = Pki.init(home)
+        self.controller_names = [self.pki.controller_id, *(f"controller-{i}" for i in range(1, controllers))]
+        for name in [*self.controller_names[1:], self.CEILING_READER]:
+            self.pki.issue_controller(name)
+        self.clients_dir = home / "clients"
+        self.clients_dir.mkdir(mode=0o700)
+        self._clients: dict[str, tuple[Path, Path]] = {}
+
+    @property
+    def ca(self) -> Path:
+        return self.pki.ca_cert_path
+
+    def controller(self, i: int) -> tuple[Path, Path]:
+        """(certificate, key) of controller process ``i``."""
+        return self.pki.controller_paths(self.controller_names[i])
+
+    def ceiling_reader(self) -> tuple[Path, Path]:
+        return self.pki.controller_paths(self.CEILING_READER)
+
+    def client(self, common_name: str) -> tuple[Path, Path]:
+        """(certificate, key) of the device ``common_name``, issued on first use."""
+        if common_name not in self._clients:
+            key, cert = self.pki.issue_client_key(common_name)
+            key_path = self.clients_dir / f"{common_name}.key"
+            with os.fdopen(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(key)
+            cert_path = key_path.with_suffix(".crt")
+            cert_path.write_bytes(cert)
+            self._clients[common_name] = (cert_path, key_path)
+        return self._clients[common_name]
+
+
 @dataclass
 class Broker:
+    """One Mosquitto on 127.0.0.1: the bench's plain, anonymous configuration, or (``config`` and ``pki``
+    given) one written by ``broker-config``, which admits only clients with a certificate from ``pki``."""
+
     workdir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    config: Path | None = None
+    pki: BenchPki | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.pki is not None else 'mqtt'}://127.0.0.1:{self.port}"
+
+    def client_args(self, common_name: str) -> list[str]:
+        """How mosquitto_pub/mosquitto_sub reach this broker as ``common_name`` (its certificate's CN;
+        ignored by the plain broker)."""
+        args = ["-h", "127.0.0.1", "-p", str(self.port)]
+        if self.pki is not None:
+            cert, key = (
+                self.pki.ceiling_reader()
+                if common_name == BenchPki.CEILING_READER
+                else self.pki.client(common_name)
+            )
+            args += ["--cafile", str(self.pki.ca), "--cert", str(cert), "--key", str(key)]
+        return args
+
+    def tls(self, common_name: str) -> ssl.SSLContext | None:
+        """A Python client's TLS context as ``common_name``; None for the plain broker."""
+        if self.pki is None:
+            return None
+        return tls_context(self.pki.ca, *self.pki.client(common_name))
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.config or self._plain_config()
+        log = (self.workdir / "mosquitto.log").open("ab")
+        self.proc = subprocess.Popen([need("mosquitto"), "-c", str(conf)], stdout=log, stderr=log)
+
+        def listening() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mosquitto exited {self.proc.returncode}; see {self.workdir}/mosquitto.log"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(listening, 10, f"mosquitto on port {self.port}")
+
+    def _plain_config(self) -> Path:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
@@ -147,17 +248,7 @@ class Broker:
             # (Nagle + the peer's delayed ACK) to every decision
             "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "")
         )
-        log = (self.workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([need("mosquitto"), "-c", str(conf)], stdout=log, stderr=log)
-
-        def listening() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
-
-        wait_until(listening, 10, f"mosquitto on port {self.port}")
+        return conf
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -349,7 +440,7 @@ def controllers(
                 exe,
                 "run",
                 "--broker",
-                f"mqtt://127.0.0.1:{broker.port}",
+                broker.url,
                 "--data-dir",
                 str(data_dir),
                 "--policy",
@@ -359,6 +450,9 @@ def controllers(
             ]
             if share_group:
                 argv += ["--share-group", "bench"]
+            if broker.pki is not None:  # its own certificate: the broker takes the client id from its CN
+                cert, key = broker.pki.controller(i)
+                argv += ["--tls-ca", str(broker.pki.ca), "--tls-cert", str(cert), "--tls-key", str(key)]
             log = (logs / f"controller-{i}.log").open("ab")
             # A stable client id per process (persistent session), as a production group would use; without
             # it a share-group member takes a pid-derived id and a clean session.
@@ -386,13 +480,17 @@ def connected_to(pid: int, port: int) -> bool:
 
 
 class Publisher:
-    """A paho client on its own network thread (QoS 1)."""
+    """A paho client on its own network thread (QoS 1); through an mTLS broker, as the device
+    ``common_name`` (its certificate; the broker makes the CN its client id)."""
 
-    def __init__(self, port: int, client_id: str) -> None:
+    def __init__(self, broker: Broker, client_id: str, common_name: str | None = None) -> None:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
-        self.client.connect("127.0.0.1", port, keepalive=60)
+        ctx = broker.tls(common_name or client_id)
+        if ctx is not None:
+            self.client.tls_set_context(ctx)
+        self.client.connect("127.0.0.1", broker.port, keepalive=60)
         self.client.loop_start()
 
     def send(self, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -407,19 +505,32 @@ class Publisher:
 
 
 def measure_ceiling(
-    broker: Broker, tmp: Path, *, messages: int, publishers: int, size: int
+    broker: Broker, tmp: Path, *, messages: int, publishers: int, size: int, as_agents: bool = False
 ) -> tuple[float, int]:
     """Messages/s from ``publishers`` mosquitto_pub -l processes to one mosquitto_sub (QoS 1 both ways).
 
-    Counts what the subscriber printed; returns (rate, received). Stops when all arrived or nothing arrived
-    for 5 s (a lost message must not hang the bench)."""
+    ``as_agents``: publisher i is the device ``ceiling-i`` on its own posture topic and the reader is a
+    controller on ``cleanroom/v1/agents/+/posture``, which is what an mTLS broker's ACL lets through (else
+    ``bench/ceiling/i`` → ``bench/ceiling/#``). Counts what the subscriber printed; returns (rate, received).
+    Stops when all arrived or nothing arrived for 5 s (a lost message must not hang the bench)."""
     line = json.dumps({"pad": "x" * max(0, size - 12)}) + "\n"
     per = messages // publishers
     total = per * publishers
     data = tmp / "ceiling.lines"
     data.write_text(line * per)
+    names = [f"ceiling-{i}" for i in range(publishers)]
+    topics = [
+        agent_topic(n, Channel.POSTURE) if as_agents else f"bench/ceiling/{i}" for i, n in enumerate(names)
+    ]
     sub = subprocess.Popen(
-        [need("mosquitto_sub"), "-p", str(broker.port), "-t", "bench/ceiling/#", "-q", "1"],
+        [
+            need("mosquitto_sub"),
+            *broker.client_args(BenchPki.CEILING_READER),
+            "-t",
+            agent_filter(Channel.POSTURE) if as_agents else "bench/ceiling/#",
+            "-q",
+            "1",
+        ],
         stdout=subprocess.PIPE,
     )
     assert sub.stdout is not None
@@ -433,33 +544,42 @@ def measure_ceiling(
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    wait_until(lambda: connected_to(sub.pid, broker.port), 10, "mosquitto_sub to connect")
-    time.sleep(0.3)  # SUBACK follows CONNACK; mosquitto_sub gives no signal without -d
+    # Subscribed once a marker gets through (mosquitto_sub says nothing about its SUBACK without -d).
+    deadline = time.monotonic() + 15
+    while count[0] == 0:
+        if time.monotonic() > deadline or sub.poll() is not None:
+            sub.kill()
+            raise RuntimeError(f"mosquitto_sub on {broker.url} received no marker within 15 s")
+        marker = [
+            need("mosquitto_pub"),
+            *broker.client_args(names[0]),
+            "-t",
+            topics[0],
+            "-q",
+            "1",
+            "-m",
+            "ready",
+        ]
+        subprocess.run(marker, check=True, timeout=10, capture_output=True)
+        with contextlib.suppress(RuntimeError):
+            wait_until(lambda: count[0] > 0, 0.5, "marker")
+    base = count[0]
     t0 = time.monotonic()
     pubs = []
-    for i in range(publishers):
+    for name, topic in zip(names, topics, strict=True):
         with data.open("rb") as f:
             pubs.append(
                 subprocess.Popen(
-                    [
-                        need("mosquitto_pub"),
-                        "-p",
-                        str(broker.port),
-                        "-t",
-                        f"bench/ceiling/{i}",
-                        "-q",
-                        "1",
-                        "-l",
-                    ],
+                    [need("mosquitto_pub"), *broker.client_args(name), "-t", topic, "-q", "1", "-l"],
                     stdin=f,
                 )
             )
     for p in pubs:
         p.wait(600)
-    while count[0] < total and time.monotonic() - float(count[1]) < 5:
+    while count[0] - base < total and time.monotonic() - float(count[1]) < 5:
         time.sleep(0.05)
     elapsed = float(count[1]) - t0
-    received = int(count[0])
+    received = int(count[0] - base)
     sub.terminate()
     sub.wait(10)
     return received / elapsed, received
@@ -468,7 +588,7 @@ def measure_ceiling(
 def await_ready(broker: Broker, data_dir: Path, probe: SimAgent, timeout: float = 60) -> None:
     """The controllers listen once a probe posture (an agent outside the load; a fresh seq each try) is
     stored; then 1 s more so that every member of the shared subscription has subscribed."""
-    pub = Publisher(broker.port, f"bench-probe-{probe.seq}")
+    pub = Publisher(broker, f"bench-probe-{probe.seq}", probe.agent_id)
     pol = parse_policy(POLICY)
     key = probe.key()
     start = (
@@ -498,6 +618,123 @@ def await_ready(broker: Broker, data_dir: Path, probe: SimAgent, timeout: float 
     time.sleep(1.0)
 
 
+def sign_postures(agents: list[SimAgent], per_agent: int, signers: int, lines_dir: Path) -> int:
+    """``per_agent`` signed postures per agent, one line file each (``{agent id}.lines``), signed by
+    ``signers`` processes; the agents' seqs move past them. Returns how many were signed."""
+    lines_dir.mkdir()
+    print(f"    signing {len(agents)} × {per_agent} postures with {signers} processes ...", flush=True)
+    t0 = time.monotonic()
+    jobs = []
+    for i in range(signers):
+        chunk = [(a.agent_id, a.key_pem, a.seq + 1) for a in agents[i::signers]]
+        jobs.append((chunk, per_agent, POLICY, lines_dir))
+    with multiprocessing.get_context("spawn").Pool(signers) as pool:
+        signed = sum(pool.map(sign_batch, jobs))
+    for a in agents:
+        a.seq += per_agent
+    sign_s = time.monotonic() - t0
+    print(f"    signed {signed} in {sign_s:.1f} s ({signed / sign_s:,.0f}/s, Ed25519 + canonical JSON)")
+    return signed
+
+
+@dataclass
+class IngestResult:
+    signed: int
+    stored: int  # accepted postures in controller.db
+    rejects: int  # rejects counted meanwhile (none expected: every posture is valid and in order)
+    published_s: float  # until the last mosquitto_pub exited
+    wall_s: float  # from the first publish until the controllers caught up (or stopped progressing)
+    overall: float  # stored / (last receive time - first), the sustained verified reports/s
+    middle: float  # the same over the middle 80% of receive times (no ramp-up, no tail)
+    usage: str
+    alive: tuple[int, int]  # controllers alive afterwards, of K
+
+
+def run_ingest(
+    *,
+    exe: str,
+    broker: Broker,
+    data_dir: Path,
+    policy: Path,
+    logs: Path,
+    agents: list[SimAgent],
+    lines_dir: Path,
+    signed: int,
+    probe: SimAgent,
+    k: int,
+    share: bool,
+    max_wait: float,
+) -> IngestResult:
+    """K controllers on ``data_dir``; then every agent's line file at full rate, one ``mosquitto_pub -l``
+    per agent (per-agent order holds; through an mTLS broker each with the agent's own certificate);
+    returns what the controllers stored as accepted and how fast."""
+    db = data_dir / "controller.db"
+    with controllers(
+        exe, k, data_dir=data_dir, broker=broker, policy=policy, share_group=share, logs=logs
+    ) as procs:
+        for p in procs:
+            wait_until(
+                lambda p=p: connected_to(p.pid, broker.port) or p.poll() is not None, 30, "controller connect"
+            )
+            if p.poll() is not None:
+                raise RuntimeError(f"controller exited {p.returncode}; see {logs}/controller-*.log")
+        await_ready(broker, data_dir, probe)
+        base, _, _ = accepted_count(db, prefix="agent-")
+        usage = Usage([p.pid for p in procs])
+        t_pub = time.monotonic()
+        pubs = []
+        for a in agents:
+            with (lines_dir / f"{a.agent_id}.lines").open("rb") as f:
+                pubs.append(
+                    subprocess.Popen(
+                        [
+                            need("mosquitto_pub"),
+                            *broker.client_args(a.agent_id),
+                            "-q",
+                            "1",
+                            "-t",
+                            agent_topic(a.agent_id, Channel.POSTURE),
+                            "-l",
+                        ],
+                        stdin=f,
+                    )
+                )
+        for p in pubs:
+            p.wait(600)
+        pub_s = time.monotonic() - t_pub
+        # Wait until the controllers have caught up or stop making progress.
+        # Progress is accepted + rejected (with K > 1 a lagging process may reject for a while).
+        last, last_change = -1, time.monotonic()
+        deadline = t_pub + max_wait
+        rejects0 = reject_total(db)
+        while time.monotonic() < deadline:
+            n, _, _ = accepted_count(db, prefix="agent-")
+            done = n - base + reject_total(db) - rejects0
+            if done >= signed:
+                break
+            if done != last:
+                last, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change > 5:
+                print(f"    no progress for 5 s at {done} of {signed} processed: giving up waiting")
+                break
+            time.sleep(0.5)
+        wall = time.monotonic() - t_pub
+        usage_line = usage.finish()
+        stored = accepted_count(db, prefix="agent-")[0] - base
+        times = received_times(db, "agent-")[base:]
+        rejects = reject_total(db) - rejects0
+        overall = middle = float("nan")
+        if len(times) > 10:
+            span = times[-1] - times[0]
+            overall = stored / span if span > 0 else float("nan")
+            lo, hi = times[len(times) // 10], times[(len(times) * 9) // 10]
+            middle = (len(times) * 8 // 10) / (hi - lo) if hi > lo else float("nan")
+        alive = sum(p.poll() is None for p in procs)
+        return IngestResult(
+            signed, stored, rejects, pub_s, wall, overall, middle, usage_line, (alive, len(procs))
+        )
+
+
 def measure_ingest(
     *,
     exe: str,
@@ -511,114 +748,44 @@ def measure_ingest(
     signers: int,
     max_wait: float,
 ) -> None:
-    data_dir = tmp / "controller"
-    policy_file = tmp / "policy.toml"
+    print("(b) sustained ingest", flush=True)
     lines_dir = tmp / "lines"
-    lines_dir.mkdir()
-    print(f"(b) signing {len(agents)} × {per_agent} postures with {signers} processes ...", flush=True)
-    t0 = time.monotonic()
-    jobs = []
-    for i in range(signers):
-        chunk = [(a.agent_id, a.key_pem, a.seq + 1) for a in agents[i::signers]]
-        jobs.append((chunk, per_agent, POLICY, lines_dir))
-    with multiprocessing.get_context("spawn").Pool(signers) as pool:
-        signed = sum(pool.map(sign_batch, jobs))
-    for a in agents:
-        a.seq += per_agent
-    sign_s = time.monotonic() - t0
-    print(f"    signed {signed} in {sign_s:.1f} s ({signed / sign_s:,.0f}/s, Ed25519 + canonical JSON)")
-    from cleanroom_controller.budgets import Limits
-
-    burst = Limits().accepted_burst
-    if per_agent > burst:
-        print(
-            f"    note: {per_agent} postures per agent at full rate exceed an agent's budget ({burst:.0f} at once, "
-            f"then {Limits().accepted_per_s:g}/s): the excess is refused as rate_limited, by design"
-        )
+    signed = sign_postures(agents, per_agent, signers, lines_dir)
     sample = (lines_dir / f"{agents[0].agent_id}.lines").open("rb").readline()
     print(f"    posture size {len(sample) - 1} bytes")
-
-    with controllers(
-        exe, k, data_dir=data_dir, broker=broker, policy=policy_file, share_group=share, logs=tmp
-    ) as procs:
-        for p in procs:
-            wait_until(
-                lambda p=p: connected_to(p.pid, broker.port) or p.poll() is not None, 30, "controller connect"
-            )
-            if p.poll() is not None:
-                raise RuntimeError(f"controller exited {p.returncode}; see {tmp}/controller-*.log")
-        await_ready(broker, data_dir, probe)
-        base, _, _ = accepted_count(data_dir / "controller.db", prefix="agent-")
-        usage = Usage([p.pid for p in procs])
+    print(
+        f"(b) publishing {signed} postures at full rate: {len(agents)} mosquitto_pub -l processes (one per agent)",
+        flush=True,
+    )
+    r = run_ingest(
+        exe=exe,
+        broker=broker,
+        data_dir=tmp / "controller",
+        policy=tmp / "policy.toml",
+        logs=tmp,
+        agents=agents,
+        lines_dir=lines_dir,
+        signed=signed,
+        probe=probe,
+        k=k,
+        share=share,
+        max_wait=max_wait,
+    )
+    print(f"    published in {r.published_s:.1f} s ({signed / r.published_s:,.0f}/s into the broker)")
+    print(
+        f"    stored {r.stored} of {signed} postures as accepted ({r.rejects} rejects counted) in {r.wall_s:.1f} s"
+    )
+    print(
+        f"    processed (verified, accepted or rejected) {(r.stored + r.rejects) / r.wall_s:,.0f}/s over {r.wall_s:.1f} s"
+    )
+    if r.rejects:
         print(
-            f"(b) publishing {signed} postures at full rate: {len(agents)} mosquitto_pub -l processes (one per agent)"
+            "    note: every posture here is valid and in order; rejects mean a bug (with K > 1 the replay"
+            " rule is per process, see controller/README.md)"
         )
-        t_pub = time.monotonic()
-        pubs = []
-        for a in agents:
-            with (lines_dir / f"{a.agent_id}.lines").open("rb") as f:
-                pubs.append(
-                    subprocess.Popen(
-                        [
-                            need("mosquitto_pub"),
-                            "-p",
-                            str(broker.port),
-                            "-q",
-                            "1",
-                            "-t",
-                            agent_topic(a.agent_id, Channel.POSTURE),
-                            "-l",
-                        ],
-                        stdin=f,
-                    )
-                )
-        for p in pubs:
-            p.wait(600)
-        pub_s = time.monotonic() - t_pub
-        print(f"    published in {pub_s:.1f} s ({signed / pub_s:,.0f}/s into the broker)")
-        # Wait until the controllers have caught up or stop making progress.
-        # Progress is accepted + rejected (with K > 1 a lagging process may reject for a while).
-        last, last_change = -1, time.monotonic()
-        deadline = t_pub + max_wait
-        rejects0 = reject_total(data_dir / "controller.db")
-        while time.monotonic() < deadline:
-            n, _, _ = accepted_count(data_dir / "controller.db", prefix="agent-")
-            done = n - base + reject_total(data_dir / "controller.db") - rejects0
-            if done >= signed:
-                break
-            if done != last:
-                last, last_change = done, time.monotonic()
-            elif time.monotonic() - last_change > 5:
-                print(f"    no progress for 5 s at {done} of {signed} processed: giving up waiting")
-                break
-            time.sleep(0.5)
-        wall = time.monotonic() - t_pub
-        usage_line = usage.finish()
-        n = accepted_count(data_dir / "controller.db", prefix="agent-")[0]
-        stored = n - base
-        times = received_times(data_dir / "controller.db", "agent-")[base:]
-        rejects = reject_total(data_dir / "controller.db") - rejects0
-        print(
-            f"    stored {stored} of {signed} postures as accepted ({rejects} rejects counted) in {wall:.1f} s"
-        )
-        print(
-            f"    processed (verified, accepted or rejected) {(stored + rejects) / wall:,.0f}/s over {wall:.1f} s"
-        )
-        if rejects:
-            print(
-                "    note: every posture here is valid and in order; rejects mean a bug (with K > 1 the replay"
-                " rule is per process, see controller/README.md)"
-            )
-        if len(times) > 10:
-            span = times[-1] - times[0]
-            lo, hi = times[len(times) // 10], times[(len(times) * 9) // 10]
-            mid = (len(times) * 8 // 10) / (hi - lo) if hi > lo else float("nan")
-            print(
-                f"    sustained verified reports/s: {stored / span:,.0f} overall, {mid:,.0f} over the middle 80%"
-            )
-        print(f"    {usage_line}")
-        alive = [p.poll() is None for p in procs]
-        print(f"    controllers alive afterwards: {sum(alive)}/{len(alive)}")
+    print(f"    sustained verified reports/s: {r.overall:,.0f} overall, {r.middle:,.0f} over the middle 80%")
+    print(f"    {r.usage}")
+    print(f"    controllers alive afterwards: {r.alive[0]}/{r.alive[1]}")
 
 
 def measure_latency(
@@ -658,7 +825,7 @@ def measure_latency(
         listener.connect("127.0.0.1", broker.port)
         listener.subscribe("cleanroom/v1/agents/+/commands", qos=1)
         listener.loop_start()
-        pub = Publisher(broker.port, "bench-latency")
+        pub = Publisher(broker, "bench-latency")
         # Victims announce themselves (online, compliant) before the measurement.
         for v in victims:
             v_key = v.key()
@@ -705,7 +872,7 @@ def measure_latency(
                 )
             )
         stop = threading.Event()
-        bg_pub = Publisher(broker.port, "bench-background")
+        bg_pub = Publisher(broker, "bench-background")
 
         def pace() -> None:
             t0 = time.monotonic()
@@ -908,7 +1075,7 @@ def measure_flood(
         listener.connect("127.0.0.1", broker.port)
         listener.subscribe("cleanroom/v1/agents/+/commands", qos=1)
         listener.loop_start()
-        pub = Publisher(broker.port, "bench-flood-latency")
+        pub = Publisher(broker, "bench-flood-latency")
         for v in victims:
             key = v.key()
             online = Status(state=AgentState.ONLINE)
@@ -986,6 +1153,163 @@ def measure_flood(
     print(f"    {usage_line}")
 
 
+@contextlib.contextmanager
+def plain_broker(workdir: Path) -> Iterator[Broker]:
+    """A fresh Mosquitto with the bench's plain, anonymous configuration."""
+    broker = Broker(workdir)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@contextlib.contextmanager
+def broker_from_config(pki: BenchPki, workdir: Path) -> Iterator[Broker]:
+    """A fresh Mosquitto started from what ``broker-config`` writes for ``pki`` (listener on a free
+    loopback port), exactly as shipped. Started as root, Mosquitto drops to the ``mosquitto`` user, which
+    must reach the files: they go to a directory of their own (0711), not under the bench's 0700 temp dir."""
+    from cleanroom_controller.trust import Listen, write_broker_config
+
+    root = Path(tempfile.mkdtemp(prefix="cr-bench-broker-"))
+    root.chmod(0o711)
+    try:
+        port = free_port()
+        files = write_broker_config(root / "broker", pki.pki, listen=Listen("127.0.0.1", port))
+        broker = Broker(workdir, port=port, config=files.conf, pki=pki)
+        broker.start()
+        try:
+            yield broker
+        finally:
+            broker.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def negotiated(broker: Broker, common_name: str) -> str:
+    """The TLS version and cipher a Python client (the controller's TLS context) gets from ``broker``."""
+    ctx = broker.tls(common_name)
+    assert ctx is not None
+    with (
+        socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        cipher = tls.cipher()
+        return f"{tls.version()} {cipher[0] if cipher else '?'}"
+
+
+def measure_mtls(
+    *,
+    exe: str,
+    tmp: Path,
+    agents: list[SimAgent],
+    probe: SimAgent,
+    per_agent: int,
+    k: int,
+    share: bool,
+    signers: int,
+    max_wait: float,
+    ceiling_messages: int,
+    ceiling_publishers: int,
+    rounds: int,
+) -> None:
+    """(e) The same agents and the same signed postures through a plain broker, then an mTLS one; each
+    half with a fresh broker (its ceiling measured before any controller connects, so no session queues
+    the ceiling's messages) and a fresh controller data dir with the same enrolments."""
+    print(
+        f"(e) mTLS off vs on: N = {len(agents)} agents × {per_agent} postures, K = {k} controller processes, "
+        f"{rounds} round(s)",
+        flush=True,
+    )
+    t0 = time.monotonic()
+    pki = BenchPki(tmp / "e-pki", k)
+    devices = [
+        *(a.agent_id for a in agents),
+        probe.agent_id,
+        *(f"ceiling-{i}" for i in range(ceiling_publishers)),
+    ]
+    for name in devices:
+        pki.client(name)
+    print(
+        f"    PKI (Pki.init, ECDSA P-256) with {k + 1} controller and {len(devices)} device certificates "
+        f"(CN = agent id) in {time.monotonic() - t0:.1f} s"
+    )
+    print(
+        "    note: broker-config's Mosquitto differs from the plain one in more than TLS: persistence on "
+        "(autosave 30 s), max_queued_messages 100000, an ACL, no set_tcp_nodelay"
+    )
+    halves = {
+        "off": "plain anonymous Mosquitto",
+        "on": "broker-config Mosquitto: TLS 1.2+, client certificates, CRL, ACL",
+    }
+    got: dict[str, list[tuple[float, IngestResult]]] = {"off": [], "on": []}
+    for r in range(rounds):
+        lines_dir = tmp / f"e{r}-lines"
+        signed = sign_postures(agents, per_agent, signers, lines_dir)
+        size = len((lines_dir / f"{agents[0].agent_id}.lines").open("rb").readline()) - 1
+        for mode, what in halves.items():
+            work = tmp / f"e{r}-{mode}"
+            work.mkdir()
+            opened = (
+                plain_broker(work / "mosquitto")
+                if mode == "off"
+                else broker_from_config(pki, work / "mosquitto")
+            )
+            with opened as broker:
+                tls = f", {negotiated(broker, probe.agent_id)}" if broker.pki is not None else ""
+                ceiling, received = measure_ceiling(
+                    broker,
+                    work,
+                    messages=ceiling_messages,
+                    publishers=ceiling_publishers,
+                    size=size,
+                    as_agents=True,
+                )
+                data_dir = work / "controller"
+                enrol_all(data_dir, exe, [*agents, probe])
+                res = run_ingest(
+                    exe=exe,
+                    broker=broker,
+                    data_dir=data_dir,
+                    policy=tmp / "policy.toml",
+                    logs=work,
+                    agents=agents,
+                    lines_dir=lines_dir,
+                    signed=signed,
+                    probe=probe,
+                    k=k,
+                    share=share,
+                    max_wait=max_wait,
+                )
+            got[mode].append((ceiling, res))
+            print(f"    mTLS {mode} ({what}{tls}):")
+            print(
+                f"      Mosquitto ceiling {ceiling:,.0f} msgs/s ({received} of {ceiling_messages // ceiling_publishers * ceiling_publishers} "
+                f"× {size} B, {ceiling_publishers} mosquitto_pub -l → 1 mosquitto_sub, QoS 1)"
+            )
+            print(
+                f"      verified reports/s {res.overall:,.0f} overall, {res.middle:,.0f} over the middle 80%: stored "
+                f"{res.stored} of {signed} ({res.rejects} rejects) in {res.wall_s:.1f} s, published in {res.published_s:.1f} s "
+                f"({signed / res.published_s:,.0f}/s into the broker)"
+            )
+            print(
+                f"      {res.usage}; controllers alive afterwards {res.alive[0]}/{res.alive[1]}", flush=True
+            )
+        (c_off, off), (c_on, on) = got["off"][-1], got["on"][-1]
+        print(
+            f"    round {r + 1}: verified reports/s on/off = {on.overall / off.overall:.2f} ({on.overall:,.0f} vs "
+            f"{off.overall:,.0f}; middle 80% {on.middle / off.middle:.2f}); Mosquitto ceiling on/off = "
+            f"{c_on / c_off:.2f} ({c_on:,.0f} vs {c_off:,.0f} msgs/s)"
+        )
+    if rounds > 1:
+        v_off, v_on = (statistics.median(res.overall for _, res in got[m]) for m in ("off", "on"))
+        c_off, c_on = (statistics.median(c for c, _ in got[m]) for m in ("off", "on"))
+        print(
+            f"    median of {rounds} rounds: verified reports/s on/off = {v_on / v_off:.2f} ({v_on:,.0f} vs {v_off:,.0f}); "
+            f"Mosquitto ceiling on/off = {c_on / c_off:.2f} ({c_on:,.0f} vs {c_off:,.0f} msgs/s)"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1014,19 +1338,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="junk messages/s in (d), one run each (default 0,10000); 0: as fast as mosquitto_pub can",
     )
     ap.add_argument("--flood-samples", type=int, default=100, help="violations measured during (d)")
-    ap.add_argument("--skip", choices=["ceiling", "ingest", "latency", "flood"], action="append", default=[])
+    ap.add_argument(
+        "--mtls-messages",
+        type=int,
+        default=20_000,
+        help="postures published in each half of (e) (default 20000)",
+    )
+    ap.add_argument(
+        "--mtls-ceiling-messages",
+        type=int,
+        default=50_000,
+        help="messages for each ceiling in (e) (default 50000)",
+    )
+    ap.add_argument(
+        "--mtls-rounds", type=int, default=1, help="(e) off/on pairs, medians printed when > 1 (default 1)"
+    )
+    ap.add_argument(
+        "--skip", choices=SECTIONS, action="append", default=[], help="leave a section out (repeatable)"
+    )
+    ap.add_argument(
+        "--only", choices=SECTIONS, action="append", default=[], help="run only these sections (repeatable)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, controller.db)")
     args = ap.parse_args(argv)
     if args.controllers > 1 and args.no_share_group:
         ap.error("--controllers > 1 needs the shared subscription")
+    if args.mtls_rounds < 1 or args.mtls_messages < args.agents:
+        ap.error("--mtls-rounds must be ≥ 1 and --mtls-messages ≥ --agents")
     share = args.controllers > 1
+    run = set(args.only or SECTIONS) - set(args.skip)
 
     tmp = Path(tempfile.mkdtemp(prefix="cr-bench-"))
     broker = Broker(tmp / "mosquitto")
     broker.start()
     print(f"cleanroom ingest bench: Mosquitto on 127.0.0.1:{broker.port}, {os.cpu_count()} CPUs, temp {tmp}")
     try:
-        if "ceiling" not in args.skip:
+        if "ceiling" in run:
             rate, got = measure_ceiling(
                 broker, tmp, messages=args.ceiling_messages, publishers=args.ceiling_publishers, size=760
             )
@@ -1036,7 +1383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         exe = controller_exe()
         if exe is None:
-            print("(b), (c): cleanroom-controller is not installed or does not start yet; skipped")
+            print("(b)-(e): cleanroom-controller is not installed or does not start yet; skipped")
             return 1
         agents = [SimAgent.create(f"agent-{i:05d}") for i in range(args.agents)]
         background = [SimAgent.create(f"bg-{i:04d}") for i in range(50)]
@@ -1048,19 +1395,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--flood-rates: comma-separated integers, not {args.flood_rates!r}")
         # Fresh victims per run: a victim's session is ended once, so it can be measured once.
         flood_victims = [
-            [SimAgent.create(f"fv{run}-{i:04d}") for i in range(args.flood_samples)]
-            for run in range(len(flood_rates))
+            [SimAgent.create(f"fv{n}-{i:04d}") for i in range(args.flood_samples)]
+            for n in range(len(flood_rates))
         ]
         data_dir = tmp / "controller"
         (tmp / "policy.toml").write_text(POLICY)
-        t0 = time.monotonic()
-        everyone = [*agents, *background, *victims, flooder, *(v for run in flood_victims for v in run)]
-        enrol_all(data_dir, exe, everyone)
-        print(f"enrolled {len(everyone)} agents in {time.monotonic() - t0:.1f} s")
         print(
             f"N = {args.agents} agents, K = {args.controllers} controller processes{' (--share-group bench)' if share else ''}"
         )
-        if "ingest" not in args.skip:
+        if run & {"ingest", "latency", "flood"}:
+            t0 = time.monotonic()
+            everyone = [*agents, *background, *victims, flooder, *(v for fv in flood_victims for v in fv)]
+            enrol_all(data_dir, exe, everyone)
+            print(f"enrolled {len(everyone)} agents in {time.monotonic() - t0:.1f} s")
+        if "ingest" in run:
             measure_ingest(
                 exe=exe,
                 broker=broker,
@@ -1073,7 +1421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 signers=args.signers,
                 max_wait=args.max_wait,
             )
-        if "latency" not in args.skip:
+        if "latency" in run:
             measure_latency(
                 exe=exe,
                 broker=broker,
@@ -1086,7 +1434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spacing=args.latency_spacing,
             )
         for rate, run_victims in zip(flood_rates, flood_victims, strict=True):
-            if "flood" in args.skip:
+            if "flood" not in run:
                 break
             measure_flood(
                 exe=exe,
@@ -1098,6 +1446,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rate=rate,
                 k=args.controllers,
                 share=share,
+            )
+        if "mtls" in run:
+            measure_mtls(
+                exe=exe,
+                tmp=tmp,
+                agents=agents,
+                probe=SimAgent.create("probe-mtls"),
+                per_agent=args.mtls_messages // args.agents,
+                k=args.controllers,
+                share=share,
+                signers=args.signers,
+                max_wait=args.max_wait,
+                ceiling_messages=args.mtls_ceiling_messages,
+                ceiling_publishers=args.ceiling_publishers,
+                rounds=args.mtls_rounds,
             )
         return 0
     finally:

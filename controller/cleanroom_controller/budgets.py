@@ -1,18 +1,19 @@
-"""Per-sender budgets (pure: token buckets, the clock is passed in): who is noisy right now.
+"""Per-sender junk budgets (pure: token buckets, the clock is passed in): who is noisy right now.
 
-Two buckets per *sender key* (the agent the topic names when it is enrolled, else ``(unenrolled)`` or
-``(topic)``, so there are at most "enrolled agents + 2" keys):
+One bucket per *sender key* (the agent the topic names when it is enrolled, else ``(unenrolled)`` or
+``(topic)``, so there are at most "enrolled agents + 2" keys), charged by every message on the key's topics
+that is *not* accepted (malformed, forged, replayed, stale, duplicate, ...). Signatures are checked first,
+so only junk spends it, and junk only ever makes its own topic noisy.
 
-- **accepted**: charged by every message whose signature, sequence and time check out (a Last Will excepted).
-  Only a message signed with the sender's key can spend it, so junk that names agent B on B's topic (possible
-  when the broker's ACL is missing) never costs B its place. When it is empty the message is refused as
-  ``rate_limited``: that bounds what one agent key can make the controller store and act on.
-- **junk**: charged by every message on the key's topics that is *not* accepted (malformed, forged, replayed,
-  stale, duplicate, ...). Its exhaustion costs nothing but scheduling: the key becomes *noisy*.
+A noisy key is served after every quiet one (:mod:`.inbox`), and only a trickle of what it sends is read and
+verified (**noisy** bucket: 64, then 200/s); the rest is dropped unread (counted ``overflow``).
 
-A noisy key is served after every quiet one (:mod:`.inbox`), and only a trickle of what it sends is read
-and verified (**noisy** bucket: 64, then 200/s); the rest is dropped unread (counted ``overflow``). Signatures are always checked before a budget is spent: a message is charged
-to the accepted bucket only once it verified, and a junk message only ever makes its own topic noisy.
+A message that verifies is never refused for its rate: every such message was acknowledged to the agent
+(QoS 1) and deleted from its outbox, so refusing it would lose an event for good (an agent replaying an
+outage's spool sends thousands at once, and that history is exactly what must arrive). A stolen key's valid
+flood is answered by revocation (``agents revoke``: its key refused within a second, its connection closed
+within seconds) and bounded by the per-agent caps on what it can create (``decide.MAX_OPEN_SESSIONS``, open
+commands).
 """
 
 from __future__ import annotations
@@ -24,12 +25,6 @@ from dataclasses import dataclass
 class Limits:
     """The numbers, with why. One controller process; a share group has one set per process."""
 
-    # An agent sends a posture per heartbeat or change (seconds apart), a status per connection and a few
-    # events a minute; after an outage its outbox replays what it spooled (≤ max_skew_s old, or the
-    # messages are stale anyway). 1,000 at once and 50/s sustained is far above that and still bounds a
-    # stolen key to 50 stored messages a second.
-    accepted_burst: float = 1_000.0
-    accepted_per_s: float = 50.0
     # A genuine agent is rarely rejected (a QoS 1 redelivery, a retained status after a controller restart).
     junk_burst: float = 100.0
     junk_per_s: float = 10.0
@@ -43,8 +38,6 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in (
-            "accepted_burst",
-            "accepted_per_s",
             "junk_burst",
             "junk_per_s",
             "noisy_burst",
@@ -96,7 +89,6 @@ class TokenBucket:
 class Budgets:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
-        self._accepted: dict[str, TokenBucket] = {}
         self._junk: dict[str, TokenBucket] = {}
         self._admitted: dict[str, TokenBucket] = {}
 
@@ -119,11 +111,6 @@ class Budgets:
             for k in list(table)[: len(table) // 2 or 1]:
                 del table[k]
 
-    def take_accepted(self, key: str, now: float) -> bool:
-        """A verified message from ``key``: ``False`` when its budget is spent (refuse it)."""
-        lim = self.limits
-        return self._bucket(self._accepted, key, now, lim.accepted_burst, lim.accepted_per_s).take(now)
-
     def charge_junk(self, key: str, now: float) -> None:
         """A message on ``key``'s topics that was not accepted."""
         lim = self.limits
@@ -135,7 +122,6 @@ class Budgets:
         return self._bucket(self._admitted, key, now, lim.noisy_burst, lim.noisy_per_s).take(now)
 
     def noisy(self, key: str, now: float) -> bool:
-        """Has ``key`` spent either budget? (Unknown keys are quiet.)"""
-        accepted = self._accepted.get(key)
+        """Has ``key`` spent its junk budget? (Unknown keys are quiet.)"""
         junk = self._junk.get(key)
-        return (accepted is not None and accepted.empty(now)) or (junk is not None and junk.empty(now))
+        return junk is not None and junk.empty(now)

@@ -10,10 +10,10 @@ audit entry per sender per window, so a flood of forgeries writes a handful of r
 message redelivered by QoS 1 (same agent, seq and bytes) is a ``duplicate`` and a retained status replayed to
 a restarted controller is an ``old_status``: both summed up, neither counted as a reject.
 
-Budgets (:mod:`.budgets`), spent only after the signature is checked: an accepted message spends its
-verified sender's budget (refused ``rate_limited`` when it is empty, a Last Will excepted); anything else
-spends the junk budget of the topic it came on, which only makes that topic noisy (served last by the inbox,
-:mod:`.inbox`). Per-message work does not depend on an agent's history: one endpoint row, one digest lookup,
+Budgets (:mod:`.budgets`), spent only after the signature is checked: a message that is not accepted spends
+the junk budget of the topic it came on, which only makes that topic noisy (served last by the inbox,
+:mod:`.inbox`). A message that verifies is never refused for its rate (it was acknowledged: refusing it would
+lose it). Per-message work does not depend on an agent's history: one endpoint row, one digest lookup,
 indexed reads of the agent's *open* sessions (bounded, see ``decide.MAX_OPEN_SESSIONS``).
 """
 
@@ -395,11 +395,6 @@ class Ingest:
         assert envelope is not None  # ok verdicts carry both
         seq = envelope.seq
         kind = envelope.kind.value
-        if not verdict.is_will and not self.budgets.take_accepted(agent, now):
-            lim = self.budgets.limits
-            detail = f"over the budget of {lim.accepted_burst:.0f} messages, then {lim.accepted_per_s:g}/s"
-            self._count(agent, Reason.RATE_LIMITED, detail, now, base, junk=False)
-            return Outcome.REJECTED
         if not self._store.record_message(agent, seq, kind, digest, now):
             if self._store.message_digest(agent, seq) == digest:
                 # A Last Will (exempt from the replay check) again, or with a share group a redelivery

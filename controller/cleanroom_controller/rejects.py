@@ -37,7 +37,6 @@ class Reason(StrEnum):
     BAD_SIGNATURE = VerdictStatus.BAD_SIGNATURE.value
     REPLAYED = VerdictStatus.REPLAYED.value
     STALE = VerdictStatus.STALE.value
-    RATE_LIMITED = "rate_limited"  # verified, but the sender spent its accepted budget
     OVERFLOW = "overflow"  # dropped unread: its sender was noisy and its queue full
     DUPLICATE = "duplicate"  # the same bytes as an accepted message (a QoS 1 redelivery): not a reject
     OLD_STATUS = "old_status"  # a retained status replayed, a superseded Will: expected, not a reject

@@ -344,8 +344,7 @@ def test_no_input_crashes_or_stalls_ingest_and_every_one_is_counted_with_its_rea
     recorder = Recorder(store, "controller:fuzz")
     policy = shipped_policy()
     tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
-    # Budgets out of the way: every message has one expected reason (rate limits have their own tests).
-    limits = Limits(accepted_burst=10**9, accepted_per_s=10**9)
+    limits = Limits()
     ingest = Ingest(
         store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300, limits=limits
     )

@@ -49,4 +49,4 @@ def test_close_all_writes_every_open_window_and_undo_keeps_what_was_not_stored()
 
 def test_which_reasons_are_rejects() -> None:
     assert Reason.DUPLICATE not in REJECTS and Reason.OLD_STATUS not in REJECTS
-    assert {Reason.RATE_LIMITED, Reason.OVERFLOW, Reason.BAD_SIGNATURE} <= REJECTS
+    assert {Reason.OVERFLOW, Reason.BAD_SIGNATURE} <= REJECTS
