@@ -337,8 +337,13 @@ async def test_symlink_named_like_an_image_is_removed_as_a_link(capture: Capture
     )
     assert tree.victim.read_bytes() == b"\x89PNG root's own image"
     assert tree.elsewhere.is_dir()
-    removed = {e.details["path"] for e in capture.of("screenshot.created") if e.details["removed"]}
-    assert removed == {f"{tree.pictures}/x.png", f"{tree.pictures}/y.png"}
+    expected = {f"{tree.pictures}/x.png", f"{tree.pictures}/y.png"}
+
+    def removed() -> set[str]:
+        return {str(e.details["path"]) for e in capture.of("screenshot.created") if e.details["removed"]}
+
+    # The watcher thread unlinks first and hands the report to the event loop after: wait for both reports.
+    await wait_until(lambda: removed() == expected, f"both removals reported (so far {removed()})")
 
 
 # --- loaders recognised by content --------------------------------------------------------------------
