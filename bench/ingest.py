@@ -263,7 +263,8 @@ class Broker:
 class Usage:
     """CPU seconds and peak RSS of a set of processes over a phase (psutil, sampled every 0.2 s)."""
 
-    def __init__(self, pids: Sequence[int]) -> None:
+    def __init__(self, pids: Sequence[int], label: str = "controllers") -> None:
+        self.label = label
         self.procs = [psutil.Process(p) for p in pids]
         self.cpu0 = [self._cpu(p) for p in self.procs]
         self.t0 = time.monotonic()
@@ -293,7 +294,7 @@ class Usage:
         self._thread.join()
         wall = time.monotonic() - self.t0
         cpu = sum(self._cpu(p) - c0 for p, c0 in zip(self.procs, self.cpu0, strict=True))
-        return f"controllers CPU {cpu:.1f} s over {wall:.1f} s ({100 * cpu / wall:.0f}% of one core), peak RSS {self.peak_rss / 2**20:.0f} MiB total"
+        return f"{self.label} CPU {cpu:.1f} s over {wall:.1f} s ({100 * cpu / wall:.0f}% of one core), peak RSS {self.peak_rss / 2**20:.0f} MiB total"
 
 
 # -- simulated agents -----------------------------------------------------------------------------------
@@ -646,7 +647,9 @@ class IngestResult:
     wall_s: float  # from the first publish until the controllers caught up (or stopped progressing)
     overall: float  # stored / (last receive time - first), the sustained verified reports/s
     middle: float  # the same over the middle 80% of receive times (no ramp-up, no tail)
-    usage: str
+    usage: str  # the controllers' CPU and RSS
+    broker_usage: str  # Mosquitto's
+    publishers_cpu: float  # CPU seconds of the mosquitto_pub processes
     alive: tuple[int, int]  # controllers alive afterwards, of K
 
 
@@ -681,6 +684,9 @@ def run_ingest(
         await_ready(broker, data_dir, probe)
         base, _, _ = accepted_count(db, prefix="agent-")
         usage = Usage([p.pid for p in procs])
+        assert broker.proc is not None
+        broker_usage = Usage([broker.proc.pid], "Mosquitto")
+        reaped0 = os.times()
         t_pub = time.monotonic()
         pubs = []
         for a in agents:
@@ -702,6 +708,10 @@ def run_ingest(
         for p in pubs:
             p.wait(600)
         pub_s = time.monotonic() - t_pub
+        reaped = os.times()  # the publishers are the only children reaped meanwhile
+        pub_cpu = (
+            reaped.children_user + reaped.children_system - reaped0.children_user - reaped0.children_system
+        )
         # Wait until the controllers have caught up or stop making progress.
         # Progress is accepted + rejected (with K > 1 a lagging process may reject for a while).
         last, last_change = -1, time.monotonic()
@@ -720,6 +730,7 @@ def run_ingest(
             time.sleep(0.5)
         wall = time.monotonic() - t_pub
         usage_line = usage.finish()
+        broker_line = broker_usage.finish()
         stored = accepted_count(db, prefix="agent-")[0] - base
         times = received_times(db, "agent-")[base:]
         rejects = reject_total(db) - rejects0
@@ -731,7 +742,17 @@ def run_ingest(
             middle = (len(times) * 8 // 10) / (hi - lo) if hi > lo else float("nan")
         alive = sum(p.poll() is None for p in procs)
         return IngestResult(
-            signed, stored, rejects, pub_s, wall, overall, middle, usage_line, (alive, len(procs))
+            signed,
+            stored,
+            rejects,
+            pub_s,
+            wall,
+            overall,
+            middle,
+            usage_line,
+            broker_line,
+            pub_cpu,
+            (alive, len(procs)),
         )
 
 
@@ -785,6 +806,7 @@ def measure_ingest(
         )
     print(f"    sustained verified reports/s: {r.overall:,.0f} overall, {r.middle:,.0f} over the middle 80%")
     print(f"    {r.usage}")
+    print(f"    {r.broker_usage}; {len(agents)} mosquitto_pub CPU {r.publishers_cpu:.1f} s")
     print(f"    controllers alive afterwards: {r.alive[0]}/{r.alive[1]}")
 
 
@@ -1213,9 +1235,10 @@ def measure_mtls(
     ceiling_publishers: int,
     rounds: int,
 ) -> None:
-    """(e) The same agents and the same signed postures through a plain broker, then an mTLS one; each
-    half with a fresh broker (its ceiling measured before any controller connects, so no session queues
-    the ceiling's messages) and a fresh controller data dir with the same enrolments."""
+    """(e) Per round, the same agents and the same signed postures through a plain broker and an mTLS
+    one (in turn first); each half with a fresh broker (its ceiling measured before any controller
+    connects, so no session queues the ceiling's messages) and a fresh controller data dir with the same
+    enrolments."""
     print(
         f"(e) mTLS off vs on: N = {len(agents)} agents × {per_agent} postures, K = {k} controller processes, "
         f"{rounds} round(s)",
@@ -1247,7 +1270,10 @@ def measure_mtls(
         lines_dir = tmp / f"e{r}-lines"
         signed = sign_postures(agents, per_agent, signers, lines_dir)
         size = len((lines_dir / f"{agents[0].agent_id}.lines").open("rb").readline()) - 1
-        for mode, what in halves.items():
+        # Rounds alternate which half goes first, so that a drift in the machine's load (other jobs on
+        # these 2 cores) does not always favour the same half.
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            what = halves[mode]
             work = tmp / f"e{r}-{mode}"
             work.mkdir()
             opened = (
@@ -1292,8 +1318,10 @@ def measure_mtls(
                 f"{res.stored} of {signed} ({res.rejects} rejects) in {res.wall_s:.1f} s, published in {res.published_s:.1f} s "
                 f"({signed / res.published_s:,.0f}/s into the broker)"
             )
+            print(f"      {res.usage}; controllers alive afterwards {res.alive[0]}/{res.alive[1]}")
             print(
-                f"      {res.usage}; controllers alive afterwards {res.alive[0]}/{res.alive[1]}", flush=True
+                f"      {res.broker_usage}; {len(agents)} mosquitto_pub CPU {res.publishers_cpu:.1f} s",
+                flush=True,
             )
         (c_off, off), (c_on, on) = got["off"][-1], got["on"][-1]
         print(
@@ -1341,8 +1369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--mtls-messages",
         type=int,
-        default=20_000,
-        help="postures published in each half of (e) (default 20000)",
+        default=40_000,
+        help="postures published in each half of each round of (e) (default 40000)",
     )
     ap.add_argument(
         "--mtls-ceiling-messages",
@@ -1351,7 +1379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="messages for each ceiling in (e) (default 50000)",
     )
     ap.add_argument(
-        "--mtls-rounds", type=int, default=1, help="(e) off/on pairs, medians printed when > 1 (default 1)"
+        "--mtls-rounds",
+        type=int,
+        default=3,
+        help="(e) off/on pairs, each with fresh brokers and signatures; medians printed (default 3)",
     )
     ap.add_argument(
         "--skip", choices=SECTIONS, action="append", default=[], help="leave a section out (repeatable)"
