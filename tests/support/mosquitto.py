@@ -90,7 +90,8 @@ class Mosquitto:
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
             "max_inflight_messages 100\n"
-            "max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else "")
+            "max_queued_messages 100000\n"
+            "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "")
         )
         return conf
 
