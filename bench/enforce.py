@@ -311,9 +311,11 @@ def whole_agent(idle_s: float) -> None:
     on a real Xvfb, capture with its fanotify listener process, usb on a simulated sysfs tree, media),
     connected to a real Mosquitto and controller, idle: memory of each process and CPU over ``idle_s``."""
     _repo_on_path()
+    from cleanroom_agent.settings import AgentSettings
     from tests.support.mosquitto import Mosquitto
     from tests.support.procs import Cleanroom
 
+    default_poll = AgentSettings.model_fields["poll_interval"].default
     xvfb, display = start_xvfb()
     with tempfile.TemporaryDirectory(prefix="bench-footprint-") as tmp:
         broker = Mosquitto(Path(tmp) / "mosquitto")
@@ -330,7 +332,15 @@ def whole_agent(idle_s: float) -> None:
             agent = world.add_agent(
                 "bench-agent",
                 enforcers="clipboard,capture,usb,media",
-                extra=["--sysfs-root", str(sysfs), "--log-level", "warning"],
+                # the agent's own default poll (the test harness's 0.2 s would dominate the idle figure)
+                extra=[
+                    "--sysfs-root",
+                    str(sysfs),
+                    "--log-level",
+                    "warning",
+                    "--poll-interval",
+                    f"{default_poll:g}",
+                ],
             )
             _gate(ctl, "endpoints", "agent", "bench-agent", {"online": True}, 60)
             time.sleep(5)  # start-up done: enforcers up, first postures sent, allocations settled

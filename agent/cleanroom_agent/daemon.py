@@ -164,7 +164,8 @@ class Agent:
             raise StartupError(f"agent settings: {exc}") from exc
         self.fail_closed = FailClosed(
             mode=mode,
-            poll_interval=settings.poll_interval,
+            # Checked every second at most: cheap (no I/O), and cut-off time is what it measures.
+            poll_interval=min(settings.poll_interval, 1.0),
             in_force=self._in_force,
             offline_since=self._offline_since,
             latest=lambda: self.observer.latest,

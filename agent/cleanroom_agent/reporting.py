@@ -29,8 +29,14 @@ HELD_RETRY_S = 0.1  # a heartbeat held or not sendable is tried again this soon 
 HEARTBEAT_TICK_S = 1.0  # the heartbeat wakes at least this often: the policy's heartbeat_s may change
 
 
+# Events that change what posture reports: an enforcer's status, and a mount appearing or going (the media
+# enforcer watches the mount table with POLLPRI), so posture follows them at once instead of at the next poll.
+POSTURE_EVENTS = ("enforcer.status", "media.")
+
+
 class EventSink:
-    """Queues events for publishing at once; an enforcer's status change also asks for a posture round."""
+    """Queues events for publishing at once; one that changes posture (``POSTURE_EVENTS``) also asks for a
+    posture round."""
 
     def __init__(self, outbox: Outbox, *, on_enforcer_status: Callable[[], None]) -> None:
         self._outbox = outbox
@@ -44,7 +50,7 @@ class EventSink:
             log.exception("event_not_queued", kind=event.kind)
             return
         log.info("event", kind=event.kind, **{k: v for k, v in event.details.items() if k != "reasons"})
-        if event.kind == "enforcer.status":
+        if event.kind.startswith(POSTURE_EVENTS):
             self._on_enforcer_status()
 
     def event(

@@ -62,7 +62,10 @@ class AgentSettings(BaseSettings):
     # Group (name or gid) whose members may read the posture over the local socket; none: root only.
     admin_group: str | None = Field(default=None, min_length=1, max_length=64)
     keepalive: int = Field(default=10, ge=1, le=600)
-    poll_interval: float = Field(default=1.0, gt=0, le=60)
+    # The posture poll is a safety net: processes, mounts and enforcer states drive posture through events
+    # (procevents.py, the media enforcer, enforcer.status). What only the poll sees: logged-in users, and
+    # everything when process events are unavailable. 5 s keeps the idle agent under 0.5 % of a core.
+    poll_interval: float = Field(default=5.0, gt=0, le=60)
     log_level: str = "info"
     # Which enforcers run (the others report `off`). Tests and evaluation hosts switch off those that
     # touch the whole machine (usb: authorized_default on the real root hubs; media: unmounting).
