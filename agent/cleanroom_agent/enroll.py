@@ -22,11 +22,9 @@ too but shows it to every local user in the process list, so the CLI warns.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import http.client
 import json
-import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from cleanroom_protocol import load_or_create_private_key, parse_public_key, public_key_pem, renew_message
+from cleanroom_protocol.datafiles import write_whole
 
 from .settings import CONTROLLER_KEY, ENROLMENT_FILE, TLS_CA, TLS_CERT, TLS_DIR, TLS_KEY
 
@@ -127,19 +126,9 @@ def pinned_context(ca_pem: bytes) -> ssl.SSLContext:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Whole or not at all, 0600, never through a symlink (temp file, fsync, rename)."""
+    """Whole or not at all, 0600, never through a symlink (datafiles.write_whole)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    write_whole(path, data, 0o600)
 
 
 def _new_tls_key_and_csr(agent_id: str) -> tuple[bytes, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -90,3 +91,34 @@ def _tighten(path: Path, st: os.stat_result, mode: int, what: str) -> list[str]:
     change = f"{path}: {what} was mode {current:04o}, open to its group or others; now {current & mode:04o}"
     log.warning("tightened %s", change)
     return [change]
+
+
+def write_whole(path: Path, data: bytes, mode: int, *, owner: tuple[int, int] | None = None) -> None:
+    """Write ``data`` to ``path`` whole: a temp file beside it (created with ``mode``, never through a
+    symlink), fsync, rename over, fsync the directory. A reader (or a crash) sees the old file or the new
+    one, never a part. ``owner``: (uid, gid) to give the file, when root writes for another user."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            os.fchmod(f.fileno(), mode)  # the umask must not widen or narrow it
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or link in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -16,6 +16,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .datafiles import fsync_dir
+
 
 class KeyFileError(Exception):
     """A key file is missing, unreadable, of the wrong type or too open."""
@@ -52,19 +54,11 @@ def load_or_create_private_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
             os.link(tmp, path)
         except FileExistsError:
             return _load_existing_private_key(path), False  # another process created it first: use theirs
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return key, True
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_private_file(path: Path, what: str = "private key") -> bytes:

@@ -14,6 +14,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from cleanroom_protocol import datafiles
 from cleanroom_protocol.keys import MAX_KEY_FILE_BYTES, KeyFileError, read_private_file
 
 from .certificates import PkiError
@@ -138,7 +139,7 @@ class PkiFiles:
         tmp.mkdir(mode=0o700)
         try:
             fill(cls(tmp))
-            _fsync_dir(tmp)
+            datafiles.fsync_dir(tmp)
             try:
                 # rename() replaces only an empty directory: a PKI made meanwhile by another process stays.
                 if final.root.exists():
@@ -146,7 +147,7 @@ class PkiFiles:
                 tmp.rename(final.root)
             except OSError as exc:
                 raise PkiError(f"{final.root}: appeared while creating the PKI; kept it ({exc})") from None
-            _fsync_dir(data_dir)
+            datafiles.fsync_dir(data_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         os.chmod(final.root, 0o700)
@@ -159,23 +160,9 @@ def write_whole(path: Path, data: bytes, mode: int) -> None:
     file (and any directory made for it) belongs to the owner of the directory it is in: an operator's
     `sudo cleanroom-controller pki …` must not leave the controller's user unable to read its own PKI."""
     make_dirs(path.parent)
-    owner = os.stat(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if os.geteuid() == 0:
-                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
-            os.fchmod(f.fileno(), mode)  # the umask must not widen or narrow it
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    parent = os.stat(path.parent)
+    owner = (parent.st_uid, parent.st_gid) if os.geteuid() == 0 else None
+    datafiles.write_whole(path, data, mode, owner=owner)
 
 
 def make_dirs(directory: Path) -> None:
@@ -205,11 +192,3 @@ def _read_private_as_root(path: Path, what: str) -> bytes:
     if not data or len(data) > MAX_KEY_FILE_BYTES:
         raise PkiError(f"{path}: {what} is empty or larger than {MAX_KEY_FILE_BYTES} bytes")
     return data
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
