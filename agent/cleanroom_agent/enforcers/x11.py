@@ -147,6 +147,21 @@ class PrintKeyGrab(_XThread):
             self._pressed(int(ev.state))
 
 
+def stop_record_context(ctrl: Any, ctx: Any, thread: threading.Thread | None) -> None:
+    """End a RECORD watcher: disabling the context on the control connection makes the data connection's
+    RecordEnableContext return, so its thread ends; then free the context and close. A server already
+    gone is no error here."""
+    try:
+        ctrl.record_disable_context(ctx)
+        ctrl.sync()
+        if thread is not None:
+            thread.join(timeout=5)
+        ctrl.record_free_context(ctx)
+        ctrl.close()
+    except (error.XError, error.ConnectionClosedError, OSError):
+        pass
+
+
 class PrintKeyWatch:
     """Audit mode: observe Print presses through the RECORD extension without grabbing (the key still
     reaches whoever listens). Two connections: a data connection blocked in RecordEnableContext in its
@@ -215,13 +230,5 @@ class PrintKeyWatch:
     def stop(self) -> None:
         if self._ctrl is None:
             return
-        try:
-            self._ctrl.record_disable_context(self._ctx)
-            self._ctrl.sync()
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            self._ctrl.record_free_context(self._ctx)
-            self._ctrl.close()
-        except (error.XError, error.ConnectionClosedError, OSError):
-            pass
+        stop_record_context(self._ctrl, self._ctx, self._thread)
         self._ctrl = None

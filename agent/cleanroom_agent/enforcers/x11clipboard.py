@@ -57,7 +57,7 @@ from .clipboardstorm import (
     StormKind,
 )
 from .ratelimit import EventBudget
-from .x11 import X11Unavailable, _XThread, open_display
+from .x11 import X11Unavailable, _XThread, open_display, stop_record_context
 
 _PROBE_TIMEOUT_S = 1.0
 _MAX_TARGETS = 64
@@ -974,13 +974,5 @@ class SelectionRecorder:
     def stop(self) -> None:
         if self._ctrl is None:
             return
-        try:
-            self._ctrl.record_disable_context(self._ctx)
-            self._ctrl.sync()
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            self._ctrl.record_free_context(self._ctx)
-            self._ctrl.close()
-        except (error.XError, error.ConnectionClosedError, OSError):
-            pass
+        stop_record_context(self._ctrl, self._ctx, self._thread)
         self._ctrl = None
