@@ -161,3 +161,37 @@ async def test_a_replayed_renewal_is_refused(endpoint: Endpoint, tmp_path: Path)
     endpoint.store.set_meta("renewed_ts:ep-1", repr(ts))
     status, answer = endpoint.service.renew(body, "test")
     assert (status, answer["error"]) == (403, "renewal refused: replayed request")
+
+
+class RecordedEvents:
+    """The renewer's event sink, recorded (the agent's EventSink queues into its outbox)."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+
+    def event(self, kind: str, *_: object, **__: object) -> None:
+        self.kinds.append(kind)
+
+
+async def test_the_agent_renews_at_two_thirds_of_its_certificates_lifetime(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    from cleanroom_agent.renewal import CertificateRenewer
+
+    agent_dir = tmp_path / "agent"
+    await agent_enroll(endpoint, endpoint.token(), agent_dir)
+    cert_path = agent_dir / "tls" / "agent.crt"
+    first = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    start, end = first.not_valid_before_utc.timestamp(), first.not_valid_after_utc.timestamp()
+    now = [start + (end - start) * 0.6]
+    events = RecordedEvents()
+    renewer = CertificateRenewer(
+        agent_id="ep-1", data_dir=agent_dir, cert_path=cert_path, controller_url=endpoint.url,
+        key=load_private_key(agent_dir / "agent.key"), events=events, clock=lambda: now[0],  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert renewer.seconds_until_due() > 0  # at 60 %: not yet
+    now[0] = start + (end - start) * 0.67
+    assert renewer.seconds_until_due() == 0
+    assert await renewer.renew_once()
+    renewed = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert renewed.serial_number != first.serial_number and events.kinds == ["certificate.renewed"]
