@@ -177,10 +177,21 @@ async def test_a_storming_client_is_disconnected_and_the_guard_recovers(setup: S
     assert guard.stats.max_queue < QUEUE_BOUND, guard.stats
     assert guard.stats.disconnects == 1
 
-    status = setup.enforcer.status()
-    assert status.state is EnforcerState.DEGRADED
-    assert "selection storm" in (status.reason or "") and "disconnected" in (status.reason or "")
-    assert "active again after 1 s" in (status.reason or "")
+    # The degraded status as it was reported: by now the enforcer may be calm (active) again already,
+    # storm_calm_s being 1 s here and the storm's client gone.
+    reported = [
+        e for e in setup.events if e.kind == "enforcer.status" and e.details.get("state") == "degraded"
+    ]
+    assert reported, [e.details for e in setup.events if e.kind == "enforcer.status"]
+    reason = str(reported[-1].details.get("reason") or "")
+    assert "selection storm" in reason and "disconnected" in reason
+    assert "active again after 1 s" in reason
+    status = EnforcerStatus(
+        name="clipboard",
+        state=EnforcerState.DEGRADED,
+        reason=reason,
+        policy=reported[-1].details.get("policy"),
+    )
     # The policy requires the clipboard enforcer: the posture is a violation (the session then ends).
     assert "enforcer_not_active:clipboard:degraded" in violations(posture(status), policy(mode="block"))
     [event] = setup.storms()
@@ -209,12 +220,18 @@ async def test_a_storm_naming_the_root_window_is_pinned_on_its_client(setup: Set
     await setup.enforcer.start(policy(mode="block"), Mode.ENFORCE)
     result = await storm(setup, "root", seconds=1.0)
     event = setup.storms()[0]
-    assert setup.enforcer.status().state is EnforcerState.DEGRADED
+    # Degraded was reported; with RECORD the client is gone and the enforcer may be calm (active) again by
+    # now (storm_calm_s is 1 s here), so the status history is what is checked, not the status of now.
+    degraded = [
+        e for e in setup.events if e.kind == "enforcer.status" and e.details.get("state") == "degraded"
+    ]
+    assert degraded, [e.details for e in setup.events if e.kind == "enforcer.status"]
     if setup.recording:
         assert 0 <= result.disconnected_after_s <= DISCONNECT_BOUND_S, result
         assert result.through <= MAX_PASTES_THROUGH, result
         assert event.details["action"] == "disconnected" and event.details["pid"]
     else:
+        assert setup.enforcer.status().state is EnforcerState.DEGRADED  # nobody to disconnect: stays
         assert result.disconnected_after_s == -1
         assert event.details["action"] == "not_disconnected"
         assert event.details["what"] == "unattributed_owner"
