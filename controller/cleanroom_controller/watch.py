@@ -22,6 +22,7 @@ from rich.text import Text
 from .store import Store
 from .views import agent_rows, session_rows
 
+_DATE_FIELDS = frozenset({"expires_at", "created_at"})
 _TS_FIELDS = {"last_seen", "ts", "started", "at"}
 
 # C0 controls (ESC starts terminal escape sequences; CR and newline fake lines and rows), DEL, C1 controls
@@ -54,6 +55,11 @@ def _cell_text(name: str, value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if name in _DATE_FIELDS and isinstance(value, int | float):  # days or weeks away: the date matters
+        try:
+            return datetime.datetime.fromtimestamp(value, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        except (OverflowError, ValueError, OSError):
+            return str(value)
     if name in _TS_FIELDS and isinstance(value, int | float):
         try:
             return datetime.datetime.fromtimestamp(value, tz=datetime.UTC).strftime("%H:%M:%S")

@@ -4,6 +4,7 @@ every step audited; and refused clearly without a PKI. The real CLI app over a r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -36,6 +37,10 @@ def test_create_list_revoke(tmp_path: Path) -> None:
     (row,) = [json.loads(line) for line in out.splitlines()]
     assert (row["id"], row["site"], row["uses_allowed"], row["state"]) == (token.id, "manila", 2, "usable")
     assert token.secret not in out
+    code, table, _ = cli("enroll", "list", "--data-dir", str(data))
+    assert (
+        code == 0 and time.strftime("%Y-%m-%d", time.gmtime(row["expires_at"])) in table
+    )  # a date, not a float
     store = Store.open(data)
     assert refusal(store.token(token.id), token.secret, row["created_at"]) is None
     store.close()
