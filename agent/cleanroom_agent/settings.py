@@ -125,7 +125,10 @@ class AgentSettings(BaseSettings):
         broker URL and controller id from ``enrolment.json``, the TLS files from ``tls/``, the controller's
         key from ``controller.pub``. An enrolled endpoint runs with no configuration at all."""
         record_path = self.data_dir / ENROLMENT_FILE
-        if not record_path.is_file():
+        try:
+            if not record_path.is_file():
+                return
+        except PermissionError:  # a data dir this user may not read (an unprivileged `check`): no defaults
             return
         try:
             with record_path.open("rb") as f:
@@ -154,10 +157,6 @@ class AgentSettings(BaseSettings):
             self.tls_ca, self.tls_cert, self.tls_key = tls / TLS_CA, tls / TLS_CERT, tls / TLS_KEY
         if self.controller_key is None and (self.data_dir / CONTROLLER_KEY).is_file():
             self.controller_key = self.data_dir / CONTROLLER_KEY
-
-    @property
-    def enrolled(self) -> bool:
-        return (self.data_dir / ENROLMENT_FILE).is_file()
 
     @property
     def broker_address(self) -> BrokerAddress:
