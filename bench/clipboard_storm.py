@@ -21,9 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: tests.support
+from tests.support.clipboardstorm import storm_with_pastes
 
-XCLIENT = str(Path(__file__).resolve().parent.parent / "tests" / "integration" / "enforce" / "xclient.py")
 CONTENT = "BENCH-STORM-CONTENT"
 
 
@@ -50,37 +50,22 @@ async def one_storm(display: str, how: str, seconds: float) -> tuple[float, int,
     await enforcer.start(
         Policy.model_validate({"id": "bench", "version": 1, "clipboard": {"storm_calm_s": 1}}), Mode.ENFORCE
     )
-    me = psutil.Process()
-    rss0 = peak = me.memory_info().rss
     try:
         if how == "paste":  # the guard must own CLIPBOARD for pastes to reach it
             subprocess.run(["xclip", "-i", "-selection", "clipboard"], input=b"x", env=env, check=True)
             await asyncio.sleep(0.2)
-        client = await asyncio.create_subprocess_exec(
-            sys.executable, XCLIENT, "storm", "CLIPBOARD", str(seconds), CONTENT, how,
-            env=env, stdout=subprocess.PIPE,
-        )  # fmt: skip
-        pastes = through = 0
-        while client.returncode is None:
-            paster = await asyncio.create_subprocess_exec(
-                "xclip", "-o", "-selection", "clipboard",
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            try:
-                out, _ = await asyncio.wait_for(paster.communicate(), 2.0)
-            except TimeoutError:
-                paster.kill()
-                out, _ = await paster.communicate()
-            pastes += 1
-            through += CONTENT.encode() in out
-            peak = max(peak, me.memory_info().rss)
-            await asyncio.sleep(0.01)
-        assert client.stdout is not None
-        words = (await client.stdout.read()).decode().split()
+        result = await storm_with_pastes(env, how, seconds, CONTENT)
         guard = enforcer.guard
         queue = guard.stats.max_queue if guard else -1
         state = enforcer.status().state.value
-        return float(words[3]), pastes, through, peak - rss0, queue, state
+        return (
+            result.disconnected_after_s,
+            result.pastes,
+            result.through,
+            result.peak_rss_growth,
+            queue,
+            state,
+        )
     finally:
         await enforcer.stop()
 

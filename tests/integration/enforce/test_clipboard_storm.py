@@ -11,23 +11,20 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import psutil
 import pytest
 
 from cleanroom_agent.enforcers.clipboard import ClipboardEnforcer
 from cleanroom_protocol import EnforcerState, EnforcerStatus, Event, Mode, Policy, violations
 from cleanroom_protocol.messages import PolicyRef, Posture
+from tests.support.clipboardstorm import StormResult, storm_with_pastes
 
 from .conftest import x_env
 
 pytestmark = pytest.mark.x11
-XCLIENT = str(Path(__file__).with_name("xclient.py"))
 CONTENT = "STORM-PASTE-4711"
 STORM_S = 2.0
 # Measured 0.01-0.05 s for owner-change storms, 0.04-0.3 s for paste floods (1,001 pastes must arrive);
@@ -125,44 +122,8 @@ async def wait_until(cond: object, what: str, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-@dataclass
-class StormResult:
-    takes: int
-    disconnected_after_s: float  # -1: never cut off
-    pastes: int
-    through: int
-    peak_rss_growth: int
-
-
 async def storm(setup: Setup, how: str = "own", seconds: float = STORM_S) -> StormResult:
-    """Run the storming client and, meanwhile, paste in a loop the way a user would (xclip -o); count
-    what gets through and sample this process's RSS (the enforcer runs in it)."""
-    me = psutil.Process()
-    rss0 = peak = me.memory_info().rss
-    env = x_env(setup.display)
-    client = await asyncio.create_subprocess_exec(
-        sys.executable, XCLIENT, "storm", "CLIPBOARD", str(seconds), CONTENT, how,
-        env=env, stdout=subprocess.PIPE,
-    )  # fmt: skip
-    pastes = through = 0
-    while client.returncode is None:
-        paster = await asyncio.create_subprocess_exec(
-            "xclip", "-o", "-selection", "clipboard",
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            out, _ = await asyncio.wait_for(paster.communicate(), 2.0)
-        except TimeoutError:
-            # A paste sent to a client that is then disconnected is never answered: not through.
-            paster.kill()
-            out, _ = await paster.communicate()
-        pastes += 1
-        through += CONTENT.encode() in out
-        peak = max(peak, me.memory_info().rss)
-        await asyncio.sleep(0.01)
-    assert client.stdout is not None
-    words = (await client.stdout.read()).decode().split()
-    return StormResult(int(words[1]), float(words[3]), pastes, through, peak - rss0)
+    return await storm_with_pastes(x_env(setup.display), how, seconds, CONTENT)
 
 
 async def test_a_storming_client_is_disconnected_and_the_guard_recovers(setup: Setup) -> None:
