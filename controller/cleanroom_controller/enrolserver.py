@@ -118,6 +118,10 @@ class EnrolmentService:
         self._settings = settings
         self._clock = clock
 
+    @property
+    def ca_pem(self) -> bytes:
+        return self._ca.ca_pem
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
         with self._store.transaction():
@@ -276,28 +280,26 @@ def build_app(service: EnrolmentService) -> Starlette:
             return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
         return data
 
+    def json_route(handle: Callable[[dict[str, Any], str], tuple[int, dict[str, Any]]]) -> Callable[..., Any]:
+        """A POST route: the budgeted, bounded JSON body to ``handle(body, client)``, its answer as JSON."""
+
+        async def route(request: Request) -> Response:
+            data = await read_json(request)
+            if isinstance(data, Response):
+                return data
+            status, answer = handle(data, request.client.host if request.client else "?")
+            return JSONResponse(answer, status_code=status)
+
+        return route
+
     async def ca(request: Request) -> Response:
-        return Response(service._ca.ca_pem, media_type="application/x-pem-file")
-
-    async def enroll(request: Request) -> Response:
-        data = await read_json(request)
-        if isinstance(data, Response):
-            return data
-        status, answer = service.enroll(data, request.client.host if request.client else "?")
-        return JSONResponse(answer, status_code=status)
-
-    async def renew(request: Request) -> Response:
-        data = await read_json(request)
-        if isinstance(data, Response):
-            return data
-        status, answer = service.renew(data, request.client.host if request.client else "?")
-        return JSONResponse(answer, status_code=status)
+        return Response(service.ca_pem, media_type="application/x-pem-file")
 
     return Starlette(
         routes=[
             Route("/v1/ca", ca, methods=["GET"]),
-            Route("/v1/enroll", enroll, methods=["POST"]),
-            Route("/v1/renew", renew, methods=["POST"]),
+            Route("/v1/enroll", json_route(service.enroll), methods=["POST"]),
+            Route("/v1/renew", json_route(service.renew), methods=["POST"]),
         ]
     )
 
