@@ -19,7 +19,7 @@ from pydantic_settings import (
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 from cleanroom_protocol import BrokerAddress as BrokerAddress  # re-exported: cleanroom_agent.BrokerAddress
-from cleanroom_protocol import Mode, TlsFiles, is_valid_agent_id
+from cleanroom_protocol import Mode, TlsFiles, is_valid_agent_id, tls_settings_problem
 from cleanroom_protocol import parse_broker_url as parse_broker_url
 
 DEFAULT_CONFIG = Path("/etc/cleanroom/agent.toml")
@@ -111,13 +111,9 @@ class AgentSettings(BaseSettings):
     @model_validator(mode="after")
     def _tls_needs_mqtts(self) -> AgentSettings:
         self._enrolment_defaults()
-        given = [n for n in ("tls_ca", "tls_cert", "tls_key") if getattr(self, n) is not None]
-        if given and not parse_broker_url(self.broker).tls:
-            raise ValueError(
-                f"{', '.join(given)} given but broker {self.broker} is plain mqtt://: use mqtts://"
-            )
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        problem = tls_settings_problem(self.broker, TlsFiles(self.tls_ca, self.tls_cert, self.tls_key))
+        if problem:
+            raise ValueError(problem)
         return self
 
     def _enrolment_defaults(self) -> None:

@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from cleanroom_protocol import (
     BrokerAddress as BrokerAddress,
 )  # re-exported: cleanroom_controller.BrokerAddress
-from cleanroom_protocol import TlsFiles
+from cleanroom_protocol import TlsFiles, tls_settings_problem
 from cleanroom_protocol import parse_broker_url as parse_broker_url
 
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-controller")
@@ -61,13 +61,9 @@ class ControllerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_needs_mqtts(self) -> ControllerSettings:
-        given = [n for n in ("tls_ca", "tls_cert", "tls_key") if getattr(self, n) is not None]
-        if given and not parse_broker_url(self.broker).tls:
-            raise ValueError(
-                f"{', '.join(given)} given but broker {self.broker} is plain mqtt://: use mqtts://"
-            )
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        problem = tls_settings_problem(self.broker, TlsFiles(self.tls_ca, self.tls_cert, self.tls_key))
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

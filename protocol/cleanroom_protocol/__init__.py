@@ -67,6 +67,7 @@ from .transport import (
     parse_broker_url,
     redact_url,
     tls_context,
+    tls_settings_problem,
 )
 
 __version__ = "0.1.0"
@@ -133,6 +134,7 @@ __all__ = [
     "renew_message",
     "seal",
     "tls_context",
+    "tls_settings_problem",
     "verify",
     "violations",
 ]

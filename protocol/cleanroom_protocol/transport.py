@@ -140,6 +140,21 @@ def tls_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSL
     return ctx
 
 
+def tls_settings_problem(broker_url: str, files: TlsFiles) -> str | None:
+    """What is wrong with TLS files given beside ``broker_url`` (settings of agent and controller alike):
+    files with a plain ``mqtt://`` URL, or a certificate without its key. None when they fit."""
+    given = [
+        name
+        for name, path in (("tls_ca", files.ca), ("tls_cert", files.cert), ("tls_key", files.key))
+        if path
+    ]
+    if given and not parse_broker_url(broker_url).tls:
+        return f"{', '.join(given)} given but broker {broker_url} is plain mqtt://: use mqtts://"
+    if (files.cert is None) != (files.key is None):
+        return "tls_cert and tls_key go together: give both or neither"
+    return None
+
+
 def client_tls_context(address: BrokerAddress) -> ssl.SSLContext | None:
     """The TLS context for ``address``, or None for a plain ``mqtt://`` broker."""
     if not address.tls:
