@@ -1,8 +1,9 @@
-"""The audit trail's hash chain (pure) and its verification.
+"""The audit trail's hash chain (pure) and its streaming verification.
 
 Entry = ``{id, ts, kind, actor, subject, data}``; ``hash = sha256(prev_hash + canonical_json(entry))`` in hex,
 the first entry chaining from :data:`GENESIS`. Storage (append-only, in the controller's SQLite) is in
-``store.py``; this module only computes and checks.
+``store.py``; this module only computes and checks. :func:`verify_chain` streams: it keeps a bounded window of
+entries (for naming what happened at the first bad one), never the whole chain.
 
 Verification walks the entries in storage (id) order and, at the first entry that does not fit, tells what
 most likely happened: ``edited`` (content no longer matches its hash, or a predecessor was rewritten with a
@@ -17,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from json.encoder import encode_basestring as _encode_str
-from typing import Any
+from typing import Any, NamedTuple
 
 GENESIS = "0" * 64
 
@@ -40,8 +42,9 @@ def canonical_json(value: Any) -> bytes:
 _ID_SEARCH = 64
 
 
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
+class AuditEntry(NamedTuple):
+    """One stored entry. A named tuple: the verifier builds millions of them from database rows."""
+
     id: int
     ts: float
     kind: str
@@ -123,6 +126,7 @@ class Tamper(StrEnum):
     DELETED = "deleted"
     INSERTED = "inserted"
     REORDERED = "reordered"
+    REWRITTEN = "rewritten"  # consistent chain, but not the one a checkpoint signed
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,29 +160,118 @@ def _content_hash(e: AuditEntry, as_id: int) -> str | None:
         return None  # data no longer JSON, hash not ASCII: certainly edited
 
 
+GENESIS_HEAD = ChainHead(0, GENESIS)
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A point the chain must pass through: entry ``at.id`` has hash ``at.hash`` (a signed checkpoint, the
+    end of an archived segment). ``label`` names it in a problem."""
+
+    at: ChainHead
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChainWalk:
+    count: int  # entries walked
+    last: ChainHead  # the last good entry (``start`` when none)
+    problem: ChainProblem | None
+    marks_passed: int = 0  # how many marks the chain passed through as recorded
+
+
+def walk_chain(
+    entries: Iterable[AuditEntry],
+    *,
+    start: ChainHead = GENESIS_HEAD,
+    head: ChainHead | None = None,
+    marks: Iterable[Mark] = (),
+) -> ChainWalk:
+    """Stream ``entries`` (storage order) from ``start`` (the entry before the first: genesis, or the last entry
+    of an archived segment), holding at most a small window of them. Stops at the first problem: an entry
+    that does not fit (named as edited, deleted, inserted or reordered), a mark (``marks``, ascending by id)
+    the chain does not pass through as recorded (entries rewritten with recomputed hashes: only a record kept
+    outside the database shows it), or an end other than ``head``."""
+    pending = sorted(marks, key=lambda m: m.at.id)
+    mark_i, passed = 0, 0
+    while mark_i < len(pending) and pending[mark_i].at.id <= start.id:
+        mark_i += 1  # before this walk (archived): checked against the archive, not here
+    next_mark = pending[mark_i].at.id if mark_i < len(pending) else -1
+    prev_hash, expected_id = start.hash, start.id + 1
+    prev_mark_id = start.id
+    window: deque[AuditEntry] = deque(maxlen=_ID_SEARCH + 1)
+    sha256 = hashlib.sha256
+    it: Iterator[AuditEntry] = iter(entries)
+    count = 0
+    for e in it:
+        if e.id == expected_id and e.prev_hash == prev_hash:
+            body = entry_bytes(
+                id=e.id, ts=e.ts, kind=e.kind, actor=e.actor, subject=e.subject, data_json=e.data_json
+            )
+            if sha256(prev_hash.encode("ascii") + body).hexdigest() == e.hash:
+                count += 1
+                prev_hash, expected_id = e.hash, expected_id + 1
+                window.append(e)
+                if e.id == next_mark:
+                    mark = pending[mark_i]
+                    if mark.at.hash != e.hash:
+                        problem = ChainProblem(
+                            e.id,
+                            Tamper.REWRITTEN,
+                            f"{mark.label} recorded entry {e.id} with hash {mark.at.hash[:16]}…, the chain has "
+                            f"{e.hash[:16]}…: entries {prev_mark_id + 1}..{e.id} were rewritten with "
+                            "recomputed hashes",
+                        )
+                        return ChainWalk(count, _last(window, start), problem, passed)
+                    passed += 1
+                    prev_mark_id = e.id
+                    mark_i += 1
+                    next_mark = pending[mark_i].at.id if mark_i < len(pending) else -1
+                continue
+        # The first bad entry: read a little further so that the diagnosis sees what follows it.
+        before = list(window)
+        after = [e]
+        for nxt in it:
+            after.append(nxt)
+            if len(after) > _ID_SEARCH:
+                break
+        chain = before + after
+        position = {x.hash: i for i, x in enumerate(chain)}
+        problem = _diagnose(chain, len(before), prev_hash, expected_id, position)
+        return ChainWalk(count, _last(window, start), problem, passed)
+    last = _last(window, start)
+    if head is not None and (head.id, head.hash) != (last.id, last.hash):
+        return ChainWalk(count, last, _head_problem(head, last), passed)
+    if mark_i < len(pending):
+        mark = pending[mark_i]
+        problem = ChainProblem(
+            last.id + 1,
+            Tamper.DELETED,
+            f"the chain ends at entry {last.id} but {mark.label} covers entries up to {mark.at.id}",
+        )
+        return ChainWalk(count, last, problem, passed)
+    return ChainWalk(count, last, None, passed)
+
+
+def _last(window: deque[AuditEntry], start: ChainHead) -> ChainHead:
+    return ChainHead(window[-1].id, window[-1].hash) if window else start
+
+
+def _head_problem(head: ChainHead, last: ChainHead) -> ChainProblem:
+    if head.id > last.id:
+        return ChainProblem(
+            last.id + 1, Tamper.DELETED, f"entries {last.id + 1}..{head.id} are missing from the end"
+        )
+    if head.id < last.id:
+        return ChainProblem(
+            head.id + 1, Tamper.INSERTED, f"entries after the recorded head {head.id} were appended"
+        )
+    return ChainProblem(last.id, Tamper.EDITED, "the last entry differs from the recorded head")
+
+
 def verify_chain(entries: Iterable[AuditEntry], head: ChainHead | None = None) -> ChainProblem | None:
     """``None`` when the chain is intact (and ends at ``head`` if given), else the first problem."""
-    chain = list(entries)
-    position = {e.hash: i for i, e in enumerate(chain)}
-    prev_hash, expected_id = GENESIS, 1
-    for i, e in enumerate(chain):
-        if e.id == expected_id and e.prev_hash == prev_hash and _content_hash(e, e.id) == e.hash:
-            prev_hash, expected_id = e.hash, expected_id + 1
-            continue
-        return _diagnose(chain, i, prev_hash, expected_id, position)
-    last_id = chain[-1].id if chain else 0
-    last_hash = chain[-1].hash if chain else GENESIS
-    if head is not None and (head.id, head.hash) != (last_id, last_hash):
-        if head.id > last_id:
-            return ChainProblem(
-                last_id + 1, Tamper.DELETED, f"entries {last_id + 1}..{head.id} are missing from the end"
-            )
-        if head.id < last_id:
-            return ChainProblem(
-                head.id + 1, Tamper.INSERTED, f"entries after the recorded head {head.id} were appended"
-            )
-        return ChainProblem(last_id, Tamper.EDITED, "the last entry differs from the recorded head")
-    return None
+    return walk_chain(entries, head=head).problem
 
 
 def _diagnose(
