@@ -19,6 +19,7 @@ from typing import Any
 from cleanroom_protocol.datafiles import secure_database
 
 from .audit import GENESIS, AuditEntry, ChainHead, make_entry
+from .desktops.machine import Desktop, DesktopState
 from .enrolment import TokenRecord
 from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
 
@@ -89,6 +90,17 @@ CREATE INDEX IF NOT EXISTS commands_agent_state ON commands (agent, state);
 CREATE TABLE IF NOT EXISTS reject_windows (
     owner TEXT NOT NULL, sender TEXT NOT NULL, opened REAL NOT NULL, updated REAL NOT NULL, summary TEXT NOT NULL,
     PRIMARY KEY (owner, sender)
+);
+-- Non-persistent desktops (desktops/machine.py) and which session had which desktop, when (desktops/).
+CREATE TABLE IF NOT EXISTS desktops (
+    id TEXT PRIMARY KEY, pool TEXT NOT NULL, state TEXT NOT NULL, agent TEXT, session_id TEXT, user_name TEXT,
+    reason TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, last_wiped REAL,
+    detail TEXT NOT NULL DEFAULT '', updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS desktops_session ON desktops (agent, session_id);
+CREATE TABLE IF NOT EXISTS desktop_sessions (
+    desktop TEXT NOT NULL, agent TEXT NOT NULL, session_id TEXT NOT NULL, user_name TEXT, address TEXT,
+    started REAL NOT NULL, ended REAL, PRIMARY KEY (desktop, agent, session_id)
 );
 """
 
@@ -601,6 +613,95 @@ class Store:
             nonce=r["nonce"],
             expires_at=r["expires_at"],
         )
+
+    # -- desktops (portable SQL: ON CONFLICT, no SQLite-only functions) -------------------------------------
+    def add_desktop(self, d: Desktop) -> bool:
+        """Insert a newly configured desktop; ``False`` when it is already known (its state is kept)."""
+        cur = self._db.execute(
+            """INSERT INTO desktops (id, pool, state, reason, detail, updated) VALUES (?, ?, ?, ?, ?, ?)
+               ON CONFLICT (id) DO NOTHING""",
+            (d.id, d.pool, d.state.value, d.reason, d.detail, d.updated),
+        )
+        return cur.rowcount == 1
+
+    def save_desktop(self, d: Desktop) -> None:
+        self._db.execute(
+            """INSERT INTO desktops (id, pool, state, agent, session_id, user_name, reason, attempts,
+                   next_attempt_at, last_wiped, detail, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (id) DO UPDATE SET pool=excluded.pool, state=excluded.state, agent=excluded.agent,
+                   session_id=excluded.session_id, user_name=excluded.user_name, reason=excluded.reason,
+                   attempts=excluded.attempts, next_attempt_at=excluded.next_attempt_at,
+                   last_wiped=excluded.last_wiped, detail=excluded.detail, updated=excluded.updated""",
+            (d.id, d.pool, d.state.value, d.agent, d.session_id, d.user, d.reason, d.attempts,
+             d.next_attempt_at, d.last_wiped, d.detail, d.updated),
+        )  # fmt: skip
+
+    def desktop(self, desktop_id: str) -> Desktop | None:
+        row = self._db.execute("SELECT * FROM desktops WHERE id = ?", (desktop_id,)).fetchone()
+        return None if row is None else self._desktop(row)
+
+    def desktops(self, states: tuple[str, ...] = ()) -> list[Desktop]:
+        if states:
+            marks = ", ".join("?" for _ in states)
+            rows = self._db.execute(
+                f"SELECT * FROM desktops WHERE state IN ({marks}) ORDER BY id",  # noqa: S608 (marks only)
+                states,
+            )
+        else:
+            rows = self._db.execute("SELECT * FROM desktops ORDER BY id")
+        return [self._desktop(r) for r in rows]
+
+    def desktop_of_session(self, agent: str, session_id: str) -> Desktop | None:
+        row = self._db.execute(
+            "SELECT * FROM desktops WHERE agent = ? AND session_id = ?", (agent, session_id)
+        ).fetchone()
+        return None if row is None else self._desktop(row)
+
+    @staticmethod
+    def _desktop(r: sqlite3.Row) -> Desktop:
+        return Desktop(
+            id=r["id"],
+            pool=r["pool"],
+            state=DesktopState(r["state"]),
+            agent=r["agent"],
+            session_id=r["session_id"],
+            user=r["user_name"],
+            reason=r["reason"],
+            attempts=r["attempts"],
+            next_attempt_at=r["next_attempt_at"],
+            last_wiped=r["last_wiped"],
+            detail=r["detail"],
+            updated=r["updated"],
+        )
+
+    def open_desktop_session(
+        self, desktop: str, agent: str, session_id: str, user: str | None, address: str | None, now: float
+    ) -> None:
+        """Which worker (user id) on which endpoint had which desktop, from when."""
+        self._db.execute(
+            """INSERT INTO desktop_sessions (desktop, agent, session_id, user_name, address, started)
+               VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (desktop, agent, session_id) DO NOTHING""",
+            (desktop, agent, session_id, user, address, now),
+        )
+
+    def close_desktop_session(self, desktop: str, agent: str, session_id: str, now: float) -> None:
+        self._db.execute(
+            """UPDATE desktop_sessions SET ended = ? WHERE desktop = ? AND agent = ? AND session_id = ?
+               AND ended IS NULL""",
+            (now, desktop, agent, session_id),
+        )
+
+    def desktop_sessions(self, desktop: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        where = "" if desktop is None else " WHERE desktop = ?"
+        params: tuple[Any, ...] = () if desktop is None else (desktop,)
+        rows = self._db.execute(
+            f"SELECT * FROM desktop_sessions{where} ORDER BY started DESC LIMIT ?",  # noqa: S608
+            (*params, limit),
+        )
+        return [
+            {k: r[k] for k in ("desktop", "agent", "session_id", "user_name", "address", "started", "ended")}
+            for r in rows
+        ]
 
     # -- audit ---------------------------------------------------------------------------------------------
     def append_audit(

@@ -1,0 +1,275 @@
+"""The desktops file (``run --desktops FILE``, settings key ``desktops``): pools of non-persistent desktops,
+each pool with its driver. TOML, validated; an error names the file, the line and the field.
+
+```toml
+[[pool]]
+id = "billing"
+driver = "libvirt"            # libvirt | command
+uri = "qemu:///system"
+wipe = "overlay"              # overlay: a fresh qcow2 overlay on the golden image; snapshot: revert
+retries = 3
+timeout_s = 120
+[[pool.desktop]]
+id = "bill-01"
+address = "10.20.0.11"        # what the VDI client connects to
+domain = "bill-01"
+overlay = "/var/lib/cleanroom/desktops/bill-01.qcow2"
+golden = "/var/lib/cleanroom/golden/billing.qcow2"
+```
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MAX_DESKTOPS_BYTES = 1024 * 1024
+Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+Address = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._:\[\]-]+$")]
+Argv = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(min_length=1, max_length=64)
+]
+EnvName = Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,127}$")]
+# Placeholders a command template may use (anything else in braces is an error at load time).
+PLACEHOLDERS = frozenset({"desktop", "pool", "address", "name", "domain", "user", "session", "agent"})
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+class DesktopsError(ValueError):
+    """A desktops file that must not replace the one in force (the message names file, line and field)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CommandConfig(_Strict):
+    """The ``command`` driver: a site's own scripts (Citrix, Horizon, Azure Virtual Desktop). Each argv is a
+    template (``{desktop}``, ``{user}``…: one argument each, never a shell). Exit 0 is success, 75
+    (EX_TEMPFAIL) "not yet" (retried), anything else a failure. Secrets reach the scripts only through the
+    environment variables named in ``env``: they are never in this file, the logs or the audit trail."""
+
+    log_off: Argv
+    # Polled every poll_s after log_off until it exits 0 (the session is gone; Citrix's Stop-BrokerSession
+    # and Horizon's log-off return before the log-off completes). None: log_off's own exit is the answer.
+    session_gone: Argv | None = None
+    wipe: Argv
+    # Polled after wipe until it exits 0 (the desktop is fresh and ready). None: wipe's exit is the answer.
+    ready: Argv | None = None
+    state: Argv | None = None  # prints the desktop's state (first line, shown by `desktops list`)
+    env: Annotated[list[EnvName], Field(max_length=32)] = []
+    poll_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @model_validator(mode="after")
+    def _known_placeholders(self) -> Self:
+        for argv in (self.log_off, self.session_gone, self.wipe, self.ready, self.state):
+            for arg in argv or ():
+                for name in _PLACEHOLDER.findall(arg):
+                    if name not in PLACEHOLDERS:
+                        raise ValueError(
+                            f"unknown placeholder {{{name}}} (known: {', '.join(sorted(PLACEHOLDERS))})"
+                        )
+        return self
+
+
+class DesktopConfig(_Strict):
+    id: Ident
+    address: Address  # what the VDI client connects to (host, or host:port)
+    name: Annotated[str, Field(min_length=1, max_length=255)] | None = None  # Horizon's --desktopName
+    domain: Annotated[str, Field(min_length=1, max_length=255)] | None = None  # libvirt domain name
+    overlay: Path | None = None
+    golden: Path | None = None
+
+
+class PoolConfig(_Strict):
+    id: Ident
+    driver: Literal["libvirt", "command", "container"]
+    uri: Annotated[str, Field(min_length=1, max_length=1024)] = "qemu:///system"
+    wipe: Literal["overlay", "snapshot"] = "overlay"
+    snapshot: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    retries: Annotated[int, Field(ge=1, le=20)] = 3
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    backoff_s: Annotated[float, Field(ge=0, le=600)] = 2.0
+    command: CommandConfig | None = None
+    desktop: Annotated[list[DesktopConfig], Field(max_length=10_000)] = []
+
+    @model_validator(mode="after")
+    def _driver_needs(self) -> Self:
+        if self.driver == "container":
+            raise ValueError("driver 'container' is not available in this version (libvirt or command)")
+        if self.driver == "command" and self.command is None:
+            raise ValueError("driver 'command' needs a [pool.command] table (log_off, wipe)")
+        if self.driver == "libvirt":
+            if self.wipe == "snapshot" and self.snapshot is None:
+                raise ValueError("wipe = 'snapshot' needs snapshot = NAME")
+            for d in self.desktop:
+                if d.domain is None:
+                    raise ValueError(f"desktop {d.id}: driver 'libvirt' needs domain")
+                if self.wipe == "overlay" and (d.overlay is None or d.golden is None):
+                    raise ValueError(f"desktop {d.id}: wipe 'overlay' needs overlay and golden")
+                if (
+                    d.overlay is not None
+                    and d.golden is not None
+                    and d.overlay.resolve() == d.golden.resolve()
+                ):
+                    raise ValueError(f"desktop {d.id}: overlay and golden are the same file")
+        return self
+
+
+class DesktopsFile(_Strict):
+    pool: Annotated[list[PoolConfig], Field(max_length=1000)] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        seen_pools: set[str] = set()
+        seen_desktops: set[str] = set()
+        seen_addresses: dict[str, str] = {}
+        for p in self.pool:
+            if p.id in seen_pools:
+                raise ValueError(f"pool id {p.id!r} appears twice")
+            seen_pools.add(p.id)
+            for d in p.desktop:
+                if d.id in seen_desktops:
+                    raise ValueError(f"desktop id {d.id!r} appears twice")
+                seen_desktops.add(d.id)
+                key = d.address.lower()
+                if key in seen_addresses:
+                    raise ValueError(f"desktops {seen_addresses[key]} and {d.id} share address {d.address}")
+                seen_addresses[key] = d.id
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class DesktopSpec:
+    """One desktop with its pool: what a driver is given."""
+
+    pool: PoolConfig
+    desktop: DesktopConfig
+
+    @property
+    def id(self) -> str:
+        return self.desktop.id
+
+
+class Desktops:
+    """The desktops in force, looked up by id and by what a VDI client connects to."""
+
+    def __init__(self, parsed: DesktopsFile, source: str = "") -> None:
+        self.file = parsed
+        self.source = source
+        self._by_id = {d.id: DesktopSpec(p, d) for p in parsed.pool for d in p.desktop}
+        self._by_address: dict[str, DesktopSpec] = {}
+        self._by_name: dict[str, DesktopSpec] = {}
+        for spec in self._by_id.values():
+            self._by_address[spec.desktop.address.lower()] = spec
+            if spec.desktop.name is not None:
+                self._by_name[spec.desktop.name.lower()] = spec
+
+    @classmethod
+    def empty(cls) -> Desktops:
+        return cls(DesktopsFile())
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, desktop_id: str) -> DesktopSpec | None:
+        return self._by_id.get(desktop_id)
+
+    def match(self, address: str | None, name: str | None = None) -> DesktopSpec | None:
+        """The desktop a client connects to: its address as configured (``host`` matches ``host:port`` and
+        the reverse), else the desktop name (Horizon)."""
+        if address:
+            key = address.lower()
+            spec = self._by_address.get(key) or self._by_address.get(_host_of(key))
+            if spec is None:
+                spec = next((s for a, s in self._by_address.items() if _host_of(a) == key), None)
+            if spec is not None:
+                return spec
+        if name:
+            return self._by_name.get(name.lower())
+        return None
+
+
+def _host_of(address: str) -> str:
+    """``host`` of ``host:port`` / ``[v6]:port``; the address itself otherwise."""
+    if address.startswith("["):
+        return address[1 : address.find("]")] if "]" in address else address
+    if address.count(":") == 1:
+        return address.split(":", 1)[0]
+    return address
+
+
+def load_desktops(path: Path) -> Desktops:
+    """Read and validate the desktops file; raise :class:`DesktopsError` naming file, line and field."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_DESKTOPS_BYTES + 1)
+    except OSError as exc:
+        raise DesktopsError(f"{path}: cannot read desktops file: {exc.strerror}") from exc
+    if len(raw) > MAX_DESKTOPS_BYTES:
+        raise DesktopsError(f"{path}: larger than {MAX_DESKTOPS_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DesktopsError(f"{path}: not UTF-8 (byte {exc.start})") from exc
+    return parse_desktops(text, source=str(path))
+
+
+def parse_desktops(text: str, *, source: str = "<desktops>") -> Desktops:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DesktopsError(f"{source}: invalid TOML: {exc}") from exc
+    try:
+        return Desktops(DesktopsFile.model_validate(data), source)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            line = line_of(text, loc)
+            where = f"{source}:{line}" if line else source
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{where}: field {field}: {msg}")
+        raise DesktopsError("; ".join(problems)) from exc
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-]+)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
+
+
+def line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
+    """The line of the key at ``loc`` (``("pool", 0, "desktop", 1, "overlay")``), else of the closest table
+    header above it (a missing key is reported at its table)."""
+    counts: dict[tuple[int | str, ...], int] = {}
+    current: tuple[int | str, ...] = ()
+    lines: dict[tuple[int | str, ...], int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := _HEADER.match(line):
+            parts = m.group(2).split(".")
+            path: list[int | str] = []
+            for depth, part in enumerate(parts):
+                path.append(part)
+                prefix = tuple(path)
+                last = depth == len(parts) - 1
+                if m.group(1) == "[[" and last:
+                    counts[prefix] = counts.get(prefix, -1) + 1
+                if prefix in counts:
+                    path.append(counts[prefix])
+            current = tuple(path)
+            lines.setdefault(current, number)
+            continue
+        if m := _KEY.match(line):
+            lines.setdefault((*current, m.group(1)), number)
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None

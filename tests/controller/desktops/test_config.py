@@ -1,0 +1,88 @@
+"""The desktops file: validation errors name file, line and field; lookups by address and name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cleanroom_controller.desktops.config import DesktopsError, load_desktops, parse_desktops
+
+GOOD = """\
+[[pool]]
+id = "billing"
+driver = "libvirt"
+uri = "test:///default"
+retries = 2
+[[pool.desktop]]
+id = "bill-01"
+address = "10.20.0.11"
+domain = "bill-01"
+overlay = "/d/bill-01.qcow2"
+golden = "/g/billing.qcow2"
+
+[[pool]]
+id = "horizon"
+driver = "command"
+[pool.command]
+log_off = ["/usr/local/bin/hv-logoff", "--session", "{session}", "--user", "{user}"]
+wipe = ["/usr/local/bin/hv-refresh", "{name}"]
+env = ["HV_TOKEN"]
+[[pool.desktop]]
+id = "hv-01"
+address = "vdi.example.org"
+name = "Billing-01"
+"""
+
+
+def test_good_file_loads_and_maps_addresses(tmp_path: Path) -> None:
+    path = tmp_path / "desktops.toml"
+    path.write_text(GOOD)
+    desktops = load_desktops(path)
+    assert len(desktops) == 2
+    spec = desktops.match("10.20.0.11:3389")
+    assert spec is not None and spec.id == "bill-01" and spec.pool.retries == 2
+    assert desktops.match("10.20.0.11") is spec
+    hv = desktops.match("vdi.example.org:443", "billing-01")
+    assert hv is not None and hv.id == "hv-01"
+    assert desktops.match("10.9.9.9") is None
+    assert desktops.match(None, "Billing-01") is hv
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("goldn =", "golden ="), None),
+        (
+            ('golden = "/g/billing.qcow2"', 'goldn = "/g/billing.qcow2"'),
+            r"desktops\.toml:11: field pool\.0\.desktop\.0\.goldn",
+        ),
+        (("retries = 2", "retries = 0"), r"desktops\.toml:5: field pool\.0\.retries"),
+        (('"{name}"', '"{password}"'), r"desktops\.toml:16: .*unknown placeholder \{password\}"),
+        (('driver = "command"', 'driver = "container"'), r"desktops\.toml:13: .*container"),
+        (('address = "vdi.example.org"', 'address = "10.20.0.11"'), r"share address"),
+        (('env = ["HV_TOKEN"]', 'env = ["hv token"]'), r"desktops\.toml:19: field pool\.1\.command\.env\.0"),
+    ],
+)
+def test_errors_name_file_line_and_field(
+    tmp_path: Path, change: tuple[str, str], expected: str | None
+) -> None:
+    path = tmp_path / "desktops.toml"
+    path.write_text(GOOD.replace(*change))
+    if expected is None:
+        load_desktops(path)
+        return
+    with pytest.raises(DesktopsError, match=expected):
+        load_desktops(path)
+
+
+def test_libvirt_overlay_needs_golden_and_never_the_same_file() -> None:
+    with pytest.raises(DesktopsError, match="needs overlay and golden"):
+        parse_desktops(GOOD.replace('golden = "/g/billing.qcow2"\n', ""))
+    with pytest.raises(DesktopsError, match="same file"):
+        parse_desktops(GOOD.replace('"/g/billing.qcow2"', '"/d/bill-01.qcow2"'))
+
+
+def test_broken_toml_names_the_line() -> None:
+    with pytest.raises(DesktopsError, match=r"<desktops>: invalid TOML: .*line 3"):
+        parse_desktops('[[pool]]\nid = "x"\ndriver = \n')
