@@ -43,6 +43,7 @@ from .messages import (
     SessionInfo,
     Severity,
     Status,
+    Watermark,
 )
 from .policy import Policy, PolicyError, load_policy, parse_policy, policy_from_document, policy_hash
 from .renewal import renew_message
@@ -107,6 +108,7 @@ __all__ = [
     "SessionInfo",
     "Severity",
     "Status",
+    "Watermark",
     "TlsFiles",
     "TlsSettingsError",
     "Verdict",

@@ -20,6 +20,7 @@ class Kind(StrEnum):
     ACK = "ack"
     POLICY = "policy"
     STATUS = "status"
+    WATERMARK = "watermark"
 
 
 class Mode(StrEnum):
@@ -183,6 +184,22 @@ class Status(_Body):
     reason: Literal["connected", "will", "shutdown"] = "connected"
 
 
+SeqRange = tuple[int, int]
+MAX_WATERMARK_RANGES = 2_000  # ~30 KB of JSON: far below the 64 KiB message bound
+
+
+class Watermark(_Body):
+    """What the controller has durably stored of one agent's messages (signed, retained, on
+    ``cleanroom/v1/agents/{agent}/watermark``). ``seq``: the highest seq stored so far. ``stored``: the
+    seqs stored since the previous watermark, as inclusive ranges ``[first, last]``. The agent deletes a
+    spooled message only when a watermark lists it, and resends a message it sent a while ago that is still
+    unlisted while a later seq is (a gap: lost on the way). See docs/data-path.md."""
+
+    agent: Name
+    seq: Annotated[int, Field(ge=0)]
+    stored: Annotated[list[SeqRange], Field(max_length=MAX_WATERMARK_RANGES)] = []
+
+
 BODY_MODELS: dict[Kind, type[BaseModel]] = {
     Kind.POSTURE: Posture,
     Kind.EVENT: Event,
@@ -190,6 +207,7 @@ BODY_MODELS: dict[Kind, type[BaseModel]] = {
     Kind.ACK: Ack,
     Kind.POLICY: PolicyDocument,
     Kind.STATUS: Status,
+    Kind.WATERMARK: Watermark,
 }
 
 

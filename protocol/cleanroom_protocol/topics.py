@@ -21,6 +21,7 @@ class Channel(StrEnum):
     STATUS = "status"  # agent → controller, retained; the Last Will turns it offline
     ACKS = "acks"  # agent → controller
     COMMANDS = "commands"  # controller → agent
+    WATERMARK = "watermark"  # controller → agent, retained: what the controller has stored (Watermark)
 
 
 AGENT_TO_CONTROLLER = (Channel.POSTURE, Channel.EVENTS, Channel.STATUS, Channel.ACKS)

@@ -166,19 +166,22 @@ def render_acl(controllers: Sequence[str]) -> str:
     ]
     for name in controllers:
         lines.append(
-            f"# controller {name}: reads every agent topic (plain and $share), writes commands and the policy"
+            f"# controller {name}: reads every agent topic (plain and $share), writes commands, watermarks"
+            " and the policy"
         )
         lines.append(f"user {name}")
         for channel in AGENT_TO_CONTROLLER:
             lines.append(f"topic read {PREFIX}/agents/+/{channel.value}")
             lines.append(f"topic read $share/+/{PREFIX}/agents/+/{channel.value}")
         lines.append(f"topic write {PREFIX}/agents/+/{Channel.COMMANDS.value}")
+        lines.append(f"topic write {PREFIX}/agents/+/{Channel.WATERMARK.value}")
         lines.append(f"topic write {PREFIX}/policy")
         lines.append("")
     lines.append("# every client (an agent: CN = its id) speaks only for itself")
     for channel in AGENT_TO_CONTROLLER:
         lines.append(f"pattern write {PREFIX}/agents/%u/{channel.value}")
     lines.append("pattern read " + f"{PREFIX}/agents/%u/{Channel.COMMANDS.value}")
+    lines.append("pattern read " + f"{PREFIX}/agents/%u/{Channel.WATERMARK.value}")
     lines.append(f"pattern read {PREFIX}/policy")
     return "\n".join(lines) + "\n"
 

@@ -73,8 +73,11 @@ def test_acl_lets_each_agent_speak_only_for_itself() -> None:
         "pattern write cleanroom/v1/agents/%u/status",
         "pattern write cleanroom/v1/agents/%u/acks",
         "pattern read cleanroom/v1/agents/%u/commands",
+        "pattern read cleanroom/v1/agents/%u/watermark",
         "pattern read cleanroom/v1/policy",
     ]
+    # the watermark tells an agent which of its messages it may forget: only the controllers write it
+    assert not [x for x in acl if "write" in x and x.endswith("/watermark") and x.startswith("pattern")]
     assert not [x for x in acl if "readwrite" in x or x.endswith(" #")]
 
 
@@ -87,6 +90,7 @@ def test_acl_gives_each_controller_the_agent_topics_and_the_commands() -> None:
             assert f"topic read cleanroom/v1/agents/+/{channel}" in block
             assert f"topic read $share/+/cleanroom/v1/agents/+/{channel}" in block
         assert "topic write cleanroom/v1/agents/+/commands" in block
+        assert "topic write cleanroom/v1/agents/+/watermark" in block
         assert "topic write cleanroom/v1/policy" in block
 
 
