@@ -151,7 +151,8 @@ class ListenerProcess:
     async def spawn(cls, rules: ExecRules) -> ListenerProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-I",
+            "-I",  # isolated: no environment, no user site
+            "-S",  # no site module: the listener needs the stdlib only (fanotify.py)
             "-c",
             BOOTSTRAP,
             str(Path(__file__).parent),

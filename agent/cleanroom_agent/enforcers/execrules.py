@@ -18,14 +18,14 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 _LOADER_NAME = re.compile(r"^ld(-linux[-\w.]*|-musl[-\w.]*)?\.so(\.\d+)*$|^ld-[\w.-]*\.so[\w.]*$")
 
 
-@dataclass(frozen=True)
-class ExecRules:
+# NamedTuples, not dataclasses: ``dataclasses`` imports ``inspect`` (and with it ast, dis, tokenize), 1.6 MB
+# of the listener process's ~15 MB for two records.
+class ExecRules(NamedTuple):
     deny_names: frozenset[str] = frozenset()
     deny_hashes: frozenset[str] = frozenset()
     deny_sizes: frozenset[int] = frozenset()  # sizes of files with a denied hash, when known
@@ -44,20 +44,19 @@ class ExecRules:
     def to_dict(self) -> dict[str, Any]:
         return {
             k: sorted(v) if isinstance(v, frozenset) else list(v) if isinstance(v, tuple) else v
-            for k, v in self.__dict__.items()
+            for k, v in self._asdict().items()
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExecRules:
         kwargs: dict[str, Any] = {}
-        for name, f in cls.__dataclass_fields__.items():
+        for name, default in cls._field_defaults.items():  # every field has one, of the field's type
             if name not in data:
                 continue
             value = data[name]
-            kind = str(f.type)
-            if kind.startswith("frozenset"):
+            if isinstance(default, frozenset):
                 kwargs[name] = frozenset(value)
-            elif kind.startswith("tuple"):
+            elif isinstance(default, tuple):
                 kwargs[name] = tuple(value)
             else:
                 kwargs[name] = value
@@ -71,12 +70,10 @@ class ExecRules:
         return size in self.loader_sizes
 
 
-@dataclass(frozen=True)
-class ExecVerdict:
+class ExecVerdict(NamedTuple):
     deny: bool
     reason: str
     matched: str = ""  # "name", "sha256", "allowlist", "loader" or ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 ALLOW = ExecVerdict(False, "not matched")

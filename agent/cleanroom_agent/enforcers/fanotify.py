@@ -25,7 +25,6 @@ Facts measured on this machine: see field-notes "fanotify".
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -104,7 +103,9 @@ class FanotifyUnavailable(OSError):
 
 
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The symbols already linked into this process: ctypes.util.find_library would run `ldconfig -p` in a
+    # subprocess and import subprocess, tempfile and shutil to do it (1.4 MB of this small process).
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
     libc.fanotify_init.restype = ctypes.c_int
     libc.fanotify_mark.argtypes = [
@@ -577,7 +578,8 @@ def listener_main() -> int:
 
 
 # How capture.py starts this file without importing the agent package (which pulls in pydantic, Xlib,
-# … and 50 MB): a synthetic package pointing at this directory, then this module inside it.
+# … and 50 MB): a synthetic package pointing at this directory, then this module inside it. Run with
+# `python -I -S`: no site-packages, no .pth files, stdlib only (tests/agent/test_footprint.py holds it to that).
 BOOTSTRAP = (
     "import sys,types;p=types.ModuleType('cleanroom_enforcers');p.__path__=[sys.argv[1]];"
     "sys.modules['cleanroom_enforcers']=p;import cleanroom_enforcers.fanotify as f;sys.exit(f.listener_main())"
