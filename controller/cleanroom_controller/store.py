@@ -1,30 +1,36 @@
-"""The controller's state in SQLite (WAL): enrolled agents, endpoints, sessions, events, decisions, commands,
-reject counts, the audit chain and a few durable counters.
+"""The controller's state: enrolled agents, endpoints, sessions, events, decisions, commands, reject counts,
+the audit chain and a few durable counters, in SQLite (WAL, the embedded default) or PostgreSQL (N controllers).
 
-Everything SQL lives here behind :class:`Store`, so PostgreSQL can replace it later without touching the
-decision code. The daemon is the main writer; CLI commands (``agents add``) write too, so every audit append
-reads the chain tip inside its own ``BEGIN IMMEDIATE`` transaction instead of trusting a cached one.
+Every SQL statement lives here in :class:`Store`, written once in the portable subset both dialects run (see
+``database/backend.py``: ``?`` placeholders, ``ON CONFLICT``, ``RETURNING``; DDL in SQLite's spelling, translated
+for PostgreSQL; what cannot be shared, such as triggers, once per dialect); the backend (``database/sqlite.py``,
+``database/postgres.py``) brings the connection and the write lock. Several writers share one database (the
+daemon, CLI commands such as ``agents add``, the other controllers of a share group), so every write
+transaction holds the database's one writer lock (``BEGIN IMMEDIATE`` / ``pg_advisory_xact_lock``) and every
+audit append reads the chain tip inside it instead of trusting a cached one: the chain stays one order whoever
+writes.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cleanroom_protocol.datafiles import secure_database
-
 from .audit import GENESIS, AuditEntry, ChainHead, make_entry
+from .database import DB_NAME, Backend, DatabaseUrl, Row, open_backend, parse_database_url
 from .desktops.machine import Desktop, DesktopState
 from .enrolment import TokenRecord
 from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
 
-DB_NAME = "controller.db"
+__all__ = ["DB_NAME", "POSTGRES_DDL", "SCHEMA", "AgentExistsError", "Store"]
 
+# SQLite's spelling (INTEGER, REAL, TEXT, BLOB; INTEGER PRIMARY KEY = a generated id), translated for PostgreSQL
+# by database/postgres.py, which leaves SQLite's CREATE TRIGGER statements out: their PostgreSQL versions are in
+# POSTGRES_DDL. Quote reserved words ("user").
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS agents (
@@ -50,7 +56,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE TABLE IF NOT EXISTS sessions (
     agent TEXT NOT NULL, id TEXT NOT NULL, state TEXT NOT NULL, client TEXT NOT NULL DEFAULT '', pid INTEGER,
-    user TEXT, started REAL, ended_reason TEXT, ending_reason TEXT, command_id TEXT, command_result TEXT,
+    "user" TEXT, started REAL, ended_reason TEXT, ending_reason TEXT, command_id TEXT, command_result TEXT,
     command_condition TEXT, updated REAL NOT NULL, PRIMARY KEY (agent, id)
 );
 CREATE TABLE IF NOT EXISTS decisions (
@@ -104,6 +110,23 @@ CREATE TABLE IF NOT EXISTS desktop_sessions (
 );
 """
 
+# What PostgreSQL needs beyond the translated SCHEMA: the audit table's append-only guards (SQLite's triggers
+# above). A DELETE is let through only up to an archived base (meta audit_base_id), as on SQLite.
+POSTGRES_DDL = """
+CREATE OR REPLACE FUNCTION cleanroom_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' AND OLD.id <= COALESCE(
+            (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'audit_base_id'), 0) THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'audit is append-only';
+END $$;
+CREATE OR REPLACE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION cleanroom_audit_append_only();
+CREATE OR REPLACE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+    FOR EACH STATEMENT EXECUTE FUNCTION cleanroom_audit_append_only();
+"""
+
 
 class AgentExistsError(Exception):
     """``agents add`` for an id already enrolled with another key."""
@@ -113,7 +136,7 @@ def _b(value: Any) -> bool | None:
     return None if value is None else bool(value)
 
 
-def _token(r: sqlite3.Row) -> TokenRecord:
+def _token(r: Row) -> TokenRecord:
     return TokenRecord(
         id=r["id"],
         secret_sha256=r["secret_sha256"],
@@ -128,54 +151,64 @@ def _token(r: sqlite3.Row) -> TokenRecord:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # Data dir 0700, controller.db and its -wal/-shm 0600, before SQLite opens (and creates) them.
-        self.tightened = secure_database(path)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+    def __init__(self, target: Path | Backend) -> None:
+        """``target``: a SQLite file, or a connected backend (:meth:`open` chooses from the settings)."""
+        self._db: Backend = (
+            open_backend(DatabaseUrl("sqlite", path=target)) if isinstance(target, Path) else target
+        )
+        self.dialect = self._db.dialect
+        self.location = self._db.location  # for messages: the file, or the URL without its password
+        self._db.create_schema(SCHEMA, {"postgresql": POSTGRES_DDL})
         self._add_missing_columns()
         self._tip: tuple[int, str] | None = None  # audit chain tip, cached inside one transaction
         self._head_dirty = False
 
     def _add_missing_columns(self) -> None:
         """Columns added since a table was first created (CREATE TABLE IF NOT EXISTS keeps the old one)."""
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(commands)")}
         for column, decl in (("nonce", "TEXT NOT NULL DEFAULT ''"), ("expires_at", "REAL")):
-            if column not in have:
-                self._db.execute(f"ALTER TABLE commands ADD COLUMN {column} {decl}")
+            self._db.add_column("commands", column, decl)
 
     @classmethod
-    def open(cls, data_dir: Path) -> Store:
-        return cls(data_dir / DB_NAME)
+    def open(cls, data_dir: Path, database: str | None = None) -> Store:
+        """The store ``database`` names (``database/url.py``); none: SQLite in ``data_dir``."""
+        return cls(open_backend(parse_database_url(database, data_dir)))
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file (for tools that open it themselves); a PostgreSQL store has none."""
+        path = getattr(self._db, "path", None)
+        if not isinstance(path, Path):
+            raise AttributeError(f"a {self.dialect} store has no file path")
+        return path
+
+    @property
+    def tightened(self) -> object:
+        """What opening the SQLite file tightened (modes); None on PostgreSQL."""
+        return getattr(self._db, "tightened", None)
 
     def close(self) -> None:
         self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Backend]:
         """One write transaction; nested use joins the outer one (ingest applies a whole batch in one).
 
-        Inside it the audit chain tip is cached (``BEGIN IMMEDIATE`` holds the write lock, so nobody else can
-        append meanwhile) and the head record is written once, just before ``COMMIT``."""
+        Inside it the audit chain tip is cached (the transaction holds the database's one writer lock, so
+        nobody else, in this process or another controller, can append meanwhile) and the head record is
+        written once, just before ``COMMIT``."""
         if self._db.in_transaction:
             yield self._db
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        self._db.begin_write()
         self._tip = None
         self._head_dirty = False
         try:
             yield self._db
             if self._head_dirty:
                 self._write_head()
-            self._db.execute("COMMIT")
+            self._db.commit()
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            self._db.rollback()
             raise
         finally:
             self._tip = None
@@ -188,11 +221,11 @@ class Store:
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK TO unit")
-            self._db.execute("RELEASE unit")
+            self._db.execute("ROLLBACK TO SAVEPOINT unit")
+            self._db.execute("RELEASE SAVEPOINT unit")
             self._tip = None  # entries appended in the unit are gone: re-read the tip
             raise
-        self._db.execute("RELEASE unit")
+        self._db.execute("RELEASE SAVEPOINT unit")
 
     # -- meta and counters -------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -200,14 +233,20 @@ class Store:
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     def next_seq(self) -> int:
         """The controller's next outgoing seq: allocated (and durable) before anything is signed with it."""
         with self.transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
             seq = int(row[0]) + 1 if row else 1
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('seq', ?)", (str(seq),))
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('seq', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(seq),),
+            )
         return seq
 
     # -- agents --------------------------------------------------------------------------------------------
@@ -223,7 +262,10 @@ class Store:
                 "INSERT INTO agents (id, public_key, fingerprint, enrolled_at) VALUES (?, ?, ?, ?)",
                 (agent, public_key_pem, fp, now),
             )
-            db.execute("INSERT OR IGNORE INTO endpoints (agent, updated) VALUES (?, ?)", (agent, now))
+            db.execute(
+                "INSERT INTO endpoints (agent, updated) VALUES (?, ?) ON CONFLICT (agent) DO NOTHING",
+                (agent, now),
+            )
         return True
 
     # -- enrolment tokens and revocations ------------------------------------------------------------------
@@ -261,7 +303,8 @@ class Store:
 
     def revoke_agent(self, agent: str, reason: str, operator: str, now: float) -> bool:
         cur = self._db.execute(
-            "INSERT OR IGNORE INTO agent_revocations (agent, revoked_at, reason, operator) VALUES (?, ?, ?, ?)",
+            "INSERT INTO agent_revocations (agent, revoked_at, reason, operator) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (agent) DO NOTHING",
             (agent, now, reason, operator),
         )
         return cur.rowcount == 1
@@ -294,7 +337,7 @@ class Store:
         return [self._endpoint(r) for r in rows]
 
     @staticmethod
-    def _endpoint(r: sqlite3.Row) -> EndpointState:
+    def _endpoint(r: Row) -> EndpointState:
         return EndpointState(
             agent=r["agent"],
             condition=Condition(r["condition"]),
@@ -338,8 +381,9 @@ class Store:
     def count_reject(self, sender: str, status: str, now: float, n: int = 1) -> None:
         self._db.execute(
             """INSERT INTO rejects (sender, status, count, last_at) VALUES (?, ?, ?, ?)
-               ON CONFLICT (sender, status) DO UPDATE SET count = count + excluded.count,
-                   last_at = MAX(last_at, excluded.last_at)""",
+               ON CONFLICT (sender, status) DO UPDATE SET count = rejects.count + excluded.count,
+                   last_at = CASE WHEN excluded.last_at > rejects.last_at THEN excluded.last_at
+                                  ELSE rejects.last_at END""",
             (sender, status, n, now),
         )
 
@@ -347,7 +391,9 @@ class Store:
         self, owner: str, sender: str, opened: float, updated: float, summary: str
     ) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO reject_windows (owner, sender, opened, updated, summary) VALUES (?,?,?,?,?)",
+            """INSERT INTO reject_windows (owner, sender, opened, updated, summary) VALUES (?,?,?,?,?)
+               ON CONFLICT (owner, sender) DO UPDATE SET opened = excluded.opened, updated = excluded.updated,
+                   summary = excluded.summary""",
             (owner, sender, opened, updated, summary),
         )
 
@@ -384,7 +430,8 @@ class Store:
 
     def record_message(self, agent: str, seq: int, kind: str, digest: str, now: float) -> bool:
         cur = self._db.execute(
-            "INSERT OR IGNORE INTO messages (agent, seq, kind, digest, received) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO messages (agent, seq, kind, digest, received) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (agent, seq) DO NOTHING",
             (agent, seq, kind, digest, now),
         )
         return cur.rowcount == 1
@@ -416,8 +463,8 @@ class Store:
     ) -> bool:
         """Store an event once per (agent, seq); ``False`` for a duplicate."""
         cur = self._db.execute(
-            """INSERT OR IGNORE INTO events (agent, seq, kind, ts, at, severity, blocked, details, received)
-               VALUES (?,?,?,?,?,?,?,?,?)""",
+            """INSERT INTO events (agent, seq, kind, ts, at, severity, blocked, details, received)
+               VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (agent, seq) DO NOTHING""",
             (agent, seq, kind, ts, at, severity, blocked, json.dumps(details), now),
         )
         return cur.rowcount == 1
@@ -428,14 +475,16 @@ class Store:
         """The newest ``limit`` events, newest first: new events never fall behind a full page of old ones.
         With ``agent``, that agent's below ``before_seq`` (its next page), by seq."""
         if agent is not None:
-            below = "" if before_seq is None else " AND seq < :before"
+            below = "" if before_seq is None else " AND seq < ?"
+            params = (agent, limit) if before_seq is None else (agent, before_seq, limit)
             rows = self._db.execute(
-                f"SELECT * FROM events WHERE agent = :agent{below} ORDER BY seq DESC LIMIT :limit",  # noqa: S608
-                {"agent": agent, "before": before_seq, "limit": limit},
+                f"SELECT * FROM events WHERE agent = ?{below} ORDER BY seq DESC LIMIT ?",  # noqa: S608
+                params,
             ).fetchall()
         else:
             rows = self._db.execute(
-                "SELECT * FROM events ORDER BY received DESC, rowid DESC LIMIT ?", (limit,)
+                f"SELECT * FROM events ORDER BY received DESC, {self._db.insertion_order} DESC LIMIT ?",  # noqa: S608
+                (limit,),
             ).fetchall()
         return [
             {
@@ -484,14 +533,15 @@ class Store:
         """The stored sessions of ``agent`` among ``ids`` (any state), by id."""
         if not ids:
             return {}
+        marks = ",".join("?" * len(ids))  # an agent's reported sessions: bounded by the message size
         rows = self._db.execute(
-            "SELECT * FROM sessions WHERE agent = ? AND id IN (SELECT value FROM json_each(?))",
-            (agent, json.dumps(ids)),
+            f"SELECT * FROM sessions WHERE agent = ? AND id IN ({marks})",  # noqa: S608 (marks only)
+            (agent, *ids),
         )
         return {r["id"]: self._session(r) for r in rows}
 
     @staticmethod
-    def _session(r: sqlite3.Row) -> SessionRecord:
+    def _session(r: Row) -> SessionRecord:
         return SessionRecord(
             agent=r["agent"],
             id=r["id"],
@@ -509,9 +559,14 @@ class Store:
 
     def save_session(self, s: SessionRecord) -> None:
         self._db.execute(
-            """INSERT OR REPLACE INTO sessions (agent, id, state, client, pid, user, started, ended_reason,
+            """INSERT INTO sessions (agent, id, state, client, pid, "user", started, ended_reason,
                    ending_reason, command_id, command_result, command_condition, updated)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (agent, id) DO UPDATE SET state = excluded.state, client = excluded.client,
+                   pid = excluded.pid, "user" = excluded."user", started = excluded.started,
+                   ended_reason = excluded.ended_reason, ending_reason = excluded.ending_reason,
+                   command_id = excluded.command_id, command_result = excluded.command_result,
+                   command_condition = excluded.command_condition, updated = excluded.updated""",
             (
                 s.agent,
                 s.id,
@@ -533,11 +588,11 @@ class Store:
     def add_decision(
         self, agent: str, ts: float, condition: str, reasons: list[str], actions: list[dict[str, Any]]
     ) -> int:
-        cur = self._db.execute(
-            "INSERT INTO decisions (agent, ts, condition, reasons, actions) VALUES (?, ?, ?, ?, ?)",
+        row = self._db.execute(
+            "INSERT INTO decisions (agent, ts, condition, reasons, actions) VALUES (?, ?, ?, ?, ?) RETURNING id",
             (agent, ts, condition, json.dumps(reasons), json.dumps(actions)),
-        )
-        return int(cur.lastrowid or 0)
+        ).fetchone()
+        return int(row[0])
 
     def decisions(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
@@ -556,8 +611,13 @@ class Store:
     # -- commands ------------------------------------------------------------------------------------------
     def save_command(self, c: CommandRecord) -> None:
         self._db.execute(
-            """INSERT OR REPLACE INTO commands (id, agent, session_id, action, reason, state, attempts, created,
-                   last_sent, result, detail, sessions, nonce, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+            """INSERT INTO commands (id, agent, session_id, action, reason, state, attempts, created,
+                   last_sent, result, detail, sessions, nonce, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (id) DO UPDATE SET agent = excluded.agent, session_id = excluded.session_id,
+                   action = excluded.action, reason = excluded.reason, state = excluded.state,
+                   attempts = excluded.attempts, created = excluded.created, last_sent = excluded.last_sent,
+                   result = excluded.result, detail = excluded.detail, sessions = excluded.sessions,
+                   nonce = excluded.nonce, expires_at = excluded.expires_at""",
             (
                 c.id,
                 c.agent,
@@ -596,7 +656,7 @@ class Store:
         return [self._command(r) for r in rows]
 
     @staticmethod
-    def _command(r: sqlite3.Row) -> CommandRecord:
+    def _command(r: Row) -> CommandRecord:
         return CommandRecord(
             id=r["id"],
             agent=r["agent"],
@@ -658,7 +718,7 @@ class Store:
         return None if row is None else self._desktop(row)
 
     @staticmethod
-    def _desktop(r: sqlite3.Row) -> Desktop:
+    def _desktop(r: Row) -> Desktop:
         return Desktop(
             id=r["id"],
             pool=r["pool"],
@@ -746,7 +806,8 @@ class Store:
             row = self._db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
             tip = (int(row[0]), str(row[1])) if row else (0, GENESIS)
         self._db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_head', ?)",
+            "INSERT INTO meta (key, value) VALUES ('audit_head', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (json.dumps({"id": tip[0], "hash": tip[1]}),),
         )
 

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cleanroom_controller import Store, Tracker, verify_chain
 from cleanroom_controller.budgets import Limits
+from cleanroom_controller.database.sqlite import SqliteBackend
 from cleanroom_controller.decide import MAX_OPEN_SESSIONS, EndSession
 from cleanroom_controller.ingest import Ingest, KeyCache, Outcome
 from cleanroom_controller.recorder import Recorder
@@ -199,11 +200,12 @@ def test_per_message_work_does_not_grow_with_the_agents_history(tmp_path: Path) 
             count[0] += 1
             return 0
 
-        store._db.set_progress_handler(tick, 10)
+        assert isinstance(store._db, SqliteBackend)  # counts SQLite's virtual machine steps
+        store._db.connection.set_progress_handler(tick, 10)
         try:
             assert set(ingest.handle_batch(messages)) == {Outcome.ACCEPTED}
         finally:
-            store._db.set_progress_handler(None, 0)
+            store._db.connection.set_progress_handler(None, 0)
         return count[0]
 
     fresh, long_history = steps(new), steps(old)
