@@ -5,7 +5,8 @@ objects of pydantic and the protocol models, asyncio/ssl, paho, cryptography, st
 
 * :func:`lean_process`, first thing in the ``cleanroom-agent`` entry point (``__main__.py``), before the
   CLI, structlog or any thread exists: it makes ``rich`` unimportable (structlog and typer import it when
-  it is installed, for pretty tracebacks and help, ~3 MB the agent never uses: it logs JSON lines), and
+  it is installed, for pretty tracebacks and help, ~3 MB the agent never uses: it logs JSON lines; typer
+  is told so and prints plain help), and
   caps glibc's malloc arenas at two (each thread that allocates would get a 64 MB arena of its own; the
   X11 watchers, the asyncio executor and the reader threads each touch one). Only the agent's own entry
   point calls it: test processes and the controller, which import the same libraries, are unaffected.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 from typing import Any
 
@@ -47,11 +49,29 @@ def lean_process() -> None:
     for name in UNUSED_IMPORTS:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # `import rich` raises ImportError
+    _import_typer_without_rich()
     mallopt = _libc_function("mallopt")
     if mallopt is not None:
         mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         mallopt.restype = ctypes.c_int
         mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+
+
+def _import_typer_without_rich() -> None:
+    """typer decides once, when ``typer.core`` is imported, whether it formats help and errors with rich
+    (``TYPER_USE_RICH``, default yes; with rich unimportable its help would fail). Import it with the switch
+    off, then restore the environment: children (the VDI client `launch` execs) get it as it was."""
+    if "typer.core" in sys.modules:
+        return
+    previous = os.environ.get("TYPER_USE_RICH")
+    os.environ["TYPER_USE_RICH"] = "0"
+    try:
+        import typer.core  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["TYPER_USE_RICH"]
+        else:
+            os.environ["TYPER_USE_RICH"] = previous
 
 
 def release_free_memory() -> bool:
