@@ -110,11 +110,11 @@ class PostgresBackend:
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._db.cursor() as cur:
-            cur.executemany(to_pyformat(sql), [[_param(p) for p in row] for row in rows])  # type: ignore[arg-type]
+            cur.executemany(to_pyformat(sql), [[_param(p) for p in row] for row in rows])
 
     def stream(self, sql: str, params: Sequence[Any] = (), chunk: int = 1000) -> Iterator[tuple[Any, ...]]:
         with self._db.cursor(row_factory=tuple_row) as cur:
-            yield from cur.stream(to_pyformat(sql), [_param(p) for p in params], size=chunk)  # type: ignore[arg-type]
+            yield from cur.stream(to_pyformat(sql), [_param(p) for p in params], size=chunk)
 
     @property
     def in_transaction(self) -> bool:
@@ -142,14 +142,14 @@ class PostgresBackend:
         # Under the writer lock: controllers starting together would otherwise race on CREATE ... IF NOT EXISTS.
         self.begin_write()
         try:
-            self._db.execute(postgres_ddl(schema) + extra.get(self.dialect, ""))  # type: ignore[arg-type]
+            self._db.execute(postgres_ddl(schema) + extra.get(self.dialect, ""))
             self.commit()
         except BaseException:
             self.rollback()
             raise
 
     def add_column(self, table: str, column: str, decl: str) -> None:
-        self._db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {postgres_ddl(decl)}")  # type: ignore[arg-type]
+        self._db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {postgres_ddl(decl)}")
 
     def close(self) -> None:
         self._db.close()

@@ -78,5 +78,5 @@ def parse_database_url(value: str | None, data_dir: Path) -> DatabaseUrl:
         raise DatabaseUrlError(
             f"{redact_url(value)}: unknown database scheme {scheme!r} (sqlite or postgresql)"
         )
-    path = Path(value)
-    return DatabaseUrl("sqlite", path=path / DB_NAME if path.is_dir() else path)
+    plain = Path(value)
+    return DatabaseUrl("sqlite", path=plain / DB_NAME if plain.is_dir() else plain)
