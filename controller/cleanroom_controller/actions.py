@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -20,15 +20,39 @@ log = structlog.get_logger("cleanroom.controller.actions")
 Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 
 
+class DesktopSide(Protocol):
+    def end_session(
+        self, agent: str, session_id: str, *, reason: str, now: float | None = None
+    ) -> object: ...
+
+    def poll(self) -> int: ...
+
+
 class ActionRunner:
-    def __init__(self, *, driver: SessionDriver, store: Store, recorder: Recorder, spawn: Spawn) -> None:
+    def __init__(
+        self,
+        *,
+        driver: SessionDriver,
+        store: Store,
+        recorder: Recorder,
+        spawn: Spawn,
+        desktops: DesktopSide | None = None,
+    ) -> None:
         self._driver = driver
         self._store = store
         self._recorder = recorder
         self._spawn = spawn
+        self._desktops = desktops
 
     def submit(self, action: EndSession) -> None:
-        self._spawn(self.run(action), f"end_session:{action.agent}:{action.session_id}")
+        # Both sides at once: the desktop side never waits for the endpoint's ack (a frozen, stolen or
+        # tampered endpoint does not answer).
+        if action.desktop and self._desktops is not None:
+            with self._store.transaction():
+                self._desktops.end_session(action.agent, action.session_id, reason=action.reason)
+            self._desktops.poll()
+        if action.endpoint:
+            self._spawn(self.run(action), f"end_session:{action.agent}:{action.session_id}")
 
     async def run(self, action: EndSession) -> None:
         try:

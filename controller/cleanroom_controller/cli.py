@@ -133,11 +133,15 @@ def run(
     agent_broker_url: Annotated[
         str | None, typer.Option("--agent-broker-url", help="mqtts://host:port told to enrolled agents.")
     ] = None,
+    desktops: Annotated[
+        Path | None, typer.Option("--desktops", help="Desktop pools TOML (watched; docs/desktops.md).")
+    ] = None,
 ) -> None:
     """Run the controller daemon until SIGTERM/SIGINT."""
     from cleanroom_protocol import KeyFileError, TlsSettingsError, client_tls_context
 
     from .daemon import Controller
+    from .desktops.config import DesktopsError
     from .logs import configure_logging
     from .policy_keeper import NoPolicyError
     from .trust import PkiError
@@ -159,13 +163,14 @@ def run(
         broker_dir=broker_dir,
         enroll_listen=enroll_listen,
         agent_broker_url=agent_broker_url,
+        desktops=desktops,
     )
     configure_logging(settings.log_level)
     try:
         client_tls_context(settings.broker_address)  # unusable TLS files: say so now, not at each reconnect
         controller = Controller(settings)
         asyncio.run(controller.run())
-    except (NoPolicyError, KeyFileError, SettingsError, TlsSettingsError, PkiError) as exc:
+    except (NoPolicyError, KeyFileError, SettingsError, TlsSettingsError, PkiError, DesktopsError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot start: {exc}")
@@ -296,6 +301,102 @@ def sessions_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: 
         as_json,
         "sessions",
         ["id", "agent", "state", "ended_reason", "client", "command_result"],
+    )
+
+
+@sessions_app.command("end")
+def sessions_end(
+    session_id: Annotated[str, typer.Argument(metavar="ID", help="The session (sessions list).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (audited).")],
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="Its endpoint, if the id is ambiguous.")
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """End a session on its endpoint (signed end_session, sent by the running controller) and, when it holds
+    a desktop, log that desktop off and wipe it. Audited with who and why."""
+    from .desktops.operations import OperationError, end_session
+
+    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    try:
+        done = end_session(store, session_id, operator=_operator(), reason=reason, agent=agent)
+    except OperationError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    desktop = f"; desktop {done.desktop} logged off and wiped" if done.desktop else ""
+    say(f"{done.agent}/{done.session_id}: end_session {done.command_id} queued{desktop}")
+
+
+desktops_app = typer.Typer(no_args_is_help=True, help="Non-persistent desktops (--desktops FILE).")
+app.add_typer(desktops_app, name="desktops")
+DesktopsOpt = Annotated[
+    Path | None, typer.Option("--desktops", help="The desktops file (for the driver column).")
+]
+
+
+@desktops_app.command("list")
+def desktops_list(
+    as_json: JsonOpt = False,
+    desktops: DesktopsOpt = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Desktops: id, pool, driver, state, session, user, last wiped."""
+    from .desktops.config import DesktopsError, load_desktops
+    from .desktops.operations import desktop_rows
+
+    settings = _settings(config, data_dir=data_dir, desktops=desktops)
+    try:
+        pools = load_desktops(settings.desktops) if settings.desktops is not None else None
+    except DesktopsError as exc:
+        fail(str(exc))
+    store = _open_store(settings.data_dir)
+    rows = desktop_rows(store, pools)
+    store.close()
+    _print_rows(rows, as_json, "desktops", ["id", "pool", "driver", "state", "session", "user", "last_wiped"])
+
+
+@desktops_app.command("wipe")
+def desktops_wipe(
+    desktop_id: Annotated[str, typer.Argument(metavar="ID")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (audited).")] = "operator request",
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Wipe a desktop back to its golden image (an in-use one is logged off first)."""
+    from .desktops.operations import OperationError, wipe
+
+    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    try:
+        moved = wipe(store, desktop_id, operator=_operator(), reason=reason)
+    except OperationError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    say(f"{desktop_id}: {moved.before.state.value} -> {moved.after.state.value}")
+
+
+@desktops_app.command("release")
+def desktops_release(
+    desktop_id: Annotated[str, typer.Argument(metavar="ID")],
+    reason: Annotated[str, typer.Option("--reason", help="What was looked at (audited).")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Take a quarantined desktop out: wiped again, handed out only once that wipe verifies clean."""
+    from .desktops.operations import OperationError, release
+
+    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    try:
+        moved = release(store, desktop_id, operator=_operator(), reason=reason)
+    except OperationError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    say(
+        f"{desktop_id}: {moved.before.state.value} -> {moved.after.state.value} (clean once the wipe verifies)"
     )
 
 

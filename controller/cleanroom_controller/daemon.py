@@ -17,7 +17,10 @@ from cleanroom_protocol import POLICY_TOPIC, load_or_create_private_key, public_
 from .actions import ActionRunner
 from .broker import EmbeddedBroker
 from .decide import EndSession
+from .desktops.keeper import DesktopsKeeper
+from .desktops.runner import DesktopRunner
 from .drivers.agent import AgentDriver
+from .drivers.desktops import desktop_drivers
 from .enrolserver import EnrolmentServer, EnrolmentService, EnrolmentSettings, build_app
 from .ingest import Ingest, KeyCache, subscriptions
 from .link import BrokerLink
@@ -44,6 +47,7 @@ IDLE_WAITS = 2  # consecutive waits that bring nothing end the collection
 DEDUP_WINDOW_S = 24 * 3600.0  # how long accepted messages' digests are kept to recognise redeliveries
 PRUNE_EVERY_S = 300.0
 REVOCATION_CHECK_S = 1.0
+DESKTOP_POLL_S = 1.0
 
 
 def _load_pki(settings: ControllerSettings) -> Pki | None:
@@ -116,8 +120,21 @@ class Controller:
             timeout_s=settings.command_timeout,
             attempts=settings.command_attempts,
         )
+        # Desktops (desktops/): pools from --desktops FILE, each desktop driven by its pool's driver.
+        self.desktops_keeper = DesktopsKeeper(recorder=self.recorder, path=settings.desktops)
+        self.desktops = DesktopRunner(
+            store=self.store,
+            recorder=self.recorder,
+            desktops=lambda: self.desktops_keeper.desktops,
+            drivers=desktop_drivers(self.driver),
+            spawn=self._spawn,
+        )
         self.actions = ActionRunner(
-            driver=self.driver, store=self.store, recorder=self.recorder, spawn=self._spawn
+            driver=self.driver,
+            store=self.store,
+            recorder=self.recorder,
+            spawn=self._spawn,
+            desktops=self.desktops,
         )
         self.tracker = Tracker(
             store=self.store,
@@ -125,6 +142,7 @@ class Controller:
             policy=lambda: self.policy.policy,
             act=self._deferred.append,  # submitted after the batch commits (see _submit_deferred)
             recovered=self._recovered,
+            desktops=self.desktops,
         )
         self.keys = KeyCache(self.store)
         self.ingest = Ingest(
@@ -258,6 +276,23 @@ class Controller:
                 self._deferred.clear()
                 log.exception("revocation_check_failed")
 
+    async def _drive_desktops(self) -> None:
+        """Every second: desktops with a step to do (a restart's resume, an operator's `desktops wipe`) are
+        driven, and `sessions end` commands written by the CLI are sent."""
+        while True:
+            # Sleep first: commands resumed at start (command_retries) register as delivering when they run.
+            await asyncio.sleep(DESKTOP_POLL_S)
+            try:
+                self.desktops.poll()
+                for command in self.store.commands(CommandState.PENDING):
+                    if not self.driver.delivering(command.id):
+                        self._spawn(self._resume(command.id), f"command:{command.id}")
+            except Exception:
+                log.exception("desktops_poll_failed")
+
+    async def _desktops_changed(self) -> None:
+        self.desktops.sync()
+
     async def _resume_commands(self) -> None:
         for command in self.store.commands(CommandState.PENDING):
             log.info("command_resumed", command=command.id, agent=command.agent)
@@ -281,6 +316,8 @@ class Controller:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or SIGTERM/SIGINT when not given)."""
         self.policy.load_initial()
+        self.desktops_keeper.load_initial()  # DesktopsError: refused, like a broken policy at start
+        self.desktops.sync()
         embedded = EmbeddedBroker(self.address.port) if self.settings.embedded_broker else None
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -308,6 +345,8 @@ class Controller:
                     if self.enrolment is not None:
                         tg.create_task(self.enrolment.serve(), name="enrolment")
                     tg.create_task(self._watch_revocations(), name="revocations")
+                    tg.create_task(self._drive_desktops(), name="desktops")
+                    tg.create_task(self.desktops_keeper.watch(self._desktops_changed), name="desktops_watch")
                     tg.create_task(self._stop_on(stop), name="stop")
             except* Stop:
                 pass

@@ -35,12 +35,18 @@ _NO_REPEAT = frozenset({AckResult.AUDIT_ONLY.value, AckResult.FAILED.value, AckR
 
 @dataclass(frozen=True, slots=True)
 class EndSession:
-    """Action: end one session on one endpoint."""
+    """Action: end one session: on the endpoint (``end_session``: the agent ends the client) and/or on its
+    desktop (``wipe_desktop``: logged off there, the desktop wiped), as the policy says for the condition."""
 
     agent: str
     session_id: str
     reason: str
     condition_key: str
+    endpoint: bool = True
+    desktop: bool = False
+
+    def names(self) -> list[str]:
+        return [n for n, on in (("end_session", self.endpoint), ("wipe_desktop", self.desktop)) if on]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +123,15 @@ def silent(ep: EndpointState, *, now: float) -> EndpointState:
 def plan_end_sessions(
     ep: EndpointState, sessions: Sequence[SessionRecord], policy: Policy
 ) -> tuple[EndSession, ...]:
-    if ep.condition not in ACTING_CONDITIONS or "end_session" not in policy.on_violation.actions:
+    if ep.condition not in ACTING_CONDITIONS:
+        return ()
+    actions = policy.actions_for(ep.condition.value)
+    endpoint, desktop = "end_session" in actions, "wipe_desktop" in actions
+    if not (endpoint or desktop):
         return ()
     key = condition_key(ep)
     return tuple(
-        EndSession(ep.agent, s.id, key, key)
+        EndSession(ep.agent, s.id, key, key, endpoint=endpoint, desktop=desktop)
         for s in sessions
         if s.state is SessionState.RUNNING
         and not (s.command_condition == key and s.command_result in _NO_REPEAT)

@@ -42,6 +42,7 @@ class ControllerSettings(BaseSettings):
     agent_broker_url: str | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     policy: Path | None = None
+    desktops: Path | None = None  # pools of non-persistent desktops (TOML, watched; docs/desktops.md)
     embedded_broker: bool = False
     share_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     id: str = Field(default="controller", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

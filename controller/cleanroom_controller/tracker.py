@@ -4,8 +4,10 @@ records decisions and hands actions to the runner. The only place that turns fac
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Protocol
 
 import structlog
 
@@ -23,6 +25,23 @@ log = structlog.get_logger("cleanroom.controller.tracker")
 ActionSink = Callable[[EndSession], None]
 
 
+class DesktopSessions(Protocol):
+    """What the tracker tells the desktops (desktops/runner.py) about sessions."""
+
+    def session_started(
+        self,
+        agent: str,
+        session_id: str,
+        *,
+        address: str | None,
+        name: str | None,
+        user: str | None,
+        now: float,
+    ) -> object: ...
+
+    def session_ended(self, agent: str, session_id: str, *, reason: str, now: float) -> object: ...
+
+
 def _older(ep: EndpointState, seq: int) -> bool:
     return ep.last_seq is not None and seq <= ep.last_seq
 
@@ -36,12 +55,14 @@ class Tracker:
         policy: Callable[[], Policy],
         act: ActionSink,
         recovered: Callable[[str], None] | None = None,
+        desktops: DesktopSessions | None = None,
     ) -> None:
         self._store = store
         self._recorder = recorder
         self._policy = policy
         self._act = act
         self._recovered = recovered
+        self._desktops = desktops
 
     # -- facts ---------------------------------------------------------------------------------------------
     # ``before``: the endpoint as the caller just read it in the same transaction (saves a read); ``None``
@@ -75,7 +96,21 @@ class Tracker:
         known = [*open_sessions, *self._store.sessions_among(agent, others).values()]
         result = decide.reconcile(agent, known, posture.sessions)
         for change in result.changes:
-            self._save_session_change(change)
+            self._save_session_change(change, now=now)
+        if self._desktops is not None:
+            new_ids = {
+                c.id for c in result.changes if c.id not in open_ids and c.state is SessionState.RUNNING
+            }
+            for info in posture.sessions:
+                if info.id in new_ids and (info.desktop_address or info.desktop_name):
+                    self._desktops.session_started(
+                        agent,
+                        info.id,
+                        address=info.desktop_address,
+                        name=info.desktop_name,
+                        user=info.desktop_user,
+                        now=now,
+                    )
         if result.refused:
             self._refuse_sessions(agent, result.refused, seq)
         by_id = {s.id: s for s in known}
@@ -135,10 +170,23 @@ class Tracker:
                         event.at,
                     )
                 )
+                address, name = event.details.get("desktop_address"), event.details.get("desktop_name")
+                desktop_user = event.details.get("desktop_user")
+                if self._desktops is not None and (isinstance(address, str) or isinstance(name, str)):
+                    self._desktops.session_started(
+                        agent,
+                        session_id,
+                        address=address if isinstance(address, str) else None,
+                        name=name if isinstance(name, str) else None,
+                        user=desktop_user if isinstance(desktop_user, str) else None,
+                        now=now,
+                    )
             elif (
                 event.kind == "session.ended" and known is not None and known.state is not SessionState.ENDED
             ):
-                self._save_session_change(decide.ended(known, str(event.details.get("reason") or "ended")))
+                self._save_session_change(
+                    decide.ended(known, str(event.details.get("reason") or "ended")), now=now
+                )
         return self._conclude(before, after, now=now, cause=seq)
 
     def on_ack(
@@ -210,8 +258,13 @@ class Tracker:
         )
         log.warning("sessions_refused", agent=agent, count=len(ids), limit=decide.MAX_OPEN_SESSIONS)
 
-    def _save_session_change(self, session: SessionRecord) -> None:
+    def _save_session_change(self, session: SessionRecord, *, now: float | None = None) -> None:
         self._store.save_session(session)
+        if self._desktops is not None and session.state is SessionState.ENDED:
+            # Over at the endpoint: its desktop is logged off on its side too and wiped (non-persistent).
+            self._desktops.session_ended(
+                session.agent, session.id, reason=session.ended_reason or "ended", now=now or time.time()
+            )
         self._recorder.record(
             "session",
             session.agent,
@@ -254,7 +307,9 @@ class Tracker:
         if decision is None:
             return None
         actions = [
-            {"action": "end_session", "session": a.session_id, "reason": a.reason} for a in decision.actions
+            {"action": name, "session": a.session_id, "reason": a.reason}
+            for a in decision.actions
+            for name in a.names()
         ]
         self._store.add_decision(
             decision.agent, now, decision.condition.value, list(decision.reasons), actions

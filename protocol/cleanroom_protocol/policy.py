@@ -49,11 +49,20 @@ class ProcessesSection(_Section):
     deny: Annotated[list[ExeName], Field(max_length=1024)] = []
 
 
-ViolationAction = Literal["end_session"]
+# end_session: the agent ends the client's process tree on the endpoint; wipe_desktop: the controller logs the
+# session off on its desktop and wipes that desktop back to its golden image (desktops file, docs/desktops.md).
+ViolationAction = Literal["end_session", "wipe_desktop"]
 
 
 class OnViolationSection(_Section):
     actions: Annotated[list[ViolationAction], Field(max_length=8)] = ["end_session"]
+
+
+class OnConditionSection(_Section):
+    """``[on_offline]`` / ``[on_silent]``: the actions for an endpoint whose agent is gone (Last Will,
+    shutdown) or silent; absent, ``[on_violation]``'s apply (as they always did)."""
+
+    actions: Annotated[list[ViolationAction], Field(max_length=8)]
 
 
 class ComplianceSection(_Section):
@@ -152,11 +161,18 @@ class Policy(BaseModel):
     sessions: SessionsSection = SessionsSection()
     processes: ProcessesSection = ProcessesSection()
     on_violation: OnViolationSection = OnViolationSection()
+    on_offline: OnConditionSection | None = None
+    on_silent: OnConditionSection | None = None
     compliance: ComplianceSection = ComplianceSection()
     clipboard: ClipboardSection = ClipboardSection()
     capture: CaptureSection = CaptureSection()
     usb: UsbSection = UsbSection()
     media: MediaSection = MediaSection()
+
+    def actions_for(self, condition: str) -> list[str]:
+        """The actions for an endpoint in ``condition`` (``violation``, ``offline``, ``silent``)."""
+        section = {"offline": self.on_offline, "silent": self.on_silent}.get(condition)
+        return list((section or self.on_violation).actions)
 
     @cached_property
     def digest(self) -> str:

@@ -89,6 +89,11 @@ class AgentDriver(SessionDriver):
         self._store.save_command(command)
         return await self.deliver(command)
 
+    def delivering(self, command_id: str) -> bool:
+        """Whether an attempt loop here is sending ``command_id`` now (a pending command nobody sends, e.g.
+        one `sessions end` wrote, is picked up by the daemon)."""
+        return command_id in self._waiters
+
     def ack_received(self, agent: str, ack: Ack) -> None:
         """Called by ingest for every verified ack; wakes the attempt loop waiting for it."""
         waiter = self._waiters.get(ack.command_id)

@@ -1,0 +1,101 @@
+"""The desktops file in force: loaded at start, reloaded when it changes (checked every second), and never
+replaced by a broken one: the error (file, line, field) is logged and audited and the pools in force stay.
+At start a broken file is fatal, like the policy: the controller will not guess which desktops exist."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+
+from ..recorder import Recorder
+from .config import Desktops, DesktopsError, load_desktops
+
+log = structlog.get_logger("cleanroom.controller.desktops")
+
+CHECK_EVERY_S = 1.0
+
+
+class DesktopsKeeper:
+    def __init__(self, *, recorder: Recorder, path: Path | None) -> None:
+        self._recorder = recorder
+        self.path = path
+        self._desktops = Desktops.empty()
+        self._digest: str | None = None
+        self._stamp: tuple[int, int, int] | None = None
+
+    @property
+    def desktops(self) -> Desktops:
+        return self._desktops
+
+    def load_initial(self) -> Desktops:
+        """The file's desktops; raises :class:`DesktopsError` when it is broken (start refused)."""
+        if self.path is None:
+            return self._desktops
+        self._stamp = self._stat()
+        try:
+            desktops = load_desktops(self.path)
+        except DesktopsError as exc:
+            self._recorder.record("desktops.rejected", str(self.path), {"error": str(exc), "at": "start"})
+            raise
+        self._enforce(desktops)
+        return desktops
+
+    def reload(self) -> bool:
+        """Re-read the file; ``True`` when other desktops are now in force."""
+        if self.path is None:
+            return False
+        try:
+            desktops = load_desktops(self.path)
+        except DesktopsError as exc:
+            log.error("desktops_rejected", error=str(exc), kept=self._digest)
+            self._recorder.record(
+                "desktops.rejected", str(self.path), {"error": str(exc), "kept": self._digest}
+            )
+            return False
+        if _digest(desktops) == self._digest:
+            return False
+        self._enforce(desktops)
+        return True
+
+    async def watch(self, on_change: Callable[[], Awaitable[None]], every_s: float = CHECK_EVERY_S) -> None:
+        """Reload whenever the file's mtime, size or inode change (editors replace files)."""
+        if self.path is None:
+            await asyncio.Event().wait()
+            return
+        while True:
+            await asyncio.sleep(every_s)
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                if self.reload():
+                    await on_change()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        assert self.path is not None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _enforce(self, desktops: Desktops) -> None:
+        self._desktops = desktops
+        self._digest = _digest(desktops)
+        self._recorder.record(
+            "desktops.loaded",
+            desktops.source or "desktops",
+            {
+                "pools": [p.id for p in desktops.file.pool],
+                "desktops": len(desktops),
+                "hash": self._digest,
+            },
+        )
+        log.info("desktops_in_force", pools=len(desktops.file.pool), desktops=len(desktops))
+
+
+def _digest(desktops: Desktops) -> str:
+    return "sha256:" + hashlib.sha256(desktops.file.model_dump_json().encode()).hexdigest()
