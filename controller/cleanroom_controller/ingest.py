@@ -4,7 +4,8 @@ Subscribes (QoS 1) to ``cleanroom/v1/agents/+/{posture,events,status,acks}``, op
 subscription. The topic names who the sender must be and what kind; verification uses the sender's enrolled
 key, its last accepted seq and the seq it announced for its Last Will. Nothing here raises on bad input.
 
-Accepted messages are audited one ``verdict`` entry each. Everything else is counted per sender and reason
+Accepted messages are audited by the batch: one ``verdict.batch`` entry holds the Merkle root over the
+messages stored since the previous one (:mod:`.audit.sealer`). Everything else is counted per sender and reason
 (:mod:`.rejects`): the ``rejects`` table (what ``agents list`` shows) per batch, and one ``verdict.summary``
 audit entry per sender per window, so a flood of forgeries writes a handful of rows, not one per message. A
 message redelivered by QoS 1 (same agent, seq and bytes) is a ``duplicate`` and a retained status replayed to
@@ -48,6 +49,7 @@ from cleanroom_protocol import (
     verify,
 )
 
+from .audit.sealer import Sealer, SealPolicy
 from .budgets import Budgets, Limits
 from .inbox import CAPACITY, FairInbox
 from .inbox import Item as Item
@@ -161,9 +163,12 @@ class Ingest:
         shared: bool = False,
         limits: Limits | None = None,
         window_s: float = WINDOW_S,
+        seal: SealPolicy | None = None,
     ) -> None:
         self._store = store
         self._recorder = recorder
+        # Accepted messages are audited by the batch: one Merkle root over many (audit/sealer.py).
+        self.sealer = Sealer(store, recorder, seal)
         self._tracker = tracker
         self._keys = keys
         self._max_skew_s = max_skew_s
@@ -229,6 +234,7 @@ class Ingest:
             with self._store.transaction():
                 for topic, payload, retained, signed in checked:
                     outcomes.append(self._handle_one(topic, payload, retained, signed))
+                self.sealer.after_batch(self._clock())
                 flush = self.windows.flush(self._clock())
                 self._write(flush)
         except BaseException:
@@ -246,10 +252,13 @@ class Ingest:
             self._recover_orphans(now)
         if self.windows.pending() or self.windows.due(now):
             self._flush(now, close_all=False)
+        self.sealer.tick(now)
 
     def close(self) -> None:
-        """Shutdown: every open window is written now (nothing counted is left unaudited)."""
+        """Shutdown: every open window is written now (nothing counted is left unaudited), and every stored
+        message is covered by a batch."""
         self._flush(self._clock(), close_all=True)
+        self.sealer.seal_all()
 
     def _flush(self, now: float, *, close_all: bool) -> None:
         flush = self.windows.flush(now, close_all=close_all)
@@ -407,12 +416,7 @@ class Ingest:
             return Outcome.REJECTED
         if self._shared and not verdict.is_will:
             self._accepted[agent] = max(seq, self._accepted.get(agent, seq))
-        self._recorder.record(
-            "verdict",
-            agent,
-            {**base, "status": "ok", "kind": kind, "will": verdict.is_will},
-            actor=agent,
-        )
+        self.sealer.accepted(now)  # covered by the next verdict.batch entry (its row in messages is the leaf)
         body = verdict.body
         if isinstance(body, Posture):
             posture_json = json.dumps(envelope.body, separators=(",", ":"), ensure_ascii=False)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .audit import GENESIS, AuditEntry, ChainHead, make_entry
+from .audit import GENESIS, GENESIS_HEAD, AuditEntry, ChainHead, make_entry
 from .database import DB_NAME, Backend, DatabaseUrl, Row, open_backend, parse_database_url
 from .desktops.machine import Desktop, DesktopState
 from .enrolment import TokenRecord
@@ -45,9 +45,11 @@ CREATE TABLE IF NOT EXISTS rejects (
     sender TEXT NOT NULL, status TEXT NOT NULL, count INTEGER NOT NULL, last_at REAL NOT NULL,
     PRIMARY KEY (sender, status)
 );
+-- batch: the id of the audit entry (verdict.batch) whose Merkle root covers the message, leaf: its index there;
+-- NULL until sealed (within audit seal_s of being stored). audit/sealer.py, docs/audit.md.
 CREATE TABLE IF NOT EXISTS messages (
     agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, digest TEXT NOT NULL, received REAL NOT NULL,
-    PRIMARY KEY (agent, seq)
+    batch INTEGER, leaf INTEGER, PRIMARY KEY (agent, seq)
 );
 CREATE TABLE IF NOT EXISTS events (
     agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL, at REAL NOT NULL,
@@ -74,9 +76,9 @@ CREATE TABLE IF NOT EXISTS audit (
     data TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
 );
 -- Append-only against accidents; a determined attacker can drop these, which the hash chain then shows.
+-- The one delete allowed is `audit archive`'s: entries up to the archived base (meta audit_base_id, set in
+-- the same transaction, after the segment was written to its archive file).
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
 CREATE TABLE IF NOT EXISTS enrolment_tokens (
     id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, site TEXT NOT NULL, created_at REAL NOT NULL,
@@ -167,6 +169,27 @@ class Store:
         """Columns added since a table was first created (CREATE TABLE IF NOT EXISTS keeps the old one)."""
         for column, decl in (("nonce", "TEXT NOT NULL DEFAULT ''"), ("expires_at", "REAL")):
             self._db.add_column("commands", column, decl)
+        for column in ("batch", "leaf"):
+            self._db.add_column("messages", column, "INTEGER")
+        self._audit_schema()
+
+    def _audit_schema(self) -> None:
+        """The batch index (proofs read a batch's leaves; sealing reads the unsealed, batch NULL) and the
+        archive-only delete trigger, replacing the unconditional one of older databases."""
+        self._db.execute("CREATE INDEX IF NOT EXISTS messages_batch ON messages (batch, leaf)")
+        if self.dialect != "sqlite":
+            return  # PostgreSQL's archive-aware guard is in POSTGRES_DDL
+        row = self._db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'audit_no_delete'"
+        ).fetchone()
+        if row is not None and "audit_base_id" in str(row[0]):
+            return
+        self._db.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+        self._db.execute(
+            "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit WHEN OLD.id > COALESCE("
+            "(SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'audit_base_id'), 0) "
+            "BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END"
+        )
 
     @classmethod
     def open(cls, data_dir: Path, database: str | None = None) -> Store:
@@ -437,9 +460,11 @@ class Store:
         return cur.rowcount == 1
 
     def prune_messages(self, before: float) -> int:
-        """Forget de-duplication digests received before ``before`` (redeliveries come within minutes;
-        the audit keeps every verdict)."""
-        return self._db.execute("DELETE FROM messages WHERE received < ?", (before,)).rowcount
+        """Forget de-duplication digests received before ``before`` (redeliveries come within minutes).
+        Only sealed ones: the audit covers them by their batch's Merkle root; proofs for them end here."""
+        return self._db.execute(
+            "DELETE FROM messages WHERE received < ? AND batch IS NOT NULL", (before,)
+        ).rowcount
 
     def message_digest(self, agent: str, seq: int) -> str | None:
         row = self._db.execute(
@@ -812,15 +837,82 @@ class Store:
         )
 
     def audit_entries(self, after_id: int = 0, limit: int | None = None) -> Iterator[AuditEntry]:
+        """Entries in id order, streamed from one statement (a consistent snapshot under WAL): ``audit verify``
+        walks millions in constant memory."""
         q = "SELECT id, ts, kind, actor, subject, data, prev_hash, hash FROM audit WHERE id > ? ORDER BY id"
         params: tuple[int, ...] = (after_id,)
         if limit is not None:
             q += " LIMIT ?"
             params = (after_id, limit)
-        for r in self._db.execute(q, params):
-            yield AuditEntry(
-                int(r[0]), float(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]), str(r[7])
-            )
+        # plain tuples: a named tuple is made from each without conversions
+        yield from map(AuditEntry._make, self._db.stream(q, params, 1000))
+
+    @contextmanager
+    def audit_snapshot(self) -> Iterator[None]:
+        """One read transaction: the head, the base and the entries read inside it belong together while the
+        daemon keeps appending."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.begin_read()
+        try:
+            yield
+        finally:
+            self._db.commit()
+
+    def audit_entry(self, entry_id: int) -> AuditEntry | None:
+        return next(self.audit_entries(entry_id - 1, 1), None) if entry_id > 0 else None
+
+    def audit_base(self) -> ChainHead:
+        """The last archived entry (the remaining chain continues from it), or genesis."""
+        base_id, base_hash = self.get_meta("audit_base_id"), self.get_meta("audit_base_hash")
+        if base_id is None or base_hash is None:
+            return GENESIS_HEAD
+        return ChainHead(int(base_id), base_hash)
+
+    def drop_archived_audit(self, upto: ChainHead) -> int:
+        """``audit archive``'s delete, the only one the trigger allows: entries up to ``upto`` (written to an
+        archive file and checked first) go; the chain continues from ``upto``. Returns how many went."""
+        with self.transaction() as db:
+            self.set_meta("audit_base_id", str(upto.id))
+            self.set_meta("audit_base_hash", upto.hash)
+            return int(db.execute("DELETE FROM audit WHERE id <= ?", (upto.id,)).rowcount)
+
+    # -- Merkle batches over accepted messages (audit/sealer.py) ----------------------------------------------
+    def unsealed_messages(self, limit: int) -> list[tuple[str, int, str, str]]:
+        """Stored messages no batch covers yet, (agent, seq, kind, digest) in the order they become leaves."""
+        rows = self._db.execute(
+            "SELECT agent, seq, kind, digest FROM messages WHERE batch IS NULL ORDER BY received, agent, seq"
+            " LIMIT ?",
+            (limit,),
+        )
+        return [(str(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def oldest_unsealed(self) -> float | None:
+        row = self._db.execute("SELECT MIN(received) FROM messages WHERE batch IS NULL").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def mark_sealed(self, entry_id: int, keys: list[tuple[str, int]]) -> None:
+        """Messages ``keys`` are leaves 0, 1, … of the batch audited as entry ``entry_id``."""
+        self._db.executemany(
+            "UPDATE messages SET batch = ?, leaf = ? WHERE agent = ? AND seq = ?",
+            [(entry_id, i, agent, seq) for i, (agent, seq) in enumerate(keys)],
+        )
+
+    def message_leaf(self, agent: str, seq: int) -> tuple[str, str, int | None, int | None] | None:
+        """(kind, digest, batch entry id, leaf index) of a stored message; batch None until sealed."""
+        row = self._db.execute(
+            "SELECT kind, digest, batch, leaf FROM messages WHERE agent = ? AND seq = ?", (agent, seq)
+        ).fetchone()
+        if row is None:
+            return None
+        return str(row[0]), str(row[1]), row[2], row[3]
+
+    def batch_leaves(self, entry_id: int) -> list[tuple[str, int, str, str]]:
+        rows = self._db.execute(
+            "SELECT agent, seq, kind, digest FROM messages WHERE batch = ? ORDER BY leaf", (entry_id,)
+        )
+        return [(str(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in rows]
 
     def audit_head(self) -> ChainHead | None:
         raw = self.get_meta("audit_head")

@@ -80,3 +80,20 @@ class Sender:
             self.seq += 1
             seq = self.seq
         return seal(kind, body, sender=self.agent, seq=seq, key=self.key, ts=ts)
+
+
+def covered(store: Store) -> list[tuple[str, int, str]]:
+    """(agent, seq, kind) of every message the audit covers, read from the audit side: each ``verdict.batch``
+    entry's leaves, checked against the root and count it holds (a leaf listed twice shows up twice)."""
+    from cleanroom_controller.audit import merkle
+    from cleanroom_controller.audit.sealer import BATCH_KIND
+
+    out: list[tuple[str, int, str]] = []
+    for e in store.audit_entries():
+        if e.kind != BATCH_KIND:
+            continue
+        leaves = [merkle.Leaf(*row) for row in store.batch_leaves(e.id)]
+        assert merkle.root([leaf.hash() for leaf in leaves]).hex() == e.data["root"], f"entry {e.id}"
+        assert len(leaves) == e.data["count"], f"entry {e.id}"
+        out.extend((leaf.agent, leaf.seq, leaf.kind) for leaf in leaves)
+    return out

@@ -87,6 +87,12 @@ async def test_violation_ends_the_session_and_the_audit_shows_the_order(
             what="outcome",
         )
 
+        # The report is covered by the batch entry sealed after it (within the seal policy's age).
+        await until(
+            lambda: (run.store.message_leaf("a1", 2) or ("", "", None, None))[2] is not None,
+            timeout=5,
+            what="report sealed",
+        )
         # Each entry found by its own identity over the whole trail, so every comparison below can fail.
         entries = list(run.store.audit_entries())
 
@@ -97,7 +103,9 @@ async def test_violation_ends_the_session_and_the_audit_shows_the_order(
             )
             return found[0]
 
-        report = where("report", lambda e: e.kind == "verdict" and e.data.get("seq") == 2)
+        leaf = run.store.message_leaf("a1", 2)
+        assert leaf is not None and leaf[0] == "posture"
+        report = where("report", lambda e: e.kind == "verdict.batch" and e.id == leaf[2])
         decision = where(
             "decision",
             lambda e: (
@@ -108,7 +116,8 @@ async def test_violation_ends_the_session_and_the_audit_shows_the_order(
         )
         sent = where("command", lambda e: e.kind == "command" and e.data.get("id") == command.id)
         acked = where("ack", lambda e: e.kind == "ack" and e.data.get("command_id") == command.id)
-        assert report < decision < sent < acked, [e.kind for e in entries]
+        assert decision < sent < acked, [e.kind for e in entries]
+        assert decision < report  # the decision is written with the message, the batch seals it after
         assert run.store.command(command.id).result == "ended"
 
 

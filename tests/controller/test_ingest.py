@@ -17,11 +17,7 @@ from cleanroom_protocol import AgentState, Channel, Event, Kind, Status
 from tests.support.mosquitto import Mosquitto
 
 from .harness import agent_client, publish, running_controller, until
-from .helpers import Sender, enrol, posture, session, shipped_policy
-
-
-def verdicts(store, status: str) -> list[dict]:
-    return [e.data for e in store.audit_entries() if e.kind == "verdict" and e.data["status"] == status]
+from .helpers import Sender, covered, enrol, posture, session, shipped_policy
 
 
 def summaries(store: Store, sender: str) -> list[dict]:
@@ -91,7 +87,7 @@ async def test_bad_messages_are_rejected_counted_and_audited(mosquitto: Mosquitt
     (stranger,) = summaries(store, "(unenrolled)")
     assert stranger["counts"] == {"unknown_sender": 1}
     assert stranger["first"]["unknown_sender"]["topic"].endswith("/mallory/posture")
-    assert not [e for e in store.audit_entries() if e.kind == "verdict" and e.data["status"] != "ok"]
+    assert covered(store) == []  # nothing was accepted: no batch covers anything
     assert verify_chain(list(store.audit_entries()), store.audit_head()) is None
 
 
@@ -111,7 +107,7 @@ async def test_duplicates_are_stored_once(mosquitto: Mosquitto, tmp_path: Path) 
         assert run.store.reject_counts() == {}
     store = reopened(tmp_path / "c")
     assert summed(store, "a1") == {"duplicate": 2}  # summed up, not counted as rejects
-    assert len(verdicts(store, "ok")) == 1
+    assert covered(store) == [("a1", 1, "event")]  # the audit covers it once
 
 
 async def test_will_and_retained_status_after_restart(mosquitto: Mosquitto, tmp_path: Path) -> None:
@@ -257,15 +253,10 @@ def test_a_batch_is_one_transaction_and_a_bug_rolls_back_only_its_message(
     monkeypatch.setattr(tracker, "on_event", real_on_event)
     assert outcomes == [Outcome.ACCEPTED, Outcome.REJECTED, Outcome.ACCEPTED]
     assert seen_mid_batch == [0]  # the batch was not committed yet
-    kinds = [(e.kind, e.data.get("status")) for e in reader.audit_entries()]
-    assert kinds == [
-        ("verdict", "ok"),
-        ("session", None),
-        ("decision", None),
-        ("ingest.error", None),
-        ("verdict", "ok"),
-        ("decision", None),
-    ]
+    kinds = [e.kind for e in reader.audit_entries()]
+    assert kinds == ["session", "decision", "ingest.error", "decision"]
+    ingest.sealer.seal()  # what the next batch or tick does: one entry covers both accepted postures
+    assert covered(reader) == [("a1", 1, "posture"), ("a1", 2, "posture")]  # not the rolled-back event
     assert reader.events() == []  # the buggy message left nothing behind
     assert [a.session_id for a in acts] == ["s-100-1"]
     assert reader.endpoint("a1").reasons == ("denied_process:scrot",)

@@ -91,6 +91,8 @@ def test_dedup_digests_are_pruned_by_age(open_store: StoreOpener) -> None:
     assert store.record_message("a1", 1, "posture", "d1", now=100.0)
     assert not store.record_message("a1", 1, "posture", "d1", now=101.0)
     assert store.record_message("a1", 2, "posture", "d2", now=200.0)
+    assert store.prune_messages(before=150.0) == 0  # not sealed yet: the audit does not cover it
+    store.mark_sealed(1, [("a1", 1), ("a1", 2)])
     assert store.prune_messages(before=150.0) == 1
     assert store.message_digest("a1", 1) is None
     assert store.message_digest("a1", 2) == "d2"
