@@ -137,7 +137,16 @@ class Observer:
         by_pid = {p.pid: p for p in procs}
         changes = self._book.digest(found, [(info, by_pid[info.pid].create_time) for info in denied])
         for s in changes.started:
-            self._events.event("session.started", session=s.id, client=s.client, pid=s.pid, user=s.user)
+            self._events.event(
+                "session.started",
+                session=s.id,
+                client=s.client,
+                pid=s.pid,
+                user=s.user,
+                desktop_address=s.desktop_address,
+                desktop_user=s.desktop_user,
+                desktop_name=s.desktop_name,
+            )
         for s in changes.exited:
             self._events.event("session.ended", session=s.id, client=s.client, reason="exited")
         for info in changes.denied_new:

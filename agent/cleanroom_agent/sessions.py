@@ -19,6 +19,8 @@ import psutil
 
 from cleanroom_protocol import SessionInfo
 
+from .vdiargs import KNOWN_CLIENTS, parse_client_args
+
 
 @dataclass(frozen=True, slots=True)
 class ProcessSnapshot:
@@ -30,6 +32,8 @@ class ProcessSnapshot:
     exe_name: str | None  # basename of the executable, when readable
     create_time: float
     user: str | None = None
+    # Read for VDI clients only (vdiargs.KNOWN_CLIENTS): what the session connects to comes from it.
+    cmdline: tuple[str, ...] = ()
 
     def names(self) -> set[str]:
         return {self.name} | ({self.exe_name} if self.exe_name else set())
@@ -76,6 +80,7 @@ def find_sessions(
             continue
         proc = by_pid[pid]
         sid = session_id(pid, proc.create_time)
+        target = parse_client_args(client, proc.cmdline)
         sessions.append(
             SessionInfo(
                 id=sid,
@@ -85,6 +90,9 @@ def find_sessions(
                 started=proc.create_time,
                 user=proc.user,
                 launched=sid in launched,
+                desktop_address=target.address,
+                desktop_user=target.user,
+                desktop_name=target.desktop_name,
             )
         )
     return sessions
@@ -134,14 +142,21 @@ class PsutilProcessTable:
             info = proc.info
             try:
                 exe = info.get("exe")
+                name = str(info.get("name") or "")
+                exe_name = os.path.basename(exe) if exe else None
+                cmdline: tuple[str, ...] = ()
+                if name in KNOWN_CLIENTS or exe_name in KNOWN_CLIENTS:
+                    with contextlib.suppress(psutil.Error):
+                        cmdline = tuple(proc.cmdline())
                 out.append(
                     ProcessSnapshot(
                         pid=int(info["pid"]),
                         ppid=int(info.get("ppid") or 0),
-                        name=str(info.get("name") or ""),
-                        exe_name=os.path.basename(exe) if exe else None,
+                        name=name,
+                        exe_name=exe_name,
                         create_time=float(info.get("create_time") or 0.0),
                         user=info.get("username"),
+                        cmdline=cmdline,
                     )
                 )
             except (TypeError, ValueError):
