@@ -20,7 +20,7 @@ from rich.markup import escape
 # protocol (pydantic models), structlog and the daemon are imported by the commands that use them.
 from .audit import verify_chain
 from .settings import ControllerSettings, SettingsError, load_settings
-from .store import DB_NAME, AgentExistsError, Store
+from .store import AgentExistsError, Store
 from .views import agent_rows, event_rows, session_rows, unenrolled_rejects
 
 if TYPE_CHECKING:
@@ -41,6 +41,13 @@ DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="Data directory (default /var/lib/cleanroom-controller).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
+DatabaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database",
+        help="Store: sqlite:///path, a path, or postgresql://user@host/db (default: SQLite in the data dir).",
+    ),
+]
 
 err = Console(stderr=True)
 
@@ -62,15 +69,16 @@ def _settings(config: Path | None, **flags: Any) -> ControllerSettings:
         fail(str(exc))
 
 
-def _open_store(data_dir: Path, *, create: bool = False) -> Store:
-    if not create and not (data_dir / DB_NAME).exists():
-        fail(
-            f"no controller database at {data_dir / DB_NAME} (wrong --data-dir, or the controller never ran)"
-        )
+def _open_store(settings: ControllerSettings, *, create: bool = False) -> Store:
+    """The store the settings name (``database``; default SQLite in the data dir). Errors name it with the
+    URL's password redacted."""
+    url = settings.database_url
+    if url.path is not None and not create and not url.path.exists():
+        fail(f"no controller database at {url.path} (wrong --data-dir, or the controller never ran)")
     try:
-        return Store.open(data_dir)
+        return Store.open(settings.data_dir, settings.database)
     except OSError as exc:
-        fail(f"cannot open {data_dir / DB_NAME}: {exc}")
+        fail(f"cannot open {url.redacted}: {exc}")
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, title: str, columns: list[str]) -> None:
@@ -90,6 +98,7 @@ def run(
         str | None, typer.Option("--broker", help="mqtt://host:port or mqtts://host:port")
     ] = None,
     data_dir: DataDirOpt = None,
+    database: DatabaseOpt = None,
     policy: Annotated[
         Path | None, typer.Option("--policy", help="Policy TOML (watched for changes).")
     ] = None,
@@ -150,6 +159,7 @@ def run(
         config,
         broker=broker,
         data_dir=data_dir,
+        database=database,
         policy=policy,
         embedded_broker=embedded_broker,
         share_group=share_group,
@@ -216,7 +226,7 @@ def agents_add(
     except KeyFileError as exc:
         fail(str(exc))
     settings = _settings(config, data_dir=data_dir)
-    store = _open_store(settings.data_dir, create=True)
+    store = _open_store(settings, create=True)
     fp = fingerprint(key)
     try:
         added = store.add_agent(agent_id, public_key_pem(key), fp, time.time())
@@ -250,7 +260,7 @@ def agents_revoke(
     from .trust import Pki, PkiError
 
     settings = _settings(config, data_dir=data_dir, broker=broker, broker_dir=broker_dir)
-    store = _open_store(settings.data_dir)
+    store = _open_store(settings)
     if agent_id not in store.agent_fingerprints():  # an agent revoked before may be revoked again (retry)
         store.close()
         fail(f"no enrolled agent {agent_id!r}")
@@ -280,7 +290,7 @@ def agents_revoke(
 @agents_app.command("list")
 def agents_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Enrolled agents: online, compliant, reasons, last seen, rejects."""
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     _print_rows(
         agent_rows(store),
         as_json,
@@ -295,7 +305,7 @@ def agents_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: Da
 @sessions_app.command("list")
 def sessions_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Sessions: running, ending or ended (with the reason)."""
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     _print_rows(
         session_rows(store),
         as_json,
@@ -318,7 +328,7 @@ def sessions_end(
     a desktop, log that desktop off and wipe it. Audited with who and why."""
     from .desktops.operations import OperationError, end_session
 
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     try:
         done = end_session(store, session_id, operator=_operator(), reason=reason, agent=agent)
     except OperationError as exc:
@@ -352,7 +362,7 @@ def desktops_list(
         pools = load_desktops(settings.desktops) if settings.desktops is not None else None
     except DesktopsError as exc:
         fail(str(exc))
-    store = _open_store(settings.data_dir)
+    store = _open_store(settings)
     rows = desktop_rows(store, pools)
     store.close()
     _print_rows(rows, as_json, "desktops", ["id", "pool", "driver", "state", "session", "user", "last_wiped"])
@@ -368,7 +378,7 @@ def desktops_wipe(
     """Wipe a desktop back to its golden image (an in-use one is logged off first)."""
     from .desktops.operations import OperationError, wipe
 
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     try:
         moved = wipe(store, desktop_id, operator=_operator(), reason=reason)
     except OperationError as exc:
@@ -388,7 +398,7 @@ def desktops_release(
     """Take a quarantined desktop out: wiped again, handed out only once that wipe verifies clean."""
     from .desktops.operations import OperationError, release
 
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     try:
         moved = release(store, desktop_id, operator=_operator(), reason=reason)
     except OperationError as exc:
@@ -422,7 +432,7 @@ def events_list(
     """Events as stored (once per agent and seq), the newest first."""
     if before is not None and agent is None:
         fail("--before SEQ needs --agent ID: seq numbers count each agent's messages, not all of them")
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     _print_rows(
         event_rows(store, limit, agent=agent, before_seq=before),
         as_json,
@@ -434,7 +444,7 @@ def events_list(
 @audit_app.command("verify")
 def audit_verify(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Exit 0 when the chain is intact; 1 naming the first bad entry (edited, deleted, inserted, reordered)."""
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     entries = list(store.audit_entries())
     problem = verify_chain(entries, store.audit_head())
     if problem is None:
@@ -469,7 +479,7 @@ def watch(
     """Live view of agents, sessions and the last decisions (Ctrl-C to quit)."""
     from .watch import live
 
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     with contextlib.suppress(KeyboardInterrupt):
         live(store, interval)
 
@@ -504,7 +514,7 @@ def enroll_create(
         )
     except (ValueError, OSError, PkiError) as exc:
         fail(str(exc))
-    store = _open_store(settings.data_dir, create=True)
+    store = _open_store(settings, create=True)
     with store.transaction():
         store.add_token(record)
         store.append_audit(
@@ -525,7 +535,7 @@ def enroll_create(
 @enroll_app.command("list")
 def enroll_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Tokens: id, site, uses, expiry, state (never the secret)."""
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     now = time.time()
     rows = [
         {
@@ -559,7 +569,7 @@ def enroll_revoke(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Revoke a token: no endpoint can enrol with it any more."""
-    store = _open_store(_settings(config, data_dir=data_dir).data_dir)
+    store = _open_store(_settings(config, data_dir=data_dir))
     with store.transaction():
         revoked = store.revoke_token(token_id, time.time())
         if revoked:
@@ -595,7 +605,7 @@ def _load_pki(data_dir: Path) -> Pki:
 
 
 def _audit_operator(data_dir: Path, kind: str, subject: str, data: dict[str, Any]) -> None:
-    store = _open_store(data_dir, create=True)
+    store = _open_store(_settings(None, data_dir=data_dir), create=True)  # database: environment
     store.append_audit(kind, f"operator:{os.environ.get('SUDO_USER') or getpass.getuser()}", subject, data)
     store.close()
 

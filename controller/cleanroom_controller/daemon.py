@@ -70,7 +70,9 @@ def _enrolment_server(settings: ControllerSettings, key_pem: str, pki: Pki | Non
     listen = parse_listen(settings.enroll_listen)
     broker_url = settings.agent_broker_url or (settings.broker if settings.broker_address.tls else None)
     service = EnrolmentService(
-        Store.open(settings.data_dir), pki, EnrolmentSettings(settings.id, key_pem, broker_url)
+        Store.open(settings.data_dir, settings.database),
+        pki,
+        EnrolmentSettings(settings.id, key_pem, broker_url),
     )
     return EnrolmentServer(
         build_app(service),
@@ -90,7 +92,7 @@ class Controller:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.key, _ = load_or_create_private_key(settings.data_dir / KEY_NAME)
-        self.store = Store.open(settings.data_dir)
+        self.store = Store.open(settings.data_dir, settings.database)
         self.recorder = Recorder(self.store, f"controller:{settings.id}")
         self.signer = Signer(self.store, self.key, settings.id)
         self.policy = PolicyKeeper(

@@ -16,6 +16,8 @@ from cleanroom_protocol import (
 from cleanroom_protocol import TlsFiles, tls_settings_problem
 from cleanroom_protocol import parse_broker_url as parse_broker_url
 
+from .database.url import DatabaseUrl, parse_database_url
+
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-controller")
 
 
@@ -41,6 +43,9 @@ class ControllerSettings(BaseSettings):
     # The broker URL enrolled agents are told (mqtts://host:8883); default: this controller's, if mqtts://.
     agent_broker_url: str | None = None
     data_dir: Path = DEFAULT_DATA_DIR
+    # Where the store lives: none = SQLite in data_dir; sqlite:///path or a path; postgresql://user@host/db for
+    # N controllers sharing one database (a password: PGPASSWORD or a 0600 PGPASSFILE rather than in the URL).
+    database: str | None = None
     policy: Path | None = None
     desktops: Path | None = None  # pools of non-persistent desktops (TOML, watched; docs/desktops.md)
     embedded_broker: bool = False
@@ -66,6 +71,17 @@ class ControllerSettings(BaseSettings):
         if problem:
             raise ValueError(problem)
         return self
+
+    @field_validator("database")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        # A DatabaseUrlError is a ValueError naming why, the URL's password redacted.
+        parse_database_url(value, DEFAULT_DATA_DIR)
+        return value
+
+    @property
+    def database_url(self) -> DatabaseUrl:
+        return parse_database_url(self.database, self.data_dir)
 
     @property
     def broker_address(self) -> BrokerAddress:
