@@ -12,7 +12,15 @@ from typing import Any
 
 import structlog
 
-from cleanroom_protocol import POLICY_TOPIC, load_or_create_private_key, public_key_pem
+from cleanroom_protocol import (
+    POLICY_TOPIC,
+    Channel,
+    Kind,
+    Watermark,
+    agent_topic,
+    load_or_create_private_key,
+    public_key_pem,
+)
 
 from .actions import ActionRunner
 from .broker import EmbeddedBroker
@@ -22,8 +30,9 @@ from .desktops.runner import DesktopRunner
 from .drivers.agent import AgentDriver
 from .drivers.desktops import desktop_drivers
 from .enrolserver import EnrolmentServer, EnrolmentService, EnrolmentSettings, build_app
+from .inbox import Entry
 from .ingest import Ingest, KeyCache, subscriptions
-from .link import BrokerLink
+from .link import BrokerLink, Receipt
 from .models import CommandState
 from .policy_keeper import PolicyKeeper
 from .recorder import Recorder
@@ -33,11 +42,12 @@ from .store import Store
 from .tracker import Tracker
 from .trust import CrlKeeper, Pki, PkiError, PkiFiles, parse_listen
 from .trust.crlkeeper import CHECK_EVERY_S as CRL_CHECK_EVERY_S
+from .watermarks import WATERMARK_EVERY_S
 
 log = structlog.get_logger("cleanroom.controller")
 
 KEY_NAME = "controller.key"
-INBOX_SIZE = 2_000  # messages between the broker link and ingest (already PUBACKed: see README)
+INBOX_SIZE = 2_000  # messages between the broker link and ingest (acknowledged only after their commit)
 # A batch (one SQLite transaction) ends at whichever comes first: the inbox is empty, this many messages,
 # or this much time spent applying it. The time budget bounds how long a violation waits for its commit.
 BATCH_MAX = 500
@@ -48,6 +58,12 @@ DEDUP_WINDOW_S = 24 * 3600.0  # how long accepted messages' digests are kept to 
 PRUNE_EVERY_S = 300.0
 REVOCATION_CHECK_S = 1.0
 DESKTOP_POLL_S = 1.0
+# A batch whose commit fails (disk full, database locked, I/O error) is kept and tried again, first after
+# this long, doubling up to the cap; it is never dropped and never acknowledged before it commits.
+COMMIT_RETRY_S = 0.05
+COMMIT_RETRY_MAX_S = 2.0
+DRAIN_S = 10.0  # SIGTERM: at most this long to commit and acknowledge what is in hand
+WATERMARK_PUBLISH_CHUNK = 100  # concurrent publishes of one round (aiomqtt allows 200 outgoing calls)
 
 
 def _load_pki(settings: ControllerSettings) -> Pki | None:
@@ -159,6 +175,9 @@ class Controller:
         # Per-sender queues: a device that floods is served last and its overflow dropped (counted), so
         # the others' messages are not stuck behind its junk (inbox.py).
         self._inbox = self.ingest.inbox(capacity=INBOX_SIZE)
+        self._in_hand = 0  # messages taken from the inbox and not yet committed and acknowledged
+        self._batch_done = asyncio.Event()  # set after each batch is committed and acknowledged
+        self.commit_failures = 0
 
     def _recovered(self, agent: str) -> None:
         self.driver.cancel_pending(agent, "the endpoint is compliant again")
@@ -169,27 +188,55 @@ class Controller:
             return
         self._tg.create_task(coro, name=name)
 
-    async def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        # Bounded: when ingest falls behind, the link stops reading and the broker queues (QoS 1).
-        await self._inbox.put((topic, payload, retained))
+    async def _on_message(self, topic: str, payload: bytes, retained: bool, receipt: Receipt) -> None:
+        # Bounded: the broker sends at most its inflight window of unacknowledged messages, and when the
+        # inbox is full the link stops reading (QoS 1: the broker keeps the rest).
+        await self._inbox.put((topic, payload, retained), lambda: self.link.ack(receipt))
 
     async def _ingest(self) -> None:
         while True:
             batch = await self._collect()
             try:
-                self.ingest.handle_batch(batch)  # never raises on bad input
-            except Exception:  # the commit itself failed (disk full, I/O error): the batch is lost, logged
-                self._deferred.clear()
-                log.exception("ingest_batch_failed")
-            self._submit_deferred()
+                await self._commit(batch)
+            finally:
+                self._in_hand = 0
+                self._batch_done.set()
             await asyncio.sleep(0)  # a burst must not starve the link, timers and command tasks
 
-    async def _collect(self) -> list[tuple[str, bytes, bool]]:
+    async def _commit(self, batch: list[Entry]) -> None:
+        """Apply ``batch`` until it commits, then acknowledge each message to the broker. A failed commit
+        is retried with backoff, the batch kept in hand: never dropped, never acknowledged uncommitted
+        (killed meanwhile, the broker delivers it again). Bad input never raises here (it is counted)."""
+        items = [item for item, _ in batch]
+        attempt = 0
+        while True:
+            try:
+                self.ingest.handle_batch(items)
+                break
+            except Exception as exc:  # the transaction could not commit: nothing of it is stored
+                self._deferred.clear()
+                self.commit_failures += 1
+                attempt += 1
+                delay = min(COMMIT_RETRY_MAX_S, COMMIT_RETRY_S * 2 ** (attempt - 1))
+                log.error(
+                    "ingest_commit_failed",
+                    error=str(exc),
+                    messages=len(items),
+                    attempt=attempt,
+                    retry_in=delay,
+                )
+                await asyncio.sleep(delay)
+        for _, settle in batch:
+            settle()
+        self._submit_deferred()
+
+    async def _collect(self) -> list[Entry]:
         """The next batch: what is queued, plus what arrives while the loop serves the socket, until the
         size or time budget is reached or a short idle wait brings nothing. The link hands over one message
         per socket read, so waiting (in select, not spinning) is how a burst becomes one batch; a lone
         message at a low rate waits at most ``IDLE_WAITS × IDLE_WAIT_S``."""
         batch = [await self._inbox.get()]
+        self._in_hand = 1
         started = time.monotonic()
         idle = 0
         while len(batch) < BATCH_MAX and idle < IDLE_WAITS:
@@ -202,7 +249,37 @@ class Controller:
             idle = 0
             while len(batch) < BATCH_MAX and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
+            self._in_hand = len(batch)
         return batch
+
+    async def _publish_watermarks(self) -> None:
+        while True:
+            await asyncio.sleep(WATERMARK_EVERY_S)
+            await self._send_watermarks()
+
+    async def _send_watermarks(self) -> None:
+        """One signed, retained watermark per agent whose messages were stored since the last round."""
+        marks = self.ingest.watermarks.take()
+        if not marks:
+            return
+        try:
+            with self.store.transaction():  # their seqs in one transaction: one sync to disk per round
+                sealed = [(mark, self.signer.seal(Kind.WATERMARK, mark)[1]) for mark in marks]
+        except Exception:
+            for mark in marks:
+                self.ingest.watermarks.give_back(mark)
+            log.exception("watermarks_not_signed")
+            return
+        for i in range(0, len(sealed), WATERMARK_PUBLISH_CHUNK):
+            chunk = sealed[i : i + WATERMARK_PUBLISH_CHUNK]
+            await asyncio.gather(*(self._publish_watermark(mark, payload) for mark, payload in chunk))
+
+    async def _publish_watermark(self, mark: Watermark, payload: bytes) -> None:
+        try:
+            await self.link.publish(agent_topic(mark.agent, Channel.WATERMARK), payload, retain=True)
+        except asyncio.CancelledError:
+            self.ingest.watermarks.give_back(mark)
+            raise
 
     def _submit_deferred(self) -> None:
         """Actions decided in a batch start only once it is committed (their decision is durable)."""
@@ -339,6 +416,7 @@ class Controller:
                     self._tg = tg
                     tg.create_task(self.link.run(), name="broker_link")
                     tg.create_task(self._ingest(), name="ingest")
+                    tg.create_task(self._publish_watermarks(), name="watermarks")
                     tg.create_task(self._silence_ticker(), name="silence_ticker")
                     tg.create_task(self._watch_policy(), name="policy_watcher")
                     tg.create_task(self._resume_commands(), name="command_retries")
@@ -369,6 +447,7 @@ class Controller:
 
     async def _stop_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
+        await self._drain()
         self.link.request_stop()
         if self.enrolment is not None:
             # Let the endpoint close its socket and finish a request in flight before the group is cancelled.
@@ -376,3 +455,21 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.enrolment.stopped.wait(), 3.0)
         raise Stop
+
+    async def _drain(self) -> None:
+        """Stopping: read no more, commit and acknowledge what is in hand (the inbox and the batch being
+        applied), then send the watermarks. Bounded by ``DRAIN_S``: a database that still refuses writes
+        leaves the rest unacknowledged, and the broker delivers it to the next start."""
+        self.link.stop_reading()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_S
+        while (self._in_hand or self._inbox.qsize()) and loop.time() < deadline:
+            self._batch_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._batch_done.wait(), deadline - loop.time())
+        if self._in_hand or self._inbox.qsize():
+            log.warning("stopped_with_messages_in_hand", messages=self._in_hand + self._inbox.qsize())
+        if self.link.connected:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._send_watermarks(), max(0.1, min(2.0, deadline - loop.time())))
+        log.info("ingest_drained", acked=self.link.acked)

@@ -1,7 +1,10 @@
 """Between the broker link and ingest: one queue per sender, quiet senders first, noisy ones rationed.
 
-Every message the broker hands over has already been acknowledged (QoS 1), and one MQTT connection carries
-every agent's messages in one stream: a device that floods would put its junk in front of everyone else's
+Each message comes with its ``settle`` callback (the broker link's acknowledgement): ingest calls it once
+the message's batch has committed, the inbox when it drops the message unread. Until then the broker keeps
+it, and the broker's inflight window bounds how many unacknowledged messages the controller holds: the
+link, the inbox and the batch in hand together never hold more. One MQTT connection carries every agent's
+messages in one stream: a device that floods would put its junk in front of everyone else's
 messages. So the link puts each message into its *sender's* queue (the agent the topic names, or
 ``(unenrolled)`` / ``(topic)``: at most enrolled agents + 2 queues), and ingest takes a batch as a *round*:
 
@@ -16,6 +19,15 @@ messages. So the link puts each message into its *sender's* queue (the agent the
   waits (the broker queues; QoS 1), as it did before this module, after evicting noisy messages to make
   room.
 
+Why a dropped message is acknowledged: left unacknowledged it would hold one of the broker's inflight slots
+for the rest of the connection, and a flood would soon hold them all: every other agent's messages would
+wait behind it (the broker does not resend on the same connection). So a dropped message is counted
+(``overflow``) and acknowledged. It is not lost if it was genuine: the agent keeps every message until a
+watermark lists it as stored, and resends one that a later stored seq shows was skipped
+(docs/data-path.md). Only a noisy sender's messages are ever dropped; under the broker's ACL only the agent
+itself can publish on its topics, so a device loses nothing unless it floods its own topics with junk, and
+even then its spool resends what was dropped.
+
 The order within one sender's queue is kept (its seqs arrive in order); the order across senders is not
 needed by anything (each sender's state is its own).
 """
@@ -27,6 +39,13 @@ from collections import deque
 from collections.abc import Callable
 
 Item = tuple[str, bytes, bool]  # topic, payload, retained
+Settle = Callable[[], None]  # acknowledges the message to the broker
+Entry = tuple[Item, Settle]
+
+
+def unsettled() -> None:
+    """The settle of a message that needs no acknowledgement (tests, QoS 0)."""
+
 
 CAPACITY = 2_000
 PER_SENDER = 500
@@ -58,7 +77,7 @@ class FairInbox:
         self._capacity = capacity
         self._per_sender = per_sender
         self._noisy_per_round = noisy_per_round
-        self._queues: dict[str, deque[Item]] = {}
+        self._queues: dict[str, deque[Entry]] = {}
         # Senders with queued messages, in turn order, by class. A sender's class is fixed for a round
         # (decided when the round opens or when its first message arrives) so that empty() is O(1).
         self._quiet: deque[str] = deque()
@@ -76,8 +95,9 @@ class FairInbox:
         return self._quiet_n + self._loud_n
 
     # -- producer: the link --------------------------------------------------------------------------------
-    async def put(self, item: Item) -> None:
+    async def put(self, item: Item, settle: Settle = unsettled) -> None:
         key = self._key_of(item[0])
+        entry = (item, settle)
         while True:
             queue = self._queues.get(key)
             queued = 0 if queue is None else len(queue)
@@ -86,13 +106,13 @@ class FairInbox:
                 # dropping at once keeps the link reading as fast as the flood arrives.
                 full = queued >= self._noisy_per_round or self.qsize() >= self._capacity
                 if full or not self._admit_noisy(key):
-                    self._drop(key, item)
+                    self._drop(key, entry)
                 else:
-                    self._append(key, item)
+                    self._append(key, entry)
                 return
             if queued < self._per_sender:
                 if self.qsize() < self._capacity:
-                    self._append(key, item)
+                    self._append(key, entry)
                     return
                 if self._evict_loud():
                     continue
@@ -100,35 +120,36 @@ class FairInbox:
             self._writable.clear()
             await self._writable.wait()
 
-    def _append(self, key: str, item: Item) -> None:
+    def _append(self, key: str, entry: Entry) -> None:
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = deque()
             loud = self._noisy(key)
             self._is_loud[key] = loud
             (self._loud if loud else self._quiet).append(key)
-        queue.append(item)
+        queue.append(entry)
         if self._is_loud[key]:
             self._loud_n += 1
         else:
             self._quiet_n += 1
         self._readable.set()
 
-    def _drop(self, key: str, item: Item) -> None:
+    def _drop(self, key: str, entry: Entry) -> None:
+        item, settle = entry
         self.overflowed += 1
         self._on_overflow(key, item)
+        settle()  # see the module docstring: an unacknowledged drop would hold an inflight slot for good
 
     def _evict_loud(self) -> bool:
         """Room for a quiet sender: drop the oldest message of the noisy sender next in turn."""
         if not self._loud:
             return False
         key = self._loud[0]
-        item = self._pop(key, self._loud)
-        self._drop(key, item)
+        self._drop(key, self._pop(key, self._loud))
         return True
 
     # -- consumer: ingest -----------------------------------------------------------------------------------
-    async def get(self) -> Item:
+    async def get(self) -> Entry:
         """Wait for a message, open a round and return its first message."""
         while not self.qsize():
             self._readable.clear()
@@ -138,7 +159,7 @@ class FairInbox:
         assert item is not None  # qsize() > 0, and a new round serves at least one noisy message
         return item
 
-    def get_nowait(self) -> Item:
+    def get_nowait(self) -> Entry:
         item = self._take()
         if item is None:
             raise asyncio.QueueEmpty
@@ -164,7 +185,7 @@ class FairInbox:
             else:
                 self._quiet_n += n
 
-    def _take(self) -> Item | None:
+    def _take(self) -> Entry | None:
         if self._quiet_n:
             return self._pop_turn(self._quiet)
         if self._loud_n and self._round_loud < self._noisy_per_round:
@@ -172,7 +193,7 @@ class FairInbox:
             return self._pop_turn(self._loud)
         return None
 
-    def _pop_turn(self, order: deque[str]) -> Item:
+    def _pop_turn(self, order: deque[str]) -> Entry:
         """One message of the sender whose turn it is; it goes to the back of the line if it has more."""
         key = order[0]
         item = self._pop(key, order)
@@ -180,7 +201,7 @@ class FairInbox:
             order.rotate(-1)
         return item
 
-    def _pop(self, key: str, order: deque[str]) -> Item:
+    def _pop(self, key: str, order: deque[str]) -> Entry:
         queue = self._queues[key]
         item = queue.popleft()
         if self._is_loud[key]:

@@ -57,6 +57,7 @@ from .recorder import Recorder
 from .rejects import WINDOW_S, Flush, Reason, RejectWindows, Window
 from .store import Store
 from .tracker import Tracker
+from .watermarks import WatermarkBook
 
 log = structlog.get_logger("cleanroom.controller.ingest")
 
@@ -91,6 +92,19 @@ def _expected_old_status(channel: Channel, verdict: Verdict, retained: bool) -> 
     if body.get("state") == "offline" and body.get("reason") == "will":
         return "superseded_will"
     return None
+
+
+def late_by(verdict: Verdict, *, now: float, max_skew_s: float) -> float | None:
+    """How late (s; negative: ahead of our clock) a verified message is, when its ``ts`` is outside the
+    freshness window; ``None`` when it is fresh (or a recognised Last Will, signed long before it is sent).
+
+    A late message is history, not a replay (the seq check stands for that): an event or an ack spooled
+    during a long outage is stored and acted on in order; a late posture or status is stored as evidence but
+    never judged as the endpoint's current state."""
+    if not verdict.ok or verdict.envelope is None or verdict.is_will:
+        return None
+    skew = now - verdict.envelope.ts
+    return round(skew, 3) if abs(skew) > max_skew_s else None
 
 
 def subscriptions(share_group: str | None) -> list[str]:
@@ -176,6 +190,8 @@ class Ingest:
         self._clock = clock
         self._shared = shared
         self._accepted: dict[str, int] = {}  # shared: last seq accepted by this process, per sender
+        # Seqs whose batch committed, told back to their agents (watermarks.py; the daemon publishes them).
+        self.watermarks = WatermarkBook()
         self.budgets = Budgets(limits)
         self.windows = RejectWindows(window_s)
         self._owner = uuid.uuid4().hex  # whose persisted windows are whose (share groups, restarts)
@@ -183,6 +199,7 @@ class Ingest:
         # What this process did with each message it was handed, by outcome or reason (tests, bench), and
         # how many times a bug (an exception) was caught on the way: zero, or something is wrong.
         self.counts: Counter[str] = Counter()
+        self.late = 0  # accepted messages whose ts was outside the freshness window (history)
         self.internal_errors = 0
 
     # -- the link's side: which queue a message goes to -----------------------------------------------------
@@ -230,6 +247,7 @@ class Ingest:
         ]
         outcomes: list[Outcome] = []
         flush: Flush | None = None
+        accepted = dict(self._accepted)  # a failed commit is retried: this process's replay rule goes back
         try:
             with self._store.transaction():
                 for topic, payload, retained, signed in checked:
@@ -240,7 +258,12 @@ class Ingest:
         except BaseException:
             if flush is not None:
                 self.windows.undo(flush)
+            self._accepted = accepted
             raise
+        for *_, signed in checked:
+            # Committed: whatever became of a message the agent signed, it need not send it again.
+            if signed is not None and signed.ok and signed.envelope is not None:
+                self.watermarks.stored(signed.envelope.sender, signed.envelope.seq)
         return outcomes
 
     def tick(self, now: float | None = None) -> None:
@@ -377,10 +400,18 @@ class Ingest:
             last_seq=self._accepted.get(agent) if self._shared else ep.last_seq,
             will_seq=ep.will_seq,
             now=now,
-            max_skew_s=self._max_skew_s,
+            max_skew_s=None,  # history is not refused for its age: see late_by
         )
         digest = hashlib.sha256(payload).hexdigest()
-        base = {"topic": topic, "seq": verdict.seq, "retained": retained, "bytes": len(payload)}
+        base: dict[str, object] = {
+            "topic": topic,
+            "seq": verdict.seq,
+            "retained": retained,
+            "bytes": len(payload),
+        }
+        late = late_by(verdict, now=now, max_skew_s=self._max_skew_s)
+        if late is not None:
+            base["late_s"] = late
         if not verdict.ok:
             seq = verdict.seq
             if (
@@ -418,7 +449,13 @@ class Ingest:
             self._accepted[agent] = max(seq, self._accepted.get(agent, seq))
         self.sealer.accepted(now)  # covered by the next verdict.batch entry (its row in messages is the leaf)
         body = verdict.body
-        if isinstance(body, Posture):
+        if late is not None:
+            self.late += 1
+        if late is not None and isinstance(body, Posture | Status):
+            # Evidence of what the endpoint was, stored (digest, audit) but never judged as what it is now:
+            # the endpoint's state moves only on fresh reports (and silence is decided on those alone).
+            pass
+        elif isinstance(body, Posture):
             posture_json = json.dumps(envelope.body, separators=(",", ":"), ensure_ascii=False)
             self._tracker.on_posture(agent, body, seq=seq, now=now, before=ep, posture_json=posture_json)
         elif isinstance(body, Status):

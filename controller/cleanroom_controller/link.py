@@ -1,6 +1,14 @@
 """The controller's one MQTT connection: persistent session (clean_session=not self._persistent, so QoS 1 commands and
 agent messages queue across reconnects), subscriptions on connect, jittered reconnect backoff, and a
-``publish`` that waits for the link instead of failing while it is down."""
+``publish`` that waits for the link instead of failing while it is down.
+
+Acknowledgement after commit: paho sends the QoS 1 PUBACK only when told (``manual_ack``), and every message
+handed on carries a :class:`Receipt`; ingest calls :meth:`BrokerLink.ack` once the transaction that stored
+it (or counted its rejection) has committed. Until then the broker keeps the message: a controller killed
+before its commit gets it again on reconnect (persistent session), and the broker sends at most its inflight
+window (``max_inflight_messages``) of unacknowledged messages, which is the backpressure on a busy
+controller. A receipt from an earlier connection is ignored: the broker redelivers those messages itself.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
@@ -17,7 +26,17 @@ from cleanroom_protocol import BrokerAddress, Reconnector, client_tls_context
 
 log = structlog.get_logger("cleanroom.controller.link")
 
-MessageHandler = Callable[[str, bytes, bool], Coroutine[Any, Any, None]]
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What acknowledges one received message to the broker: the connection it came on and its MQTT id."""
+
+    connection: int
+    mid: int
+    qos: int
+
+
+MessageHandler = Callable[[str, bytes, bool, Receipt], Coroutine[Any, Any, None]]
 ConnectHook = Callable[[], Coroutine[Any, Any, None]]
 
 
@@ -43,6 +62,10 @@ class BrokerLink:
         self._on_connect = on_connect
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
+        self._connection = 0  # counts connections: a receipt of an earlier one is not acknowledged
+        self._reading = asyncio.Event()
+        self._reading.set()
+        self.acked = 0
 
     @property
     def connected(self) -> bool:
@@ -61,6 +84,18 @@ class BrokerLink:
                 log.warning("publish_failed", topic=topic, error=str(exc))
                 self._connected.clear()
 
+    def ack(self, receipt: Receipt) -> None:
+        """PUBACK for one message: call only once what it caused is committed. From the event loop."""
+        client = self._client
+        if client is None or receipt.connection != self._connection or receipt.qos == 0:
+            return  # that connection is gone: the broker sends the message again on the next one
+        client._client.ack(receipt.mid, receipt.qos)  # aiomqtt does not expose manual acks
+        self.acked += 1
+
+    def stop_reading(self) -> None:
+        """Hand on no more messages (shutdown): what is not handed on stays unacknowledged at the broker."""
+        self._reading.clear()
+
     def request_stop(self) -> None:
         """The controller is stopping: a lost connection from now on ends :meth:`run`, no reconnect."""
         self._reconnector.request_stop()
@@ -73,7 +108,7 @@ class BrokerLink:
 
     async def _session(self) -> None:
         try:
-            async with aiomqtt.Client(
+            client = aiomqtt.Client(
                 self._address.host,
                 self._address.port,
                 identifier=self._client_id,
@@ -82,8 +117,14 @@ class BrokerLink:
                 # mqtts://: the shared TLS context (CA, this process's certificate), re-read per connection
                 tls_context=client_tls_context(self._address),
                 max_concurrent_outgoing_calls=200,
+                # Never reached: the broker's inflight window bounds what is delivered and not yet acked.
                 max_queued_incoming_messages=100_000,
-            ) as client:
+            )
+            # PUBACK after the commit, not when paho has read the message (aiomqtt 2.5 does not expose it).
+            client._client.manual_ack_set(True)
+            self._connection += 1
+            connection = self._connection
+            async with client:
                 _no_delay(client)
                 for flt in self._subscriptions:
                     await client.subscribe(flt, qos=1)
@@ -93,10 +134,14 @@ class BrokerLink:
                 log.info("broker_connected", broker=self._address.url)
                 if self._on_connect is not None:
                     asyncio.get_running_loop().create_task(self._on_connect(), name="on_connect")
-                async for message in client.messages:
+                messages = aiter(client.messages)
+                while True:
+                    await self._reading.wait()  # cleared on shutdown: the rest stays with the broker
+                    message = await anext(messages)
                     payload = message.payload
                     raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-                    await self._on_message(str(message.topic), bytes(raw), bool(message.retain))
+                    receipt = Receipt(connection, message.mid, message.qos)
+                    await self._on_message(str(message.topic), bytes(raw), bool(message.retain), receipt)
         finally:
             self._connected.clear()
             self._client = None

@@ -518,6 +518,7 @@ class Store:
                 "seq": r["seq"],
                 "ts": r["ts"],
                 "at": r["at"],
+                "received": r["received"],  # received - ts: how late it came (history after an outage)
                 "severity": r["severity"],
                 "blocked": bool(r["blocked"]),
                 "details": json.loads(r["details"]),

@@ -24,9 +24,9 @@ def msg(sender: str, n: int) -> Item:
 
 
 async def one_round(inbox: FairInbox) -> list[str]:
-    round_ = [await asyncio.wait_for(inbox.get(), 1)]
+    round_ = [(await asyncio.wait_for(inbox.get(), 1))[0]]
     while not inbox.empty():
-        round_.append(inbox.get_nowait())
+        round_.append(inbox.get_nowait()[0])
     return [f"{t.split('/')[0]}{p.decode()}" for t, p, _ in round_]
 
 
@@ -82,3 +82,20 @@ async def test_a_sender_is_classed_again_each_round() -> None:
     for i in range(3, 6):
         await inbox.put(msg("a", i))  # one kept (a round's worth), two dropped
     assert await one_round(inbox) == ["a3"]
+
+
+async def test_a_dropped_message_is_acknowledged_and_a_queued_one_only_when_ingest_settles_it() -> None:
+    """A drop that stayed unacknowledged would hold one of the broker's inflight slots for good."""
+    inbox, dropped = make({"a"}, noisy_per_round=1)
+    settled: list[str] = []
+    await inbox.put(msg("a", 0), lambda: settled.append("a0"))
+    await inbox.put(msg("a", 1), lambda: settled.append("a1"))  # over the round's worth: dropped
+    await inbox.put(msg("b", 0), lambda: settled.append("b0"))
+    assert [k for k, _ in dropped] == ["a"] and settled == ["a1"]
+    entries = [await inbox.get()]
+    while not inbox.empty():
+        entries.append(inbox.get_nowait())
+    assert settled == ["a1"], "nothing queued is acknowledged before ingest settles it"
+    for _, settle in entries:
+        settle()
+    assert sorted(settled) == ["a0", "a1", "b0"]
