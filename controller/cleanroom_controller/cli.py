@@ -18,12 +18,14 @@ from rich.markup import escape
 
 # Only what every command needs is imported here: the list and verify commands stay quick to start. The
 # protocol (pydantic models), structlog and the daemon are imported by the commands that use them.
-from .audit import verify_chain
 from .settings import ControllerSettings, SettingsError, load_settings
 from .store import AgentExistsError, Store
 from .views import agent_rows, event_rows, session_rows, unenrolled_rejects
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from .audit.checkpoints import CheckpointFile
     from .trust import Pki
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -441,33 +443,250 @@ def events_list(
     )
 
 
+def _controller_public_key(settings: ControllerSettings, public_key: Path | None) -> Ed25519PublicKey:
+    """The key checkpoints are checked with: ``--public-key`` (a PEM kept apart from this host), else the one
+    of the controller's own key in the data directory."""
+    from cleanroom_protocol import KeyFileError, load_private_key, load_public_key
+
+    try:
+        if public_key is not None:
+            return load_public_key(public_key)
+        return load_private_key(settings.data_dir / "controller.key").public_key()
+    except (KeyFileError, OSError) as exc:
+        fail(f"no key to check checkpoints with: {exc} (give --public-key with the controller's public key)")
+
+
+def _checkpoint_log(settings: ControllerSettings, checkpoints: Path | None) -> CheckpointFile:
+    from .audit.checkpoints import CHECKPOINTS_NAME, CheckpointFile
+
+    return CheckpointFile(checkpoints or settings.data_dir / CHECKPOINTS_NAME)
+
+
+CheckpointsOpt = Annotated[
+    Path | None,
+    typer.Option("--checkpoints", help="Checkpoint log (default: audit-checkpoints.jsonl in the data dir)."),
+]
+PublicKeyOpt = Annotated[
+    Path | None,
+    typer.Option("--public-key", help="Controller public key (PEM) to check checkpoints and archives with."),
+]
+
+
 @audit_app.command("verify")
-def audit_verify(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Exit 0 when the chain is intact; 1 naming the first bad entry (edited, deleted, inserted, reordered)."""
-    store = _open_store(_settings(config, data_dir=data_dir))
-    entries = list(store.audit_entries())
-    problem = verify_chain(entries, store.audit_head())
-    if problem is None:
-        last = entries[-1] if entries else None
-        if as_json:
-            print(json.dumps({"ok": True, "entries": len(entries), "head": last.hash if last else None}))
-        else:
-            print(f"audit chain intact: {len(entries)} entries" + (f", head {last.hash}" if last else ""))
+def audit_verify(
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    checkpoints: CheckpointsOpt = None,
+    public_key: PublicKeyOpt = None,
+    archive: Annotated[
+        Path | None, typer.Option("--archive", help="Verify this archived segment alone (no database).")
+    ] = None,
+) -> None:
+    """Exit 0 when the chain is intact; 1 naming the first bad entry (edited, deleted, inserted, reordered)
+    or, with the signed checkpoints, the first checkpoint a rewritten chain disagrees with."""
+    from .audit.checkpoints import CheckpointError, check_checkpoints
+    from .audit.verify import verify_store
+
+    settings = _settings(config, data_dir=data_dir)
+    if archive is not None:
+        _verify_archive(archive, _controller_public_key(settings, public_key), as_json)
         return
+    store = _open_store(settings)
+    log = _checkpoint_log(settings, checkpoints)
+    marks, cp_problems, have_checkpoints = [], [], log.path.exists()
+    if have_checkpoints:
+        try:
+            checked = check_checkpoints(log, _controller_public_key(settings, public_key))
+        except CheckpointError as exc:
+            fail(str(exc))
+        marks, cp_problems = checked.marks, checked.problems
+    elif checkpoints is not None:
+        fail(f"no checkpoint log at {log.path}")
+    report = verify_store(store, marks, cp_problems)
+    rate = report.entries / report.seconds if report.seconds > 0 else 0.0
+    problem = report.problem
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "ok": False,
-                    "entry": problem.entry_id,
-                    "tamper": problem.tamper.value,
-                    "detail": problem.detail,
-                }
-            )
-        )
+        out: dict[str, Any] = {
+            "ok": report.ok,
+            "entries": report.entries,
+            "head": report.last.hash if report.last.id else None,
+            "base": report.base.id,
+            "checkpoints": report.checkpoints,
+            "checkpoints_passed": report.checkpoints_passed,
+            "checkpoint_problems": report.checkpoint_problems,
+            "entries_per_s": round(rate),
+        }
+        if problem is not None:
+            out |= {"entry": problem.entry_id, "tamper": problem.tamper.value, "detail": problem.detail}
+        print(json.dumps(out))
     else:
-        print(f"audit chain BROKEN: {problem}")
-    raise typer.Exit(1)
+        for line in report.checkpoint_problems:
+            print(f"checkpoint log BROKEN: {line}")
+        if problem is not None:
+            print(f"audit chain BROKEN: {problem}")
+        elif report.ok:
+            archived = f" (entries 1..{report.base.id} archived)" if report.base.id else ""
+            print(
+                f"audit chain intact: {report.entries} entries{archived}"
+                + (f", head {report.last.hash}" if report.last.id else "")
+                + f", {report.checkpoints_passed} of {report.checkpoints} signed checkpoints passed"
+                + f" ({rate:,.0f} entries/s)"
+            )
+            if not have_checkpoints:
+                say("no checkpoint log: a rewrite that recomputes every later hash would not be caught")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _verify_archive(path: Path, key: Ed25519PublicKey, as_json: bool) -> None:
+    from .audit.archive import ArchiveError, verify_archive
+
+    try:
+        report = verify_archive(path, key)
+    except ArchiveError as exc:
+        if as_json:
+            print(json.dumps({"ok": False, "archive": str(path), "detail": str(exc)}))
+        else:
+            print(f"audit archive BROKEN: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps({"ok": True, "archive": str(path), "first": report.first, "last": report.last}))
+    else:
+        print(f"audit archive intact: entries {report.first}..{report.last}, both checkpoints signed")
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, checkpoints: CheckpointsOpt = None
+) -> None:
+    """Sign the chain's head now with the controller key and append it to the checkpoint log (the daemon
+    does this at its cadence; before `audit archive`, or to anchor a head by hand)."""
+    from cleanroom_protocol import KeyFileError, load_private_key
+
+    from .audit.checkpoints import sign_checkpoint
+
+    settings = _settings(config, data_dir=data_dir)
+    store = _open_store(settings)
+    head = store.audit_head()
+    if head is None or head.id == 0:
+        fail("the audit chain is empty: nothing to sign")
+    try:
+        key = load_private_key(settings.data_dir / "controller.key")
+    except (KeyFileError, OSError) as exc:
+        fail(str(exc))
+    log = _checkpoint_log(settings, checkpoints)
+    cp = sign_checkpoint(key, head, time.time())
+    log.append(cp)
+    print(f"signed {cp.label()} into {log.path}")
+
+
+@audit_app.command("prove")
+def audit_prove(
+    agent: Annotated[str, typer.Option("--agent", help="The agent id.")],
+    seq: Annotated[int, typer.Option("--seq", help="The message's seq.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Print (JSON) the inclusion proof that message (agent, seq) is covered by a verdict.batch entry:
+    leaf, audit path, root, the entry and its chain hash. `audit check-proof FILE` checks it offline."""
+    from .audit import merkle
+    from .audit.proofs import build_proof, check_proof
+
+    store = _open_store(_settings(config, data_dir=data_dir))
+    found = store.message_leaf(agent, seq)
+    if found is None:
+        fail(f"no stored message {agent} seq {seq} (never accepted, or pruned after its retention)")
+    _, _, batch, index = found
+    if batch is None or index is None:
+        fail(f"message {agent} seq {seq} is not sealed into a batch yet (within about a second); try again")
+    entry = store.audit_entry(batch)
+    if entry is None:
+        fail(f"the batch entry {batch} covering {agent} seq {seq} is not in the database (archived?)")
+    leaves = [merkle.Leaf(*row) for row in store.batch_leaves(batch)]
+    proof = build_proof(leaves, index, entry)
+    problems = check_proof(proof)
+    if problems:
+        fail(f"the stored batch does not prove the message: {'; '.join(problems)}")
+    sys.stdout.write(json.dumps(proof, indent=2, sort_keys=True) + "\n")
+
+
+@audit_app.command("check-proof")
+def audit_check_proof(
+    proof_file: Annotated[Path, typer.Argument(metavar="FILE", help="A proof printed by `audit prove`.")],
+    message: Annotated[
+        Path | None, typer.Option("--message", help="The message's bytes as sent: its digest must match.")
+    ] = None,
+) -> None:
+    """Check an inclusion proof without any database: exit 0 when it holds, 1 naming what does not."""
+    from .audit.proofs import check_proof
+
+    try:
+        raw = proof_file.read_bytes()
+        if len(raw) > 1 << 20:
+            fail(f"{proof_file}: larger than 1 MiB, not a proof")
+        doc = json.loads(raw)
+        payload = message.read_bytes() if message is not None else None
+    except (OSError, ValueError) as exc:
+        fail(f"{proof_file}: {exc}")
+    problems = check_proof(doc, message=payload) if isinstance(doc, dict) else ["not a JSON object"]
+    if problems:
+        for p in problems:
+            print(f"proof does NOT hold: {p}")
+        raise typer.Exit(1)
+    leaf, entry = doc["leaf"], doc["entry"]
+    print(
+        f"proof holds: {leaf['agent']} seq {leaf['seq']} ({leaf['kind']}) is leaf {doc['index']} of "
+        f"{doc['size']} under audit entry {entry['id']}, chain hash {entry['hash']}"
+    )
+
+
+@audit_app.command("archive")
+def audit_archive(
+    before: Annotated[str, typer.Option("--before", help="ISO date or time (UTC unless it says otherwise).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Directory (default: audit-archive/ in the data dir).")
+    ] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    checkpoints: CheckpointsOpt = None,
+    public_key: PublicKeyOpt = None,
+) -> None:
+    """Move the entries up to the last signed checkpoint before DATE into a gzip JSON-lines file that
+    verifies on its own (`audit verify --archive FILE`); the database keeps the rest."""
+    from datetime import UTC, datetime
+
+    from .audit.archive import ARCHIVE_DIR, ArchiveError, archive_before
+
+    try:
+        when = datetime.fromisoformat(before)
+    except ValueError:
+        fail(f"--before {before!r}: not an ISO date or time (e.g. 2026-11-01 or 2026-11-01T12:00:00Z)")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    settings = _settings(config, data_dir=data_dir)
+    store = _open_store(settings)
+    key = _controller_public_key(settings, public_key)
+    try:
+        report = archive_before(
+            store,
+            _checkpoint_log(settings, checkpoints),
+            key,
+            when.timestamp(),
+            out or settings.data_dir / ARCHIVE_DIR,
+        )
+    except (ArchiveError, OSError) as exc:
+        fail(f"nothing archived: {exc}")
+    if report is None:
+        print(f"nothing to archive: no signed checkpoint before {when.isoformat()} beyond what is archived")
+        return
+    store.append_audit(
+        "operator.audit_archive",
+        f"operator:{_operator()}",
+        report.path.name,
+        {"first": report.first, "last": report.last, "entries": report.entries},
+    )
+    print(f"archived entries {report.first}..{report.last} to {report.path}")
 
 
 @app.command()

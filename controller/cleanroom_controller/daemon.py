@@ -23,6 +23,7 @@ from cleanroom_protocol import (
 )
 
 from .actions import ActionRunner
+from .audit.checkpoints import CHECKPOINTS_NAME, Checkpointer, CheckpointFile
 from .broker import EmbeddedBroker
 from .decide import EndSession
 from .desktops.keeper import DesktopsKeeper
@@ -110,6 +111,8 @@ class Controller:
         self.key, _ = load_or_create_private_key(settings.data_dir / KEY_NAME)
         self.store = Store.open(settings.data_dir, settings.database)
         self.recorder = Recorder(self.store, f"controller:{settings.id}")
+        # The chain's head, signed at a cadence into a log outside the database (audit/checkpoints.py).
+        self.checkpointer = Checkpointer(CheckpointFile(settings.data_dir / CHECKPOINTS_NAME), self.key)
         self.signer = Signer(self.store, self.key, settings.id)
         self.policy = PolicyKeeper(
             store=self.store, recorder=self.recorder, signer=self.signer, path=settings.policy
@@ -310,6 +313,7 @@ class Controller:
             try:
                 self.tracker.tick(now)
                 self.ingest.tick(now)  # reject windows due, counts of dropped messages, orphaned windows
+                self.checkpointer.maybe(self.store.audit_head(), now)
                 self._submit_deferred()
                 if now - last_prune > PRUNE_EVERY_S:
                     last_prune = now
@@ -439,6 +443,10 @@ class Controller:
             except Exception:
                 log.exception("reject_windows_not_written")
             self.recorder.record("controller.stopped", self.settings.id, {})
+            try:
+                self.checkpointer.maybe(self.store.audit_head(), time.time(), force=True)
+            except OSError:
+                log.exception("checkpoint_not_written")
             self.store.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

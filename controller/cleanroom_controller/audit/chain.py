@@ -212,11 +212,11 @@ def walk_chain(
                 count += 1
                 prev_hash, expected_id = e.hash, expected_id + 1
                 window.append(e)
-                if e.id == next_mark:
+                while e.id == next_mark:  # several marks may name one entry
                     mark = pending[mark_i]
                     if mark.at.hash != e.hash:
                         problem = ChainProblem(
-                            e.id,
+                            prev_mark_id + 1,
                             Tamper.REWRITTEN,
                             f"{mark.label} recorded entry {e.id} with hash {mark.at.hash[:16]}…, the chain has "
                             f"{e.hash[:16]}…: entries {prev_mark_id + 1}..{e.id} were rewritten with "
