@@ -1,0 +1,209 @@
+"""Two controllers on one PostgreSQL and one `$share` group; one is killed with -9 in the middle of a flood.
+
+Real Mosquitto, a real PostgreSQL (tests/support/postgres.py), two real `cleanroom-controller run`
+processes with the same controller key and id (one controller identity, as N hosts would share it), each its
+own data dir and client connection, `--database` the same PostgreSQL and `--share-group` the same group.
+
+What is simulated is the fleet (a real agent cannot produce thousands of events in a second here): FLEET
+enrolled identities with real Ed25519 keys publish signed events over QoS 1 from one paho client, and keep
+each event as the agent's outbox does (docs/data-path.md) until a watermark from the controllers lists it,
+resending what is still unlisted a while after it was sent. Counted on both sides: every event the fleet
+sent is stored exactly once in PostgreSQL (the set of seqs and the row count per agent), whichever
+controller stored it. A violation reported during the fail-over is acted on (the signed `end_session` on the
+wire) within 1 s of the survivor receiving it (its `messages.received` time for that posture).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cleanroom_controller.store import Store
+from cleanroom_protocol import Channel, Event, Kind, SessionInfo, load_policy
+from tests.support.mosquitto import Mosquitto
+from tests.support.procs import Cleanroom, Controller, SimulatedAgent, cleanroom, publish
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.integration
+
+FLEET = 10
+EVENTS_EACH = 300  # 3,000 events: about a second or two of work for two controllers on two shared cores
+KILL_AFTER = 800  # stored events when the first controller is killed
+RESEND_AFTER_S = 1.5  # unlisted this long after sending: resent (the agent's outbox does the same)
+ACT_WITHIN_S = 1.0
+
+
+@pytest.fixture
+def world(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Cleanroom]:
+    with cleanroom(tmp_path, mosquitto) as w:
+        yield w
+
+
+class Fleet:
+    """The simulated agents' one connection: publishes events (QoS 1), records the watermarks it is sent."""
+
+    def __init__(self, port: int, agents: list[SimulatedAgent]) -> None:
+        self.agents = {a.agent_id: a for a in agents}
+        self.sent: dict[str, dict[int, tuple[float, bytes]]] = {a.agent_id: {} for a in agents}
+        self.listed: dict[str, set[int]] = {a.agent_id: set() for a in agents}
+        self.resent = 0
+        self._lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="it-fleet", clean_session=False)
+        self.client.max_inflight_messages_set(200)
+        self.client.max_queued_messages_set(0)
+        self.client.on_connect = lambda c, *_: c.subscribe("cleanroom/v1/agents/+/watermark", qos=1)
+        self.client.on_message = self._on_watermark
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+
+    def _on_watermark(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        body = json.loads(msg.payload)["body"]
+        with self._lock:
+            listed = self.listed.get(body["agent"])
+            if listed is not None:
+                for first, last in body["stored"]:
+                    listed.update(range(first, last + 1))
+
+    def send_event(self, agent: SimulatedAgent, n: int) -> None:
+        payload = agent.seal(Kind.EVENT, Event(kind="clipboard.blocked", at=time.time(), details={"n": n}))
+        with self._lock:
+            self.sent[agent.agent_id][agent.seq] = (time.monotonic(), payload)
+        self.client.publish(agent.topic(Channel.EVENTS), payload, qos=1)
+
+    def unlisted(self) -> dict[str, list[int]]:
+        with self._lock:
+            return {
+                a: sorted(set(s) - self.listed[a]) for a, s in self.sent.items() if set(s) - self.listed[a]
+            }
+
+    def resend_unlisted(self) -> None:
+        now = time.monotonic()
+        for agent_id, seqs in self.unlisted().items():
+            for seq in seqs:
+                sent_at, payload = self.sent[agent_id][seq]
+                if now - sent_at >= RESEND_AFTER_S:
+                    with self._lock:
+                        self.sent[agent_id][seq] = (now, payload)
+                    self.client.publish(self.agents[agent_id].topic(Channel.EVENTS), payload, qos=1)
+                    self.resent += 1
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def stored_events(store: Store) -> dict[str, list[int]]:
+    rows = store._db.execute("SELECT agent, seq FROM events ORDER BY agent, seq").fetchall()
+    out: dict[str, list[int]] = {}
+    for agent, seq in rows:
+        out.setdefault(str(agent), []).append(int(seq))
+    return out
+
+
+def test_a_controller_killed_mid_flood_loses_nothing_and_the_other_acts_in_time(
+    world: Cleanroom, mosquitto: Mosquitto, postgres_url: str
+) -> None:
+    world.write_policy(heartbeat_s=30, max_offline_s=600)
+    policy = load_policy(world.policy_path)
+    # One controller identity on two hosts: the same key in both data dirs.
+    first_dir, second_dir = world.root / "ctl-1", world.root / "ctl-2"
+    shared = ["--database", postgres_url, "--share-group", "ingest", "--enroll-listen", "off"]
+    first = Controller(data_dir=first_dir, broker_url=mosquitto.url, policy=world.policy_path, extra=shared)
+    world.controller_key.write_text(first.identity_pem())
+    second_dir.mkdir(mode=0o700)
+    shutil.copy2(first_dir / "controller.key", second_dir / "controller.key")
+    second = Controller(data_dir=second_dir, broker_url=mosquitto.url, policy=world.policy_path, extra=shared)
+
+    store = Store.open(first_dir, postgres_url)
+    fleet_agents = [SimulatedAgent(f"dev-{i:02d}") for i in range(FLEET)]
+    violator = SimulatedAgent("violator")
+    for agent in [*fleet_agents, violator]:
+        store.add_agent(agent.agent_id, agent.public_pem(), agent.agent_id, time.time())
+    first.start()
+    second.start()
+    fleet: Fleet | None = None
+    try:
+        wait_for(
+            lambda: (
+                "controller.started" in [e.kind for e in store.audit_entries()][-40:]
+                and sum(e.kind == "controller.started" for e in store.audit_entries()) >= 2
+            ),
+            timeout=30,
+            what="both controllers started",
+        )
+        session = SessionInfo(id="s-77", client=world.client_name, pid=7777, pids=[7777], started=time.time())
+        compliant = violator.posture_body(policy).model_copy(update={"sessions": [session]})
+        publish(mosquitto.port, [violator.online(), (violator.topic(Channel.POSTURE),
+                                 violator.seal(Kind.POSTURE, compliant), False)])  # fmt: skip
+        wait_for(
+            lambda: (s := store.session("violator", "s-77")) is not None and s.state.value == "running",
+            timeout=20,
+            what="the violator's session running",
+        )
+        tap = world.tap("cleanroom/v1/agents/violator/commands")
+
+        fleet = Fleet(mosquitto.port, fleet_agents)
+        for n in range(EVENTS_EACH):
+            for agent in fleet_agents:
+                fleet.send_event(agent, n)
+            if n == EVENTS_EACH // 2:
+                wait_for(
+                    lambda: sum(map(len, stored_events(store).values())) >= KILL_AFTER,
+                    timeout=30,
+                    what=f"{KILL_AFTER} events stored before the kill",
+                )
+                first.kill()  # SIGKILL in the middle of the flood
+                violation = violator.posture_body(policy, denied=[world.denied_name]).model_copy(
+                    update={"sessions": [session]}
+                )
+                violation_seq = violator.seq + 1
+                fleet.client.publish(
+                    violator.topic(Channel.POSTURE), violator.seal(Kind.POSTURE, violation), qos=1
+                )
+
+        command = wait_for(
+            lambda: next(iter(tap.on("/commands")), None), timeout=20, what="end_session for the violator"
+        )
+        received = wait_for(
+            lambda: store._db.execute(
+                "SELECT received FROM messages WHERE agent = ? AND seq = ?", ("violator", violation_seq)
+            ).fetchone(),
+            timeout=10,
+            what="the violation stored",
+        )[0]
+        # Tapped.at is monotonic; the store's received is wall-clock: convert the tap's time.
+        acted_after = (command.at + (time.time() - time.monotonic())) - float(received)
+        assert json.loads(command.payload)["body"]["session_id"] == "s-77"
+
+        deadline = time.monotonic() + 30
+        while fleet.unlisted() and time.monotonic() < deadline:
+            fleet.resend_unlisted()
+            time.sleep(0.2)
+        assert not fleet.unlisted(), f"never listed by a watermark: {fleet.unlisted()}"
+        second.assert_alive()
+    finally:
+        if fleet is not None:
+            fleet.close()
+        for ctl in (first, second):
+            ctl.stop()
+
+    stored = stored_events(store)
+    rows = store._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    print(
+        f"fail-over: {sum(map(len, fleet.sent.values()))} events sent, {rows} stored, {fleet.resent} resent "
+        f"after watermarks; violation acted on {1000 * acted_after:.0f} ms after the survivor received it"
+    )
+    for agent_id, sent in fleet.sent.items():
+        assert stored.get(agent_id) == sorted(sent), f"{agent_id}: stored seqs differ from the sent ones"
+    assert rows == FLEET * EVENTS_EACH  # counted on the fleet's side: each event once
+    assert acted_after <= ACT_WITHIN_S, f"acted on {acted_after:.3f} s after receipt"
+    store.close()
