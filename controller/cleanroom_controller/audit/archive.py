@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -102,7 +102,7 @@ def write_archive(
         os.close(dir_fd)
 
 
-def _lines(f: IO[bytes], path: Path) -> Iterator[tuple[int, Any]]:
+def _lines(f: gzip.GzipFile, path: Path) -> Iterator[tuple[int, Any]]:
     n = 0
     while line := f.readline(_MAX_LINE + 1):
         n += 1
