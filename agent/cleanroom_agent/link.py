@@ -1,7 +1,9 @@
 """The agent's single MQTT connection.
 
-Connects with a signed Last Will, subscribes to its commands and the retained policy, publishes the
-outbox strictly in seq order (a row leaves the spool only after the broker's PUBACK), verifies every
+Connects with a signed Last Will, subscribes to its commands, its watermark and the retained policy,
+publishes the outbox strictly in seq order (the broker's PUBACK marks a row sent; it leaves the spool only
+when the controller's signed watermark lists it as stored: after a reconnect every unlisted row is sent
+again, and so is one sent ``RESEND_AFTER_S`` ago that a later stored seq shows was lost), verifies every
 incoming message against the controller key, and reconnects with jittered backoff. Bad input is
 rejected (counted, reported through ``on_reject`` in bounded form: ``refusals.py``), never fatal.
 
@@ -43,6 +45,7 @@ from cleanroom_protocol import (
     Reconnector,
     Status,
     VerdictStatus,
+    Watermark,
     agent_topic,
     client_tls_context,
     verify,
@@ -62,6 +65,10 @@ POLICY_WAIT_S = 2.0
 COMMAND_RATE, COMMAND_BURST = 20.0, 100  # new commands
 REDELIVERY_RATE, REDELIVERY_BURST = 5.0, 20  # commands with an old seq: each one costs an ack sent again
 POLICY_RATE, POLICY_BURST = 2.0, 10
+WATERMARK_RATE, WATERMARK_BURST = 20.0, 100  # the controller sends at most 2/s; more are replays
+# A row sent this long ago and still unlisted while the controller stored a later seq was lost on the way:
+# it is sent again. Longer than a watermark round plus a commit, so reordering alone never triggers it.
+RESEND_AFTER_S = 5.0
 # Admitted (signed, within budget) messages waiting for the handler; the budgets keep it far below this.
 MAX_QUEUED_INCOMING = 1000
 REFUSAL_FLUSH_S = 1.0  # how often held-back refusal counts are checked for a summary
@@ -111,6 +118,11 @@ class Link:
         self._command_budget = TokenBucket(COMMAND_RATE, COMMAND_BURST)
         self._redelivery_budget = TokenBucket(REDELIVERY_RATE, REDELIVERY_BURST)
         self._policy_budget = TokenBucket(POLICY_RATE, POLICY_BURST)
+        self._watermark_budget = TokenBucket(WATERMARK_RATE, WATERMARK_BURST)
+        self._watermark_topic = agent_topic(agent_id, Channel.WATERMARK)
+        self._stored_high = 0  # the highest seq the controller said it stored
+        self.covered = 0  # rows deleted because a watermark listed them
+        self.resent = 0  # rows sent again (after a reconnect, or found missing)
         self.refusals = RefusalTally()
         self.connected = False
         self._reconnector = Reconnector()
@@ -177,11 +189,18 @@ class Link:
             self._reconnector.connected()
             self._policy_seen.clear()
             await client.subscribe(agent_topic(self._agent_id, Channel.COMMANDS), qos=1)
+            await client.subscribe(self._watermark_topic, qos=1)
             await client.subscribe(POLICY_TOPIC, qos=1)
+            # What no watermark listed goes out again, in seq order, before anything new.
+            resent = self._spool.resend_all()
+            if resent:
+                self.resent += resent
+                log.info("outbox_resend", rows=resent, why="reconnected")
             log.info("broker_connected", broker=self._broker.url, will_seq=will_seq)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(client), name="link.receive")
                 tg.create_task(self._report_refusals(), name="link.refusals")
+                tg.create_task(self._find_gaps(), name="link.gaps")
                 try:
                     await asyncio.wait_for(self._policy_seen.wait(), POLICY_WAIT_S)
                 except TimeoutError:
@@ -210,7 +229,7 @@ class Link:
                     await self._wake.wait()
                 continue
             await client.publish(row.topic, row.payload, qos=1, retain=row.retain)  # returns after PUBACK
-            self._spool.delete(row.seq)
+            self._spool.mark_sent(row.seq, time.time())  # kept until a watermark lists it
             self.published += 1
 
     async def drain(self, within_s: float) -> bool:
@@ -224,7 +243,7 @@ class Link:
             return False
 
     async def _wait_empty(self) -> None:
-        while self._spool.count():
+        while self._spool.unsent():
             self._drained.clear()
             self._wake.set()
             with contextlib.suppress(TimeoutError):
@@ -260,7 +279,8 @@ class Link:
 
     def _check_admission(self, topic: str, payload: object) -> bool:
         is_policy = topic == POLICY_TOPIC
-        what = "policy" if is_policy else "command"
+        is_watermark = topic == self._watermark_topic
+        what = "policy" if is_policy else "watermark" if is_watermark else "command"
         if not isinstance(payload, bytes | bytearray):
             self._refuse(what, "malformed", "payload is not bytes")
             return False
@@ -275,13 +295,15 @@ class Link:
             public_key_for=self._key_for,
             last_seq=None,
             max_skew_s=None,
-            expected_kind=Kind.POLICY if is_policy else Kind.COMMAND,
+            expected_kind=Kind.POLICY if is_policy else Kind.WATERMARK if is_watermark else Kind.COMMAND,
         )
         if not verdict.ok or verdict.envelope is None:
             self._refuse(what, verdict.status.value, verdict.detail)
             return False
         if is_policy:
             budget = self._policy_budget
+        elif is_watermark:
+            budget = self._watermark_budget
         else:
             last_seq = self._spool.get_int(CONTROLLER_LAST_SEQ)
             fresh = last_seq is None or verdict.envelope.seq > last_seq
@@ -305,6 +327,8 @@ class Link:
             return
         if topic == POLICY_TOPIC:
             await self._handle_policy(bytes(payload))
+        elif topic == self._watermark_topic:
+            self._handle_watermark(bytes(payload))
         else:
             await self._handle_command(bytes(payload))
 
@@ -324,6 +348,36 @@ class Link:
             self._refuse("policy", verdict.status.value, verdict.detail)
             return
         await self._cb.on_policy(verdict.body, raw)
+
+    def _handle_watermark(self, raw: bytes) -> None:
+        """Signed by the controller (checked again here) and about us: the rows it lists leave the spool.
+        No replay or clock check is needed: an old watermark only lists seqs that were stored."""
+        verdict = verify(
+            raw, public_key_for=self._key_for, last_seq=None, max_skew_s=None, expected_kind=Kind.WATERMARK
+        )
+        if not verdict.ok or not isinstance(verdict.body, Watermark):
+            self._refuse("watermark", verdict.status.value, verdict.detail)
+            return
+        mark = verdict.body
+        if mark.agent != self._agent_id:
+            self._refuse("watermark", "not_for_us", f"a watermark for {mark.agent[:64]!r}")
+            return
+        self.covered += self._spool.covered(mark.stored)
+        self._stored_high = max(self._stored_high, mark.seq)
+        self._resend_gaps()
+
+    def _resend_gaps(self) -> None:
+        resent = self._spool.resend_gaps(self._stored_high, sent_before=time.time() - RESEND_AFTER_S)
+        if resent:
+            self.resent += resent
+            log.warning("outbox_resend", rows=resent, why="missing below the controller's watermark")
+            self._on_enqueue()
+
+    async def _find_gaps(self) -> None:
+        """Rows may turn out missing without another watermark (it came before they were due)."""
+        while True:
+            await asyncio.sleep(RESEND_AFTER_S)
+            self._resend_gaps()
 
     async def _handle_command(self, raw: bytes) -> None:
         verdict = verify(

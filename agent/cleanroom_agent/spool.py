@@ -1,8 +1,13 @@
 """The durable outbox and the agent's small persistent state, in one SQLite file (``agent.db``).
 
 Everything the agent sends goes through one ordered outbox: a row is signed when it is enqueued (its seq
-allocated in the same transaction), published strictly in seq order and deleted only after the broker's
-PUBACK. WAL + ``synchronous=FULL`` so a committed row survives power loss.
+allocated in the same transaction) and published strictly in seq order. The broker's PUBACK only marks it
+sent (``sent_at``); it is deleted when the controller's signed watermark lists it as stored
+(:meth:`Spool.covered`), so a message lost after the broker (a controller killed before its commit, a
+broker that lost its queue) is still here to be sent again: all unlisted rows after a reconnect
+(:meth:`Spool.resend_all`), and a row sent a while ago that a later stored seq shows was skipped
+(:meth:`Spool.resend_gaps`). The controller recognises what it already has by (agent, seq) and digest.
+WAL + ``synchronous=FULL`` so a committed row survives power loss.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     retain INTEGER NOT NULL,
-    coalesce_key TEXT
+    coalesce_key TEXT,
+    sent_at REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_coalesce ON outbox (coalesce_key);
 CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -71,6 +77,8 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if "sent_at" not in {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}:
+            self._db.execute("ALTER TABLE outbox ADD COLUMN sent_at REAL")  # a spool from before watermarks
         # A fresh database starts its counter at the wall clock in ms rather than 1: if the file is ever lost
         # and recreated, seqs still rise above those the controller accepted before (gaps are fine).
         self._db.execute(
@@ -142,7 +150,8 @@ class Spool:
         """The unsent row with the lowest seq."""
         with self._lock:
             row = self._db.execute(
-                "SELECT seq, topic, payload, retain, coalesce_key FROM outbox ORDER BY seq LIMIT 1"
+                """SELECT seq, topic, payload, retain, coalesce_key FROM outbox WHERE sent_at IS NULL
+                   ORDER BY seq LIMIT 1"""
             ).fetchone()
         if row is None:
             return None
@@ -156,8 +165,53 @@ class Spool:
         return [OutboxRow(int(r[0]), str(r[1]), bytes(r[2]), bool(r[3]), r[4]) for r in rows]
 
     def count(self) -> int:
+        """Rows kept: unsent, and sent but not yet listed by a watermark."""
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def unsent(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0])
+
+    def mark_sent(self, seq: int, now: float) -> None:
+        """The broker acknowledged ``seq``: kept until a watermark lists it, not published again unless
+        it is found missing."""
+        with self._lock:
+            self._db.execute("UPDATE outbox SET sent_at = ? WHERE seq = ?", (now, seq))
+
+    def covered(self, ranges: Iterable[tuple[int, int]]) -> int:
+        """The controller stored these seqs (inclusive ranges of a verified watermark): they leave."""
+        deleted = 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for first, last in ranges:
+                    deleted += self._db.execute(
+                        "DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (first, last)
+                    ).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._rows -= deleted
+        return deleted
+
+    def resend_gaps(self, high: int, *, sent_before: float) -> int:
+        """Rows sent before ``sent_before`` and still unlisted although the controller stored ``high``, a
+        later seq: lost on the way (the broker delivers one sender's messages in order). Sent again."""
+        with self._lock:
+            return int(
+                self._db.execute(
+                    "UPDATE outbox SET sent_at = NULL WHERE sent_at < ? AND seq < ?", (sent_before, high)
+                ).rowcount
+            )
+
+    def resend_all(self) -> int:
+        """A new connection: every row no watermark listed goes out again (the controller de-duplicates)."""
+        with self._lock:
+            return int(
+                self._db.execute("UPDATE outbox SET sent_at = NULL WHERE sent_at IS NOT NULL").rowcount
+            )
 
     def delete(self, seq: int) -> None:
         """The broker acknowledged ``seq``: it leaves the outbox."""

@@ -37,6 +37,7 @@ from cleanroom_protocol import (
     Policy,
     PolicyDocument,
     Verdict,
+    Watermark,
     agent_topic,
     load_private_key,
     policy_hash,
@@ -66,6 +67,10 @@ class Controller:
             self.seq += 1
             seq = self.seq
         return seal(kind, body, sender=sender, seq=seq, key=self.key)
+
+    def watermark(self, stored: list[tuple[int, int]], *, agent: str = AGENT_ID) -> bytes:
+        high = max((last for _, last in stored), default=0)
+        return self.sign(Kind.WATERMARK, Watermark(agent=agent, seq=high, stored=stored))
 
     def command(
         self,
@@ -241,6 +246,17 @@ class AgentProcess:
         return verify(raw, public_key_for=lambda s: pub if s == AGENT_ID else None, **kw)
 
     def outbox_seqs(self) -> list[int]:
+        """Rows not yet acknowledged by the broker (sent rows stay until a watermark lists them:
+        :meth:`kept_seqs`)."""
+        with contextlib.closing(
+            sqlite3.connect(f"file:{self.data_dir / 'agent.db'}?mode=ro", uri=True)
+        ) as db:
+            return [
+                int(r[0]) for r in db.execute("SELECT seq FROM outbox WHERE sent_at IS NULL ORDER BY seq")
+            ]
+
+    def kept_seqs(self) -> list[int]:
+        """Every row the spool keeps: unsent, and sent but not yet listed by a controller watermark."""
         with contextlib.closing(
             sqlite3.connect(f"file:{self.data_dir / 'agent.db'}?mode=ro", uri=True)
         ) as db:
@@ -251,7 +267,7 @@ class AgentProcess:
             sqlite3.connect(f"file:{self.data_dir / 'agent.db'}?mode=ro", uri=True)
         ) as db:
             rows = db.execute(
-                "SELECT payload FROM outbox WHERE topic LIKE '%/events' ORDER BY seq"
+                "SELECT payload FROM outbox WHERE topic LIKE '%/events' AND sent_at IS NULL ORDER BY seq"
             ).fetchall()
         return [json.loads(r[0])["body"] for r in rows]
 

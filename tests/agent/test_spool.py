@@ -8,6 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cleanroom_agent import Outbox, Spool
+from cleanroom_agent.spool import SpoolFull
 from cleanroom_protocol import (
     AgentState,
     Event,
@@ -146,3 +147,39 @@ def test_a_full_outbox_counts_refused_events_and_reports_them_when_room_frees(tm
     assert kinds[-2:] == ["spool.overflow", "session.started"]
     overflow = next(b for b in bodies if isinstance(b, Event) and b.kind == "spool.overflow")
     assert overflow.details == {"dropped": 2}
+
+
+def test_a_sent_row_stays_until_a_watermark_lists_it_and_is_sent_again_when_found_missing(
+    tmp_path: Path,
+) -> None:
+    """The broker's PUBACK only marks a row sent; the controller's watermark deletes it. A row sent a while
+    ago and unlisted while a later seq was stored is due again; after a reconnect every unlisted row is."""
+    spool = Spool(tmp_path / "agent.db")
+    seqs = [spool.enqueue("t/events", lambda s: str(s).encode()) for _ in range(4)]
+    for seq in seqs:
+        row = spool.first()
+        assert row is not None and row.seq == seq
+        spool.mark_sent(seq, now=100.0)
+    assert spool.first() is None and spool.unsent() == 0 and spool.count() == 4
+    # the controller stored the 1st and the 3rd: the 2nd was lost on the way (4th: maybe still coming)
+    assert spool.covered([(seqs[0], seqs[0]), (seqs[2], seqs[2])]) == 2
+    assert spool.resend_gaps(seqs[2], sent_before=100.0) == 0, "not due yet: it may still be on its way"
+    assert spool.resend_gaps(seqs[2], sent_before=105.0) == 1
+    row = spool.first()
+    assert row is not None and row.seq == seqs[1]
+    spool.mark_sent(seqs[1], now=106.0)
+    assert spool.resend_all() == 2  # reconnected: the 2nd and the 4th go out again, in seq order
+    assert [r.seq for r in spool.pending()] == [seqs[1], seqs[3]] and spool.first().seq == seqs[1]  # type: ignore[union-attr]
+    assert spool.covered([(seqs[0], seqs[3])]) == 2
+    assert spool.count() == 0
+
+
+def test_rows_waiting_for_a_watermark_count_against_the_bound(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "agent.db", max_rows=2)
+    for _ in range(2):
+        seq = spool.enqueue("t/events", lambda s: b"e")
+        spool.mark_sent(seq, now=1.0)
+    with pytest.raises(SpoolFull):
+        spool.enqueue("t/events", lambda s: b"e")
+    spool.covered([(0, 2**62)])
+    spool.enqueue("t/events", lambda s: b"e")
