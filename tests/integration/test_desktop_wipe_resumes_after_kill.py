@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -62,7 +63,10 @@ address = "10.1.0.1"
         ctl.assert_alive()
         if not ctl.db_path.exists():
             return None
-        rows = ctl.db_rows("SELECT state FROM desktops WHERE id = 'hz-01'")
+        try:
+            rows = ctl.db_rows("SELECT state FROM desktops WHERE id = 'hz-01'")
+        except sqlite3.OperationalError:  # the database is there, its schema not yet
+            return None
         return str(rows[0]["state"]) if rows else None
 
     ctl = controller()
