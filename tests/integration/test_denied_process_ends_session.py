@@ -10,6 +10,7 @@ gets to run, which is not what this test is about).
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,28 @@ import pytest
 from tests.support.mosquitto import Mosquitto
 from tests.support.procs import Cleanroom, audit_entries, cleanroom
 from tests.support.wait import wait_for
+
+
+def _message(db: Path, agent: str, seq: object) -> tuple[str, int | None] | None:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        row = con.execute(
+            "SELECT kind, batch FROM messages WHERE agent = ? AND seq = ?", (agent, seq)
+        ).fetchone()
+    finally:
+        con.close()
+    return None if row is None else (str(row[0]), row[1])
+
+
+def _batch_of(db: Path, agent: str, seq: object) -> int | None:
+    found = _message(db, agent, seq)
+    return None if found is None else found[1]
+
+
+def _kind_of(db: Path, agent: str, seq: object) -> str | None:
+    found = _message(db, agent, seq)
+    return None if found is None else found[0]
+
 
 pytestmark = pytest.mark.integration
 
@@ -90,15 +113,10 @@ def test_denied_process_ends_the_session_tree_and_audit_shows_report_decision_co
         if decision is None or command is None:
             return None
         cause = data[decision].get("cause_seq")
+        # The cited report is covered by the verdict.batch entry its messages row names (sealed after it).
+        covering = _batch_of(ctl.db_path, "it-agent", cause)
         report = next(
-            (
-                i
-                for i, e in enumerate(entries)
-                if e["kind"] == "verdict"
-                and e["subject"] == "it-agent"
-                and data[i].get("status") == "ok"
-                and data[i].get("seq") == cause
-            ),
+            (i for i, e in enumerate(entries) if e["kind"] == "verdict.batch" and e["id"] == covering),
             None,
         )
         command_id = data[command]["id"]
@@ -125,7 +143,8 @@ def test_denied_process_ends_the_session_tree_and_audit_shows_report_decision_co
         raise AssertionError(f"{exc}\naudit trail:\n{_describe(audit_entries(ctl.db_path))}") from None
     assert found is not None
     report, decision, command, ack = found
-    cited = json.loads(audit_entries(ctl.db_path)[report]["data_json"])
+    cause = json.loads(audit_entries(ctl.db_path)[decision]["data_json"])["cause_seq"]
+    cited = {"kind": _kind_of(ctl.db_path, "it-agent", cause), "seq": cause}
     assert cited["kind"] == "posture", f"the decision cites {cited}, not a posture"
     cited_posture = next(
         m.envelope()["body"] for m in postures.on("it-agent/posture") if m.envelope()["seq"] == cited["seq"]
@@ -133,7 +152,7 @@ def test_denied_process_ends_the_session_tree_and_audit_shows_report_decision_co
     assert world.denied_name in {p["name"] for p in cited_posture["denied_processes"]}, (
         f"the posture the decision cites (seq {cited['seq']}) does not report the denied process"
     )
-    assert report < decision < command < ack, (
+    assert decision < command < ack and decision < report, (
         f"audit out of order: report@{report} decision@{decision} command@{command} ack@{ack}\n"
         + _describe(audit_entries(ctl.db_path)[report : ack + 1])
     )
