@@ -148,16 +148,27 @@ def test_events_emitted_during_a_10s_broker_outage_are_stored_exactly_once(
     assert set(stored) <= set(produced), f"stored but never produced: {set(stored) - set(produced)}"
     missing = {identity(e["body"]) for e in emitted.values()} - set(stored)
     assert not missing, f"emitted during/around the outage but not stored: {missing}"
-    # The controller's own count of what it accepted: one `ok` verdict per event in the audit trail;
-    # broker redeliveries after the outage show as `duplicate` verdicts, never as a second `ok`.
-    accepted = Counter(
-        json.loads(e["data_json"])["seq"]
-        for e in audit_entries(ctl.db_path)
-        if e["kind"] == "verdict"
-        and e["subject"] == "it-agent"
-        and json.loads(e["data_json"]).get("status") == "ok"
-        and json.loads(e["data_json"]).get("kind") == "event"
-    )
+
+    # The controller's own count of what it accepted, from the audit side: the leaves of its verdict.batch
+    # entries (each entry's count must match the messages it covers); broker redeliveries after the
+    # outage are `duplicate`s, never a second leaf.
+    def covered() -> Counter[int] | None:
+        con = sqlite3.connect(f"file:{ctl.db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            leaves = con.execute("SELECT agent, seq, kind, batch FROM messages").fetchall()
+        finally:
+            con.close()
+        if any(batch is None for *_, batch in leaves):
+            return None  # sealed within about a second
+        per_batch = Counter(batch for *_, batch in leaves)
+        for e in audit_entries(ctl.db_path):
+            if e["kind"] == "verdict.batch":
+                assert json.loads(e["data_json"])["count"] == per_batch.pop(e["id"], 0), e
+        assert not per_batch, f"messages naming no verdict.batch entry: {per_batch}"
+        return Counter(seq for agent, seq, kind, _ in leaves if agent == "it-agent" and kind == "event")
+
+    accepted = wait_for(covered, timeout=10, what="every stored message sealed into a batch")
+    assert accepted is not None
     assert set(emitted) <= set(accepted) and max(accepted.values()) == 1, (
         f"ok verdicts per event seq: {dict(accepted)}; emitted seqs {sorted(emitted)}"
     )
