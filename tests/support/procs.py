@@ -384,7 +384,7 @@ class Agent(Daemon):
 _SESSION_HOST = r"""
 import ctypes, json, os, sys, time
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-exe, with_child = sys.argv[1], sys.argv[2] == "1"
+exe, with_child, args = sys.argv[1], sys.argv[2] == "1", sys.argv[3:] or ["3600"]
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
@@ -396,7 +396,7 @@ if pid == 0:
             os.execv("/bin/sleep", ["sleep", "3600"])
     os.write(w, str(child).encode())
     os.close(w)
-    os.execv(exe, [exe, "3600"])
+    os.execv(exe, [exe, *args])
 os.close(w)
 child = int(os.read(r, 64) or b"0")
 print(json.dumps({"client": pid, "child": child or None}), flush=True)
@@ -452,14 +452,23 @@ class FakeProcess:
             self.host.wait(timeout=5)
 
 
-def spawn_fake(bin_dir: Path, name: str, *, with_child: bool = True) -> FakeProcess:
-    """Start a renamed copy of /bin/sleep called ``name`` (with a child ``sleep`` when ``with_child``)."""
+def spawn_fake(
+    bin_dir: Path,
+    name: str,
+    *,
+    with_child: bool = True,
+    program: str = "/bin/sleep",
+    args: Sequence[str] = (),
+) -> FakeProcess:
+    """Start a renamed copy of ``program`` (/bin/sleep) called ``name`` (with a child ``sleep`` when
+    ``with_child``), run with ``args`` (default: sleep's ``3600``)."""
     exe = bin_dir / name
     if not exe.exists():
         bin_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2("/bin/sleep", exe)
+        shutil.copy2(program, exe)
     host = subprocess.Popen(
-        [sys.executable, "-c", _SESSION_HOST, str(exe), "1" if with_child else "0"], stdout=subprocess.PIPE
+        [sys.executable, "-c", _SESSION_HOST, str(exe), "1" if with_child else "0", *args],
+        stdout=subprocess.PIPE,
     )
     assert host.stdout is not None
     line = host.stdout.readline()
@@ -636,8 +645,10 @@ class Cleanroom:
         """A running process the test policy denies (``processes.deny``)."""
         return self.spawn(self.denied_name, with_child=False)
 
-    def spawn(self, name: str, *, with_child: bool = True) -> FakeProcess:
-        fake = spawn_fake(self.root / "bin", name, with_child=with_child)
+    def spawn(
+        self, name: str, *, with_child: bool = True, program: str = "/bin/sleep", args: Sequence[str] = ()
+    ) -> FakeProcess:
+        fake = spawn_fake(self.root / "bin", name, with_child=with_child, program=program, args=args)
         self.fakes.append(fake)
         return fake
 
