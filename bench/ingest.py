@@ -31,6 +31,9 @@ device floods.
 
     uv run python bench/ingest.py [--agents 100] [--controllers 2] [--messages 40000] ...
     uv run python bench/ingest.py --only mtls          # one section (or --skip SECTION, repeatable)
+    uv run python bench/ingest.py --database postgres --controllers 1   # a private PostgreSQL (fsync on)
+
+(b) also prints the Ed25519 verify-only ceiling of the K cores used, measured in the same run, and the ratio.
 """
 
 from __future__ import annotations
@@ -101,6 +104,44 @@ actions = ["end_session"]
 
 
 # -- small utilities ------------------------------------------------------------------------------------
+
+
+# --database: "sqlite" (the controller's default file in its data dir) or "postgres" (a private PostgreSQL
+# server started by this run, tests/support/postgres.py, fsync on; one fresh database per controller data dir).
+DATABASE = "sqlite"
+_postgres: Any = None
+_pg_urls: dict[Path, str] = {}
+
+
+def database_url(data_dir: Path) -> str | None:
+    """The ``--database`` URL for the controllers of ``data_dir`` (None: SQLite in it)."""
+    if DATABASE == "sqlite":
+        return None
+    key = data_dir.resolve()
+    if key not in _pg_urls:
+        _pg_urls[key] = _postgres.create_database(f"bench{len(_pg_urls) + 1}")
+    return _pg_urls[key]
+
+
+def query(db: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Read the store of ``db``'s data dir (``controller.db``, or its PostgreSQL database) read-only."""
+    url = database_url(db.parent)
+    if url is None:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            return [tuple(r) for r in con.execute(sql, params).fetchall()]
+        finally:
+            con.close()
+    import psycopg
+
+    from cleanroom_controller.database.postgres import to_pyformat
+
+    with psycopg.connect(url, autocommit=True) as pg:
+        return [tuple(r) for r in pg.execute(to_pyformat(sql), list(params)).fetchall()]  # type: ignore[arg-type]
+
+
+def store_exists(data_dir: Path) -> bool:
+    return database_url(data_dir) is not None or (data_dir / "controller.db").exists()
 
 
 def free_port() -> int:
@@ -378,15 +419,17 @@ def enrol_all(data_dir: Path, exe: str, agents: Sequence[SimAgent]) -> None:
     first, rest = agents[0], agents[1:]
     pub = data_dir.parent / f"{first.agent_id}.pub"
     pub.write_text(public_key_pem(first.key()))
+    url = database_url(data_dir)
     subprocess.run(
         [exe, "agents", "add", first.agent_id, "--public-key", str(pub), "--data-dir", str(data_dir)],
         capture_output=True,
         check=True,
         timeout=60,
+        env={**os.environ, **({"CLEANROOM_DATABASE": url} if url else {})},
     )
     from cleanroom_controller.store import Store
 
-    store = Store.open(data_dir)
+    store = Store.open(data_dir, url)
     try:
         now = time.time()
         for agent in rest:
@@ -399,35 +442,25 @@ def enrol_all(data_dir: Path, exe: str, agents: Sequence[SimAgent]) -> None:
 def accepted_count(
     db: Path, kind: str = "posture", prefix: str = ""
 ) -> tuple[int, float | None, float | None]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        row = con.execute(
-            "SELECT COUNT(*), MIN(received), MAX(received) FROM messages WHERE kind = ? AND agent LIKE ?",
-            (kind, prefix + "%"),
-        ).fetchone()
-    finally:
-        con.close()
+    (row,) = query(
+        db,
+        "SELECT COUNT(*), MIN(received), MAX(received) FROM messages WHERE kind = ? AND agent LIKE ?",
+        (kind, prefix + "%"),
+    )
     return int(row[0]), row[1], row[2]
 
 
 def received_times(db: Path, prefix: str) -> list[float]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = con.execute(
-            "SELECT received FROM messages WHERE kind = 'posture' AND agent LIKE ? ORDER BY received",
-            (prefix + "%",),
-        ).fetchall()
-    finally:
-        con.close()
+    rows = query(
+        db,
+        "SELECT received FROM messages WHERE kind = 'posture' AND agent LIKE ? ORDER BY received",
+        (prefix + "%",),
+    )
     return [float(r[0]) for r in rows]
 
 
 def reject_total(db: Path) -> int:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return int(con.execute("SELECT COALESCE(SUM(count), 0) FROM rejects").fetchone()[0])
-    finally:
-        con.close()
+    return int(query(db, "SELECT COALESCE(SUM(count), 0) FROM rejects")[0][0])
 
 
 @contextlib.contextmanager
@@ -451,6 +484,9 @@ def controllers(
             ]
             if share_group:
                 argv += ["--share-group", "bench"]
+            url = database_url(data_dir)
+            if url is not None:
+                argv += ["--database", url]
             if broker.pki is not None:  # its own certificate: the broker takes the client id from its CN
                 cert, key = broker.pki.controller(i)
                 argv += ["--tls-ca", str(broker.pki.ca), "--tls-cert", str(cert), "--tls-key", str(key)]
@@ -593,9 +629,7 @@ def await_ready(broker: Broker, data_dir: Path, probe: SimAgent, timeout: float 
     pol = parse_policy(POLICY)
     key = probe.key()
     start = (
-        accepted_count(data_dir / "controller.db", prefix=probe.agent_id)[0]
-        if (data_dir / "controller.db").exists()
-        else 0
+        accepted_count(data_dir / "controller.db", prefix=probe.agent_id)[0] if store_exists(data_dir) else 0
     )
     deadline = time.monotonic() + timeout
     try:
@@ -756,6 +790,33 @@ def run_ingest(
         )
 
 
+def _verify_loop(job: tuple[bytes, bytes, float]) -> int:
+    """Ed25519 verifications of one signature over ``message`` for ``seconds`` (one process, one core)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    raw_key, message, seconds = job
+    key = Ed25519PublicKey.from_public_bytes(raw_key[:32])
+    signature = raw_key[32:]
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(200):
+            key.verify(signature, message)
+        n += 200
+    return n
+
+
+def measure_verify_ceiling(processes: int, seconds: float = 2.0, size: int = 760) -> float:
+    """What ``processes`` cores do verifying Ed25519 signatures and nothing else: the ceiling that
+    verified reports/s is compared with (the same run, the same machine)."""
+    key = Ed25519PrivateKey.generate()
+    message = os.urandom(size)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    job = (raw + key.sign(message), message, seconds)
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        counts = pool.map(_verify_loop, [job] * processes)
+    return sum(counts) / seconds
+
+
 def measure_ingest(
     *,
     exe: str,
@@ -805,6 +866,12 @@ def measure_ingest(
             " rule is per process, see controller/README.md)"
         )
     print(f"    sustained verified reports/s: {r.overall:,.0f} overall, {r.middle:,.0f} over the middle 80%")
+    cores = min(k, os.cpu_count() or 1)
+    ceiling = measure_verify_ceiling(cores)
+    print(
+        f"    Ed25519 verify-only ceiling of {cores} core(s) (same run): {ceiling:,.0f}/s; "
+        f"verified reports/s = {r.overall / ceiling:.2f} of it ({DATABASE}, K = {k})"
+    )
     print(f"    {r.usage}")
     print(f"    {r.broker_usage}; {len(agents)} mosquitto_pub CPU {r.publishers_cpu:.1f} s")
     print(f"    controllers alive afterwards: {r.alive[0]}/{r.alive[1]}")
@@ -1040,22 +1107,12 @@ class Flooder:
 
 
 def rejects_of(db: Path, sender: str) -> dict[str, int]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = con.execute("SELECT status, count FROM rejects WHERE sender = ?", (sender,)).fetchall()
-    finally:
-        con.close()
+    rows = query(db, "SELECT status, count FROM rejects WHERE sender = ?", (sender,))
     return {str(r[0]): int(r[1]) for r in rows}
 
 
 def summary_rows(db: Path, sender: str) -> int:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        row = con.execute(
-            "SELECT COUNT(*) FROM audit WHERE kind = 'verdict.summary' AND subject = ?", (sender,)
-        ).fetchone()
-    finally:
-        con.close()
+    (row,) = query(db, "SELECT COUNT(*) FROM audit WHERE kind = 'verdict.summary' AND subject = ?", (sender,))
     return int(row[0])
 
 
@@ -1391,6 +1448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only", choices=SECTIONS, action="append", default=[], help="run only these sections (repeatable)"
     )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, controller.db)")
+    ap.add_argument(
+        "--database",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="the controllers' store: SQLite in their data dir, or a private PostgreSQL this run starts",
+    )
     args = ap.parse_args(argv)
     if args.controllers > 1 and args.no_share_group:
         ap.error("--controllers > 1 needs the shared subscription")
@@ -1399,10 +1462,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     share = args.controllers > 1
     run = set(args.only or SECTIONS) - set(args.skip)
 
+    global DATABASE, _postgres
+    DATABASE = args.database
+    if DATABASE == "postgres":
+        sys.path.insert(0, str(REPO))
+        from tests.support.postgres import Postgres
+
+        _postgres = Postgres(durable=True)
+        _postgres.__enter__()
     tmp = Path(tempfile.mkdtemp(prefix="cr-bench-"))
     broker = Broker(tmp / "mosquitto")
     broker.start()
     print(f"cleanroom ingest bench: Mosquitto on 127.0.0.1:{broker.port}, {os.cpu_count()} CPUs, temp {tmp}")
+    if _postgres is not None:
+        print(f"store: PostgreSQL (private server, fsync on) on 127.0.0.1:{_postgres.port}")
     try:
         if "ceiling" in run:
             rate, got = measure_ceiling(
@@ -1496,6 +1569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         broker.stop()
+        if _postgres is not None:
+            _postgres.stop()
         if args.keep:
             print(f"kept {tmp}")
         else:
