@@ -110,6 +110,11 @@ CREATE TABLE IF NOT EXISTS desktop_sessions (
     desktop TEXT NOT NULL, agent TEXT NOT NULL, session_id TEXT NOT NULL, user_name TEXT, address TEXT,
     started REAL NOT NULL, ended REAL, PRIMARY KEY (desktop, agent, session_id)
 );
+-- Which controller process drives a desktop's step now (N controllers on one store: never two at once); the
+-- lease is renewed while it drives and lets another take over once a dead owner's lapses (desktops/runner.py).
+CREATE TABLE IF NOT EXISTS desktop_claims (
+    desktop TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until REAL NOT NULL, claimed REAL NOT NULL
+);
 """
 
 # What PostgreSQL needs beyond the translated SCHEMA: the audit table's append-only guards (SQLite's triggers
@@ -788,6 +793,40 @@ class Store:
             {k: r[k] for k in ("desktop", "agent", "session_id", "user_name", "address", "started", "ended")}
             for r in rows
         ]
+
+    def claim_desktop(self, desktop: str, owner: str, *, now: float, lease_s: float) -> bool:
+        """Take (or keep) the right to drive ``desktop`` until ``now + lease_s``: granted when nobody holds
+        it, ``owner`` already does, or the holder's lease has lapsed. One conditional upsert, so two
+        controllers racing for it cannot both win (portable: ``ON CONFLICT ... DO UPDATE ... WHERE``)."""
+        with self.transaction() as db:
+            cur = db.execute(
+                """INSERT INTO desktop_claims (desktop, owner, lease_until, claimed) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (desktop) DO UPDATE SET owner = excluded.owner,
+                       lease_until = excluded.lease_until,
+                       claimed = CASE WHEN desktop_claims.owner = excluded.owner
+                                      THEN desktop_claims.claimed ELSE excluded.claimed END
+                   WHERE desktop_claims.owner = excluded.owner OR desktop_claims.lease_until < ?""",
+                (desktop, owner, now + lease_s, now, now),
+            )
+            return cur.rowcount == 1
+
+    def renew_desktop_claims(self, owner: str, *, now: float, lease_s: float) -> int:
+        """Extend every lease ``owner`` holds (one statement however many desktops it drives); how many."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE desktop_claims SET lease_until = ? WHERE owner = ?", (now + lease_s, owner)
+            )
+            return cur.rowcount
+
+    def release_desktop_claim(self, desktop: str, owner: str) -> bool:
+        with self.transaction() as db:
+            cur = db.execute("DELETE FROM desktop_claims WHERE desktop = ? AND owner = ?", (desktop, owner))
+            return cur.rowcount == 1
+
+    def desktop_claims(self) -> dict[str, tuple[str, float]]:
+        """desktop → (owner, lease_until), for `desktops list` and tests."""
+        rows = self._db.execute("SELECT desktop, owner, lease_until FROM desktop_claims")
+        return {r["desktop"]: (r["owner"], r["lease_until"]) for r in rows}
 
     # -- audit ---------------------------------------------------------------------------------------------
     def append_audit(

@@ -2,6 +2,13 @@
 in one transaction) before the step it leads to runs, so a controller killed in ``ending`` or ``wiping``
 carries on with that step when it starts again (:meth:`DesktopRunner.poll` finds it).
 
+N controllers on one store (a share group): a process drives a desktop only while it holds its claim in the
+store (``Store.claim_desktop``: one conditional upsert, so two processes racing for it cannot both win), renewed
+every :meth:`DesktopRunner.poll` (each second) for ``lease_s``; a killed holder's claim lapses after at most
+``lease_s`` and another process (or the restarted one) takes the step over. After a step the holder checks it
+still holds the claim before it persists the outcome: a process that stalled past its lease and lost the claim
+to another drops its result instead of overwriting the new holder's.
+
 Who calls what: the tracker tells it about sessions (started with a desktop address, ended), the action
 runner asks it to end a session's desktop for a policy action, the operator's commands change a desktop's
 state in the store (``operations.py``) and the daemon's :meth:`poll` picks the change up within a second.
@@ -10,6 +17,9 @@ state in the store (``operations.py``) and the daemon's :meth:`poll` picks the c
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
@@ -28,6 +38,15 @@ log = structlog.get_logger("cleanroom.controller.desktops")
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], None]
 DONE = {Step.LOG_OFF: frozenset({"ended", "not_found"}), Step.WIPE: frozenset({"clean"})}
+# How long a claim on a desktop lasts unless renewed (poll renews every second): the longest a killed
+# controller's step waits before another process resumes it.
+CLAIM_LEASE_S = 5.0
+
+
+def process_owner() -> str:
+    """A name for this controller process, unique among the processes of a share group (which share one
+    controller id): host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def audit_data(d: Desktop, **extra: Any) -> dict[str, Any]:
@@ -55,8 +74,12 @@ class DesktopRunner:
         drivers: Mapping[str, DesktopDriver],
         spawn: Spawn,
         clock: Callable[[], float] = time.time,
+        owner: str | None = None,
+        lease_s: float = CLAIM_LEASE_S,
     ) -> None:
         self._store = store
+        self.owner = owner or process_owner()
+        self._lease_s = lease_s
         self._recorder = recorder
         self._desktops = desktops
         self._drivers = drivers
@@ -130,9 +153,17 @@ class DesktopRunner:
 
     # -- the work --------------------------------------------------------------------------------------------
     def poll(self) -> int:
-        """Start driving every desktop with a step to do that nobody here drives yet (at start: resume)."""
+        """Renew this process's claims, then start driving every desktop with a step to do that nobody here
+        drives yet (at start: resume; another process's lapsed claim: take over)."""
+        now = self._clock()
+        if self._driving:
+            self._store.renew_desktop_claims(self.owner, now=now, lease_s=self._lease_s)
+        held = self._store.desktop_claims()
         started = 0
         for d in self._store.desktops(tuple(s.value for s in ACTIVE_STATES)):
+            owner, lease_until = held.get(d.id, (self.owner, 0.0))
+            if owner != self.owner and lease_until >= now:
+                continue  # another controller drives it
             if d.id not in self._driving:
                 self._spawn(self.drive(d.id), f"desktop:{d.id}")
                 started += 1
@@ -143,13 +174,22 @@ class DesktopRunner:
         if desktop_id in self._driving:
             return
         self._driving.add(desktop_id)
+        claimed = False
         try:
+            claimed = self._claim(desktop_id)
+            if not claimed:
+                return  # another controller drives it; poll() tries again when its lease lapses
             while await self._advance(desktop_id):
                 pass
         except Exception:  # a bug here must not take the daemon down; poll() tries again
             log.exception("desktop_drive_failed", desktop=desktop_id)
         finally:
             self._driving.discard(desktop_id)
+            if claimed:
+                self._store.release_desktop_claim(desktop_id, self.owner)
+
+    def _claim(self, desktop_id: str) -> bool:
+        return self._store.claim_desktop(desktop_id, self.owner, now=self._clock(), lease_s=self._lease_s)
 
     async def _advance(self, desktop_id: str) -> bool:
         d = self._store.desktop(desktop_id)
@@ -174,6 +214,9 @@ class DesktopRunner:
         started = time.monotonic()
         outcome = await self._run(driver, step, spec, d)
         took = round(time.monotonic() - started, 3)
+        if not self._claim(desktop_id):  # stalled past the lease: another process has the step now
+            log.warning("desktop_claim_lost", desktop=desktop_id, step=step.value, result=outcome.result)
+            return False
         current = self._store.desktop(desktop_id)
         if current is None or current.state is not d.state:
             return True  # an operator moved it meanwhile: follow the new state
