@@ -1,5 +1,5 @@
 """N controllers on one store never run the same desktop step at once: the claim in the store (one conditional
-upsert) raced by two Store objects on one real SQLite file from two threads, its lease, and two DesktopRunners
+upsert) raced by two Store objects on one real SQLite file (and on a real PostgreSQL) from two threads, its lease, and two DesktopRunners
 (two stores, two owners) driving one desktop whose wipe is a real script that logs when it starts and ends.
 
 Simulated: the second controller process, by a second Store and runner in this process (each with its own
@@ -11,6 +11,8 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from cleanroom_controller.desktops import operations
 from cleanroom_controller.desktops.config import Desktops, parse_desktops
@@ -24,24 +26,33 @@ from tests.support.wait import async_wait_for
 ROUNDS = 200
 
 
-def test_two_stores_racing_for_one_desktop_never_both_win(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> str | None:
+    """``Store.open``'s database: SQLite in the test's data dir, or a fresh database on a real PostgreSQL."""
+    return None if request.param == "sqlite" else str(request.getfixturevalue("postgres_url"))
+
+
+def test_two_stores_racing_for_one_desktop_never_both_win(tmp_path: Path, database: str | None) -> None:
     """Each round both threads claim the same desktop at once (a barrier lines them up); exactly one wins,
     counted on both sides; the winner releases it for the next round."""
-    Store.open(tmp_path)  # the schema, before the race
+    Store.open(tmp_path, database).close()  # the schema, before the race
     barrier = threading.Barrier(2)
     wins: list[list[int]] = [[], []]
     errors: list[BaseException] = []
 
     def contender(i: int) -> None:
         try:
-            store = Store.open(tmp_path)  # each thread its own connection, as each process has
-            for r in range(ROUNDS):
-                barrier.wait(timeout=10)
-                if store.claim_desktop("d1", f"owner-{i}", now=time.time(), lease_s=30):
-                    wins[i].append(r)
-                barrier.wait(timeout=10)  # both have tried: the winner lets go
-                store.release_desktop_claim("d1", f"owner-{i}")
-                barrier.wait(timeout=10)
+            store = Store.open(tmp_path, database)  # each thread its own connection, as each process has
+            try:
+                for r in range(ROUNDS):
+                    barrier.wait(timeout=10)
+                    if store.claim_desktop("d1", f"owner-{i}", now=time.time(), lease_s=30):
+                        wins[i].append(r)
+                    barrier.wait(timeout=10)  # both have tried: the winner lets go
+                    store.release_desktop_claim("d1", f"owner-{i}")
+                    barrier.wait(timeout=10)
+            finally:
+                store.close()
         except BaseException as exc:
             errors.append(exc)
             barrier.abort()
@@ -57,8 +68,10 @@ def test_two_stores_racing_for_one_desktop_never_both_win(tmp_path: Path) -> Non
     assert len(wins[0]) + len(wins[1]) == ROUNDS, f"rounds nobody won: {ROUNDS - len(wins[0]) - len(wins[1])}"
 
 
-def test_a_claim_is_kept_while_renewed_and_taken_over_once_its_lease_lapses(tmp_path: Path) -> None:
-    a, b = Store.open(tmp_path), Store.open(tmp_path)
+def test_a_claim_is_kept_while_renewed_and_taken_over_once_its_lease_lapses(
+    tmp_path: Path, database: str | None
+) -> None:
+    a, b = Store.open(tmp_path, database), Store.open(tmp_path, database)
     t0 = 1000.0
     assert a.claim_desktop("d1", "A", now=t0, lease_s=5)
     assert not b.claim_desktop("d1", "B", now=t0 + 4, lease_s=5), "taken while A's lease runs"
@@ -69,6 +82,8 @@ def test_a_claim_is_kept_while_renewed_and_taken_over_once_its_lease_lapses(tmp_
     assert not a.claim_desktop("d1", "A", now=t0 + 14, lease_s=5), "A got it back from B's live lease"
     assert not a.release_desktop_claim("d1", "A"), "A released B's claim"
     assert b.desktop_claims()["d1"][0] == "B"
+    a.close()
+    b.close()
 
 
 def _pool(tmp_path: Path) -> Desktops:
