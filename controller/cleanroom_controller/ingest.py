@@ -419,14 +419,20 @@ class Ingest:
                 and seq is not None
                 and self._store.message_digest(agent, seq) == digest
             ):
-                self._count(agent, Reason.DUPLICATE, "the same bytes as an accepted message", now, base)
+                # Genuine (signed, stored before): a redelivery after a restart is no junk. Charging it would
+                # make the agent noisy and have the inbox drop its next messages unread.
+                self._count(
+                    agent, Reason.DUPLICATE, "the same bytes as an accepted message", now, base, junk=False
+                )
                 return Outcome.DUPLICATE
             expected = _expected_old_status(channel, verdict, retained)
             if expected is not None:
                 # Signed by the agent (the signature is checked before seq and ts), only old: the broker
                 # replays the retained status to each new subscription, and a Will superseded by a newer
                 # connection can arrive late. Summed up, not counted as an attack.
-                self._count(agent, Reason.OLD_STATUS, verdict.detail, now, {**base, "expected": expected})
+                self._count(
+                    agent, Reason.OLD_STATUS, verdict.detail, now, {**base, "expected": expected}, junk=False
+                )
                 return Outcome.OLD_STATUS
             self._count(agent, Reason(verdict.status.value), verdict.detail, now, base)
             return Outcome.REJECTED
@@ -439,7 +445,11 @@ class Ingest:
             if self._store.message_digest(agent, seq) == digest:
                 # A Last Will (exempt from the replay check) again, or with a share group a redelivery
                 # another process of the group already accepted.
-                self._count(agent, Reason.DUPLICATE, "the same bytes as an accepted message", now, base)
+                # Genuine (signed, stored before): a redelivery after a restart is no junk. Charging it would
+                # make the agent noisy and have the inbox drop its next messages unread.
+                self._count(
+                    agent, Reason.DUPLICATE, "the same bytes as an accepted message", now, base, junk=False
+                )
                 return Outcome.DUPLICATE
             # Same (agent, seq), other bytes: accepted once already (by this or another process).
             detail = f"seq {seq} already accepted with other content"
