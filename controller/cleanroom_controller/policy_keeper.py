@@ -25,6 +25,7 @@ from cleanroom_protocol import (
     policy_hash,
 )
 
+from .filewatch import watch_file
 from .recorder import Recorder
 from .signer import Signer
 from .store import Store
@@ -32,7 +33,6 @@ from .store import Store
 log = structlog.get_logger("cleanroom.controller.policy")
 
 _META_KEY = "policy"
-_DEBOUNCE_S = 0.2
 
 
 class NoPolicyError(Exception):
@@ -115,55 +115,12 @@ class PolicyKeeper:
         if self.path is None:
             await asyncio.Event().wait()
             return
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
 
-        loop = asyncio.get_running_loop()
-        changed = asyncio.Event()
-        target = self.path.resolve()
-
-        class _Handler(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                paths = {event.src_path, getattr(event, "dest_path", "")}
-                if any(p and Path(str(p)).resolve() == target for p in paths):
-                    loop.call_soon_threadsafe(changed.set)
-
-        observer = Observer()
-        try:
-            observer.schedule(_Handler(), str(target.parent), recursive=False)
-            observer.start()
-        except OSError as exc:  # e.g. inotify watches exhausted: poll instead of going blind
-            log.error("policy_watch_unavailable", error=str(exc), fallback="polling every 2 s")
-            if started is not None:
-                started.set()
-            await self._poll(on_change)
-            return
-        if started is not None:
-            started.set()
-        try:
-            while True:
-                await changed.wait()
-                await asyncio.sleep(_DEBOUNCE_S)  # let the editor finish writing
-                changed.clear()
-                if self.reload():
-                    await on_change()
-        finally:
-            observer.stop()
-            await asyncio.to_thread(observer.join, 5)
-
-    async def _poll(self, on_change: Callable[[], Awaitable[None]]) -> None:
-        assert self.path is not None
-        last = None
-        while True:
-            try:
-                stat = self.path.stat()
-                current = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            except OSError:
-                current = None
-            if last is not None and current != last and self.reload():
+        async def changed() -> None:
+            if self.reload():
                 await on_change()
-            last = current
-            await asyncio.sleep(2.0)
+
+        await watch_file(self.path, changed, what="policy", started=started)
 
     # -- internals -----------------------------------------------------------------------------------------
     def _ref(self) -> str | None:

@@ -1,4 +1,4 @@
-"""The desktops file in force: loaded at start, reloaded when it changes (checked every second), and never
+"""The desktops file in force: loaded at start, reloaded when it changes (the policy's file watch, filewatch.py), and never
 replaced by a broken one: the error (file, line, field) is logged and audited and the pools in force stay.
 At start a broken file is fatal, like the policy: the controller will not guess which desktops exist."""
 
@@ -11,12 +11,11 @@ from pathlib import Path
 
 import structlog
 
+from ..filewatch import watch_file
 from ..recorder import Recorder
 from .config import Desktops, DesktopsError, load_desktops
 
 log = structlog.get_logger("cleanroom.controller.desktops")
-
-CHECK_EVERY_S = 1.0
 
 
 class DesktopsKeeper:
@@ -25,7 +24,6 @@ class DesktopsKeeper:
         self.path = path
         self._desktops = Desktops.empty()
         self._digest: str | None = None
-        self._stamp: tuple[int, int, int] | None = None
 
     @property
     def desktops(self) -> Desktops:
@@ -35,7 +33,6 @@ class DesktopsKeeper:
         """The file's desktops; raises :class:`DesktopsError` when it is broken (start refused)."""
         if self.path is None:
             return self._desktops
-        self._stamp = self._stat()
         try:
             desktops = load_desktops(self.path)
         except DesktopsError as exc:
@@ -61,26 +58,20 @@ class DesktopsKeeper:
         self._enforce(desktops)
         return True
 
-    async def watch(self, on_change: Callable[[], Awaitable[None]], every_s: float = CHECK_EVERY_S) -> None:
-        """Reload whenever the file's mtime, size or inode change (editors replace files)."""
+    async def watch(
+        self, on_change: Callable[[], Awaitable[None]], started: asyncio.Event | None = None
+    ) -> None:
+        """Reload on every change of the file; ``on_change`` when other desktops are then in force.
+        ``started`` is set once the watch is in place."""
         if self.path is None:
             await asyncio.Event().wait()
             return
-        while True:
-            await asyncio.sleep(every_s)
-            stamp = self._stat()
-            if stamp != self._stamp:
-                self._stamp = stamp
-                if self.reload():
-                    await on_change()
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        assert self.path is not None
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        async def changed() -> None:
+            if self.reload():
+                await on_change()
+
+        await watch_file(self.path, changed, what="desktops", started=started)
 
     def _enforce(self, desktops: Desktops) -> None:
         self._desktops = desktops
