@@ -29,6 +29,7 @@ test: lint typecheck pytest
 bench: sync
 	$(UV) run python bench/ingest.py
 	$(UV) run python bench/enforce.py
+	$(UV) run python bench/actions.py
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
