@@ -32,7 +32,7 @@ from .drivers.agent import AgentDriver
 from .drivers.desktops import desktop_drivers
 from .enrolserver import EnrolmentServer, EnrolmentService, EnrolmentSettings, build_app
 from .inbox import Entry
-from .ingest import Ingest, KeyCache, subscriptions
+from .ingest import DEDUP_WINDOW_S, Ingest, KeyCache, subscriptions
 from .link import BrokerLink, Receipt
 from .models import CommandState
 from .policy_keeper import PolicyKeeper
@@ -55,7 +55,6 @@ BATCH_MAX = 500
 BATCH_BUDGET_S = 0.010  # collecting; applying a full batch takes about as long again
 IDLE_WAIT_S = 0.0005  # one wait for more messages; the loop serves the socket meanwhile
 IDLE_WAITS = 2  # consecutive waits that bring nothing end the collection
-DEDUP_WINDOW_S = 24 * 3600.0  # how long accepted messages' digests are kept to recognise redeliveries
 PRUNE_EVERY_S = 300.0
 REVOCATION_CHECK_S = 1.0
 DESKTOP_POLL_S = 1.0

@@ -69,6 +69,9 @@ KIND_OF_CHANNEL = {
 }
 UNENROLLED = "(unenrolled)"  # rejects from ids nobody enrolled are counted together: bounded rows
 UNKNOWN_TOPIC = "(topic)"
+# How long accepted messages' digests are kept (the daemon prunes older ones): within it a seq below the last
+# accepted one that has no row was never stored (a resent gap), beyond it it may be a replay.
+DEDUP_WINDOW_S = 24 * 3600.0
 SUMMARY_KIND = "verdict.summary"
 _NEGATIVE_TTL_S = 5.0
 # A window persisted by a process that has not touched it for this long is an orphan (that process
@@ -177,6 +180,7 @@ class Ingest:
         shared: bool = False,
         limits: Limits | None = None,
         window_s: float = WINDOW_S,
+        dedup_window_s: float = DEDUP_WINDOW_S,
         seal: SealPolicy | None = None,
     ) -> None:
         self._store = store
@@ -186,6 +190,7 @@ class Ingest:
         self._tracker = tracker
         self._keys = keys
         self._max_skew_s = max_skew_s
+        self._dedup_window_s = dedup_window_s
         self._on_ack = on_ack
         self._clock = clock
         self._shared = shared
@@ -409,6 +414,18 @@ class Ingest:
             "retained": retained,
             "bytes": len(payload),
         }
+        if (
+            verdict.status is VerdictStatus.REPLAYED
+            and signed.envelope is not None
+            and isinstance(signed.body, Event | Ack)  # an older posture or status is merely superseded
+            and now - signed.envelope.ts < self._dedup_window_s
+            and self._store.message_digest(agent, signed.envelope.seq) is None
+        ):
+            # Below the last accepted seq, yet never stored, and recent enough that a stored one would still
+            # have its row: a message that was skipped (lost at the broker, dropped unread by a noisy inbox,
+            # dealt to a share-group member that died) and is now resent by the agent's spool. History, not a
+            # replay; the tracker never moves endpoint state back for an older seq.
+            verdict = signed
         late = late_by(verdict, now=now, max_skew_s=self._max_skew_s)
         if late is not None:
             base["late_s"] = late

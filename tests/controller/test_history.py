@@ -80,3 +80,24 @@ def test_a_late_posture_is_kept_as_evidence_but_never_judged_as_the_current_stat
     # The next fresh posture is what judges the endpoint.
     assert ingest.handle(topic, a1.seal(Kind.POSTURE, posture("a1", denied=("scrot",)))) is Outcome.ACCEPTED
     assert store.endpoint("a1").reasons == ("denied_process:scrot",)
+
+
+def test_a_skipped_message_resent_below_the_last_accepted_seq_is_stored_not_refused_as_replayed(
+    tmp_path: Path,
+) -> None:
+    """The agent resends what a later stored seq shows was lost; its seq is below the last accepted one, but
+    it was never stored: history filling a gap, not a replay. A real replay (stored bytes) stays a duplicate,
+    other bytes under a stored seq stay refused."""
+    store, ingest, a1 = make(tmp_path)
+    topic = agent_topic("a1", Channel.EVENTS)
+    skipped = a1.seal(Kind.EVENT, Event(kind="usb.blocked", at=time.time()))  # lost on the way
+    assert ingest.handle(topic, a1.seal(Kind.EVENT, Event(kind="usb.allowed", at=time.time()))) is (
+        Outcome.ACCEPTED
+    )
+    assert ingest.handle(topic, skipped) is Outcome.ACCEPTED
+    assert sorted(e["seq"] for e in store.events(agent="a1")) == [1, 2]
+    assert ingest.handle(topic, skipped) is Outcome.DUPLICATE
+    forged_gap = a1.seal(Kind.EVENT, Event(kind="usb.allowed", at=time.time()), seq=1)
+    assert ingest.handle(topic, forged_gap) is Outcome.REJECTED
+    old = a1.seal(Kind.EVENT, Event(kind="usb.allowed", at=time.time()), seq=0, ts=time.time() - 2 * 86400)
+    assert ingest.handle(topic, old) is Outcome.REJECTED, "older than the digests are kept: maybe a replay"
