@@ -134,7 +134,7 @@ def run(
         ctl_key = load_public_key(settings.controller_key)
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key, _ = load_or_create_private_key(settings.key_path)
-        spool = Spool(settings.db_path)
+        spool = Spool(settings.db_path, max_rows=settings.spool_max_rows)
     except KeyFileError as exc:
         fail(str(exc))
     except OSError as exc:

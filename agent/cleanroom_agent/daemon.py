@@ -4,7 +4,9 @@ Parts, one concern each: ``policykeeper`` (the policy in force, the enforcers ca
 (probe, digest, posture rounds, process events), ``sessionbook`` (the session lifecycle, pure),
 ``reporting`` (events, posture on change, holds, heartbeat), ``ending`` (ending session trees),
 ``commands`` (the controller's commands), ``failclosed`` (ending sessions while cut off), ``gate`` (the
-launch socket's requests), ``link`` (MQTT). Nothing here decides or acts: it only connects them.
+launch socket's requests), ``link`` (MQTT). Nothing here decides or acts: it only connects them. The
+spool's fill level (full until drained to its low-water mark) reaches the posture, the launch gate (through
+the posture's ``spool_full`` violation) and the fail-closed check.
 
 Tasks: ``link`` (MQTT), ``posture`` (probe every poll interval, report on change), ``procevents`` (exec
 and exit events that matter → a coalesced observe at once; see procevents.py), ``heartbeat`` (posture
@@ -84,6 +86,20 @@ class Agent:
         # the release of a posture hold); the posture task waits on it between polls.
         posture_due = asyncio.Event()
         self.events = EventSink(self.outbox, on_enforcer_status=posture_due.set)
+
+        def spool_level(full: bool) -> None:
+            # Full: the posture says so at once (the controller judges it, the gate refuses launches) and
+            # the fail-closed check ends the sessions; drained to the low-water mark: all of it lifts.
+            log.warning(
+                "spool_full" if full else "spool_drained",
+                rows=spool.count(),
+                max_rows=spool.max_rows,
+                low_rows=spool.low_rows,
+                refused=self.outbox.refused,
+            )
+            posture_due.set()
+
+        spool.on_level_change(spool_level)
         self.enforcers = (
             list(enforcers)
             if enforcers is not None
@@ -109,6 +125,8 @@ class Agent:
                 in_force=self._in_force,
                 enforcers=self.enforcers,
                 offline_since=self._offline_since,
+                spool_full=lambda: spool.full,
+                spool_refused=lambda: self.outbox.refused,
             ),
             events=self.events,
             posture_due=posture_due,
@@ -172,6 +190,7 @@ class Agent:
             running=self.book.running,
             ender=session_ender,
             events=self.events,
+            spool_full=lambda: spool.full,
         )
         self.gate = LaunchGate(
             mode=mode,

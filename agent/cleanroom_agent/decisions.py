@@ -1,4 +1,5 @@
-"""Pure decisions of the agent: which policy is in force, when to fail closed, whether a launch may go.
+"""Pure decisions of the agent: which policy is in force, when the spool is full, when to fail closed,
+whether a launch may go.
 
 No I/O here: the daemon gathers the facts and acts on the answers.
 """
@@ -63,6 +64,34 @@ def may_end_sessions(mode: Mode, policy: Policy) -> bool:
     return mode is Mode.ENFORCE and "end_session" in policy.on_violation.actions
 
 
+# A full spool stays full until a watermark has drained it to this fraction of its bound (hysteresis).
+SPOOL_LOW_WATER = 0.9
+
+
+class SpoolLevel:
+    """Is the outbox full? Full from the moment it holds ``max_rows`` rows (the next event would be
+    refused), and full until the controller's watermarks drain it to ``low_water`` of that: an endpoint at
+    the edge of its bound does not flap between failing closed and launching with every row."""
+
+    def __init__(self, max_rows: int, *, low_water: float = SPOOL_LOW_WATER) -> None:
+        if max_rows < 1:
+            raise ValueError(f"spool bound must be at least 1 row, not {max_rows}")
+        if not 0.0 <= low_water < 1.0:
+            raise ValueError(f"spool low-water mark must be a fraction in [0, 1), not {low_water}")
+        self.max_rows = max_rows
+        self.low_rows = int(max_rows * low_water)
+        self.full = False
+
+    def update(self, rows: int) -> bool:
+        """The spool holds ``rows`` now; ``True`` when that changed :attr:`full`."""
+        was = self.full
+        if rows >= self.max_rows:
+            self.full = True
+        elif rows <= self.low_rows:
+            self.full = False
+        return self.full is not was
+
+
 def fail_closed_reason(
     *,
     mode: Mode,
@@ -71,15 +100,21 @@ def fail_closed_reason(
     now: float,
     local_violations: list[str],
     session_count: int,
+    spool_full: bool = False,
 ) -> str | None:
     """Why the agent must end its sessions itself right now, or ``None``.
 
-    Only while cut off from the controller (online, the controller judges): offline longer than
-    ``report.max_offline_s``, or offline and locally non-compliant. Needs a policy in force whose actions
-    include ``end_session``, enforce mode, and something to end.
+    A full spool (``spool_full``: :class:`SpoolLevel`), online or not: an endpoint that cannot record what
+    it does must not go on as if it could. Otherwise only while cut off from the controller (online, the
+    controller judges): offline longer than ``report.max_offline_s``, or offline and locally non-compliant.
+    Needs a policy in force whose actions include ``end_session``, enforce mode, and something to end.
     """
     policy = in_force.policy
-    if policy is None or offline_since is None or session_count == 0 or not may_end_sessions(mode, policy):
+    if policy is None or session_count == 0 or not may_end_sessions(mode, policy):
+        return None
+    if spool_full:
+        return "spool_full"
+    if offline_since is None:
         return None
     offline_for = now - offline_since
     if offline_for > policy.report.max_offline_s:

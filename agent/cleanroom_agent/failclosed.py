@@ -1,4 +1,5 @@
-"""Failing closed: an agent cut off from the controller ends its sessions itself when the policy says so.
+"""Failing closed: an agent cut off from the controller, or whose spool is full (it cannot record what
+happens), ends its sessions itself when the policy says so.
 
 Checked every poll interval against the latest observation (:func:`decisions.fail_closed_reason` decides);
 an attempt that left survivors is not repeated for ``RETRY_AFTER_SURVIVORS_S``.
@@ -36,6 +37,7 @@ class FailClosed:
         running: Callable[[], list[SessionInfo]],
         ender: SessionEnder,
         events: EventSink,
+        spool_full: Callable[[], bool] = lambda: False,
     ) -> None:
         self._mode = mode
         self._poll_interval = poll_interval
@@ -45,6 +47,7 @@ class FailClosed:
         self._running = running
         self._ender = ender
         self._events = events
+        self._spool_full = spool_full
         self._backoff_until = 0.0
 
     async def run(self) -> None:
@@ -66,6 +69,7 @@ class FailClosed:
             now=time.time(),
             local_violations=violations(obs.posture, in_force.effective),
             session_count=len(sessions),
+            spool_full=self._spool_full(),
         )
         if reason is None:
             self._backoff_until = 0.0
@@ -76,6 +80,8 @@ class FailClosed:
         ended, failed = await self._ender.end(sessions, reason="fail_closed")
         if failed:
             self._backoff_until = time.monotonic() + RETRY_AFTER_SURVIVORS_S
+        # With a full spool this event is refused like any other and counted (posture's spool_refused);
+        # the posture (spool_full, the sessions gone) still goes out: postures coalesce, never refused.
         self._events.event(
             "agent.fail_closed",
             Severity.CRITICAL,

@@ -1,7 +1,16 @@
 """Signing glue between the agent's messages and the spool: each message is sealed with the seq the
-spool allocates for it, in the same transaction, and lands on its channel's topic."""
+spool allocates for it, in the same transaction, and lands on its channel's topic.
+
+An event or ack the full spool refuses is not lost silently: it is counted twice, durably and in one
+transaction: ``spool_refused`` (every one, ever: the posture reports it, so the controller and an auditor
+see the gap) and the count since the last report, which goes out as one ``spool.overflow`` event as soon
+as there is room again. An ack refused is also remembered with its command (``commands.py``), so the
+controller's retry of the command gets it once there is room.
+"""
 
 from __future__ import annotations
+
+import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel
@@ -25,7 +34,8 @@ from .spool import Spool, SpoolFull
 # Rows of these keys replace older unsent rows of the same key; events and acks never coalesce.
 COALESCE_POSTURE = "posture"
 COALESCE_STATUS = "status"
-DROPPED_KEY = "events_dropped_spool_full"
+DROPPED_KEY = "events_dropped_spool_full"  # refused since the last spool.overflow event
+REFUSED_KEY = "spool_refused"  # refused ever: never reset
 
 
 class Outbox:
@@ -36,6 +46,12 @@ class Outbox:
         # Events refused while the outbox was full. Read once here; written only when it changes, so the
         # common path (an event, room in the outbox) costs no extra statement.
         self._dropped = spool.get_int(DROPPED_KEY) or 0
+        self._refused = spool.get_int(REFUSED_KEY) or self._dropped  # a spool from before the total
+
+    @property
+    def refused(self) -> int:
+        """Events and acks the full spool refused, ever (durable): posture's ``spool_refused``."""
+        return self._refused
 
     def _put(
         self,
@@ -60,26 +76,38 @@ class Outbox:
         """Queue ``event``; ``None`` when the outbox is full (the event is counted, and the count goes out
         as a ``spool.overflow`` event as soon as there is room again)."""
         try:
-            if self._dropped:
-                overflow = Event(
-                    kind="spool.overflow",
-                    at=event.at,
-                    severity=Severity.CRITICAL,
-                    details={"dropped": self._dropped},
-                )
-                self._put(Kind.EVENT, overflow, Channel.EVENTS)
-                self._set_dropped(0)
+            self._report_overflow(event.at)
             return self._put(Kind.EVENT, event, Channel.EVENTS)
         except SpoolFull:
-            self._set_dropped(self._dropped + 1)
+            self._count_refused()
             return None
 
-    def _set_dropped(self, count: int) -> None:
-        self.spool.set_state(DROPPED_KEY, str(count))
-        self._dropped = count
+    def _report_overflow(self, at: float) -> None:
+        if self._dropped:
+            overflow = Event(
+                kind="spool.overflow",
+                at=at,
+                severity=Severity.CRITICAL,
+                details={"dropped": self._dropped, "refused_total": self._refused},
+            )
+            self._put(Kind.EVENT, overflow, Channel.EVENTS)
+            self.spool.set_state(DROPPED_KEY, "0")
+            self._dropped = 0
 
-    def ack(self, ack: Ack) -> int:
-        return self._put(Kind.ACK, ack, Channel.ACKS)
+    def _count_refused(self) -> None:
+        self.spool.set_states({DROPPED_KEY: str(self._dropped + 1), REFUSED_KEY: str(self._refused + 1)})
+        self._dropped += 1
+        self._refused += 1
+
+    def ack(self, ack: Ack) -> int | None:
+        """Queue ``ack``; ``None`` when the outbox is full (counted like an event; the command keeps its ack,
+        so the controller's retry gets it again once there is room)."""
+        try:
+            self._report_overflow(time.time())
+            return self._put(Kind.ACK, ack, Channel.ACKS)
+        except SpoolFull:
+            self._count_refused()
+            return None
 
     def status(self, status: Status) -> int:
         return self._put(Kind.STATUS, status, Channel.STATUS, retain=True, coalesce=COALESCE_STATUS)

@@ -141,6 +141,8 @@ def assemble_posture(
     sessions: list[SessionInfo],
     enforcers: list[EnforcerStatus],
     offline_since: float | None,
+    spool_full: bool = False,
+    spool_refused: int = 0,
 ) -> Posture:
     return Posture(
         agent_id=agent_id,
@@ -158,6 +160,8 @@ def assemble_posture(
         sessions=sessions[:256],
         enforcers=enforcers[:64],
         offline_since=offline_since,
+        spool_full=spool_full,
+        spool_refused=spool_refused,
     )
 
 

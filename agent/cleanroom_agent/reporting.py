@@ -66,7 +66,8 @@ class EventSink:
 
 
 class PostureAssembler:
-    """A posture of this endpoint from an observation's facts, its denied processes and its sessions."""
+    """A posture of this endpoint from an observation's facts, its denied processes and its sessions, with
+    the state of the agent itself (policy, enforcers, offline, spool full and what it refused)."""
 
     def __init__(
         self,
@@ -76,12 +77,16 @@ class PostureAssembler:
         in_force: Callable[[], PolicyInForce],
         enforcers: Sequence[Enforcer],
         offline_since: Callable[[], float | None],
+        spool_full: Callable[[], bool] = lambda: False,
+        spool_refused: Callable[[], int] = lambda: 0,
     ) -> None:
         self._agent_id = agent_id
         self._mode = mode
         self._in_force = in_force
         self._enforcers = enforcers
         self._offline_since = offline_since
+        self._spool_full = spool_full
+        self._spool_refused = spool_refused
 
     def __call__(self, facts: HostFacts, denied: list[ProcessInfo], sessions: list[SessionInfo]) -> Posture:
         return assemble_posture(
@@ -93,6 +98,8 @@ class PostureAssembler:
             sessions=sessions,
             enforcers=[e.status() for e in self._enforcers],
             offline_since=self._offline_since(),
+            spool_full=self._spool_full(),
+            spool_refused=self._spool_refused(),
         )
 
 

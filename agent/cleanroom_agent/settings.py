@@ -22,6 +22,8 @@ from cleanroom_protocol import BrokerAddress as BrokerAddress  # re-exported: cl
 from cleanroom_protocol import Mode, TlsFiles, is_valid_agent_id, tls_settings_problem
 from cleanroom_protocol import parse_broker_url as parse_broker_url
 
+from .spool import MAX_OUTBOX_ROWS
+
 DEFAULT_CONFIG = Path("/etc/cleanroom/agent.toml")
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-agent")
 DEFAULT_SOCKET = Path("/run/cleanroom/agent.sock")
@@ -79,6 +81,9 @@ class AgentSettings(BaseSettings):
     exec_backend: Literal["fanotify", "procconn"] = "fanotify"
     # Re-observe on exec/exit events from the proc connector (procevents.py); off: only the poll does.
     process_events: bool = True
+    # The outbox's bound (rows waiting for the controller's watermark). Full, the agent refuses new events
+    # (counted: posture's spool_refused) and fails closed until watermarks drain it to 90 % (spool.py).
+    spool_max_rows: int = Field(default=MAX_OUTBOX_ROWS, ge=10, le=10_000_000)
 
     @field_validator("broker")
     @classmethod

@@ -8,6 +8,10 @@ broker that lost its queue) is still here to be sent again: all unlisted rows af
 (:meth:`Spool.resend_all`), and a row sent a while ago that a later stored seq shows was skipped
 (:meth:`Spool.resend_gaps`). The controller recognises what it already has by (agent, seq) and digest.
 WAL + ``synchronous=FULL`` so a committed row survives power loss.
+
+The outbox is bounded (``max_rows``): when it is full, new events and acks are refused (the outbox
+counts them) and rows already held are never dropped; :attr:`Spool.full` (a :class:`SpoolLevel`, with a
+low-water mark) is what the agent fails closed on.
 """
 
 from __future__ import annotations
@@ -23,18 +27,22 @@ from typing import Any
 
 from cleanroom_protocol.datafiles import secure_database
 
+from .decisions import SpoolLevel
+
 MAX_REMEMBERED_COMMANDS = 1000
 # Command nonces are remembered until their command expires (at most MAX_COMMAND_LIFETIME_S, 1 h) and
 # commands draw on a budget of 20/s, so this many cover far more than the controller ever sends; past it
 # the soonest to expire are forgotten first (the seq check still refuses a replayed envelope).
 MAX_REMEMBERED_NONCES = 10_000
 # An endpoint cut off for days keeps its events, but not without limit: ~100,000 signed events is
-# ~60 MB on disk. Past it new events are refused and counted (see Outbox.event), never silently lost.
+# ~60 MB on disk. Past it new events are refused and counted (see Outbox.event), never silently lost, and
+# the agent fails closed until watermarks drain it (the ``spool_max_rows`` setting).
 MAX_OUTBOX_ROWS = 100_000
 
 
 class SpoolFull(Exception):
-    """The outbox holds ``max_rows`` unsent rows; only coalescing rows (posture, status) still fit."""
+    """The outbox holds ``max_rows`` rows (unsent, or sent and not yet listed by a watermark); only
+    coalescing rows (posture, status) still fit."""
 
 
 _SCHEMA = """
@@ -69,6 +77,8 @@ class Spool:
 
     def __init__(self, path: Path, *, max_rows: int = MAX_OUTBOX_ROWS) -> None:
         self.max_rows = max_rows
+        self._level = SpoolLevel(max_rows)
+        self._level_listeners: list[Callable[[bool], None]] = []
         # Data dir 0700, agent.db and its -wal/-shm 0600, before SQLite opens (and creates) them.
         self.tightened = secure_database(path)
         self.path = path
@@ -86,6 +96,31 @@ class Spool:
         )
         self._listeners: list[Callable[[], None]] = []
         self._rows = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        self._level.update(self._rows)  # a spool full at a restart is full from the start
+
+    @property
+    def full(self) -> bool:
+        """Full: it reached ``max_rows`` and no watermark has drained it to its low-water mark since."""
+        return self._level.full
+
+    @property
+    def low_rows(self) -> int:
+        return self._level.low_rows
+
+    def on_level_change(self, listener: Callable[[bool], None]) -> None:
+        """``listener(full)`` is called when the spool becomes full and when it has drained."""
+        self._level_listeners.append(listener)
+
+    def _count_changed(self, delta: int) -> bool:
+        """Under the lock: ``delta`` rows came or went; ``True`` when that changed :attr:`full`."""
+        self._rows += delta
+        return self._level.update(self._rows)
+
+    def _tell_level(self, changed: bool) -> None:
+        """Outside the lock (a listener may read the spool)."""
+        if changed:
+            for listener in self._level_listeners:
+                listener(self._level.full)
 
     def close(self) -> None:
         with self._lock:
@@ -123,7 +158,7 @@ class Spool:
         """
         with self._lock:
             if coalesce_key is None and self._rows >= self.max_rows:
-                raise SpoolFull(f"{self.path}: {self._rows} unsent rows")
+                raise SpoolFull(f"{self.path}: {self._rows} rows wait for the controller's watermark")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._allocate()
@@ -141,7 +176,8 @@ class Spool:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._rows += 1 - replaced
+            changed = self._count_changed(1 - replaced)
+        self._tell_level(changed)
         for listener in self._listeners:
             listener()
         return seq
@@ -193,7 +229,8 @@ class Spool:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._rows -= deleted
+            changed = self._count_changed(-deleted)
+        self._tell_level(changed)
         return deleted
 
     def resend_gaps(self, high: int, *, sent_before: float) -> int:
@@ -216,7 +253,10 @@ class Spool:
     def delete(self, seq: int) -> None:
         """The broker acknowledged ``seq``: it leaves the outbox."""
         with self._lock:
-            self._rows -= self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
+            changed = self._count_changed(
+                -self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
+            )
+        self._tell_level(changed)
 
     # key/value state ---------------------------------------------------------------------------------
     def get_state(self, key: str) -> str | None:
@@ -230,6 +270,21 @@ class Spool:
                 "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+    def set_states(self, values: dict[str, str]) -> None:
+        """Several keys in one transaction (one fsync): counters that must agree."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO state (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    list(values.items()),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def get_int(self, key: str) -> int | None:
         value = self.get_state(key)

@@ -38,4 +38,7 @@ def violations(posture: Posture, policy: Policy) -> list[str]:
         for mount in posture.mounts:
             if mount.removable:
                 reasons.append(f"removable_mount:{mount.mountpoint}")
+    if posture.spool_full:
+        # The endpoint cannot record what it does (its outbox waits on the controller's watermark).
+        reasons.append("spool_full")
     return reasons

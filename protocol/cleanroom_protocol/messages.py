@@ -108,6 +108,11 @@ class Posture(_Body):
     sessions: Annotated[list[SessionInfo], Field(max_length=256)]
     enforcers: Annotated[list[EnforcerStatus], Field(max_length=64)]
     offline_since: float | None = None  # set while the agent is cut off from the broker
+    # The agent's outbox is full (until a watermark drains it to its low-water mark): it cannot record
+    # what happens, so it is judged non-compliant (``spool_full``) and fails closed. ``spool_refused``:
+    # every event and ack it could not record, ever (durable, never reset): the gap in its record.
+    spool_full: bool = False
+    spool_refused: Annotated[int, Field(ge=0, le=2**62)] = 0
 
 
 class Severity(StrEnum):

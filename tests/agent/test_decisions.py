@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cleanroom_agent import (
     NO_POLICY,
     HostFacts,
@@ -13,6 +15,7 @@ from cleanroom_agent import (
     fail_closed_reason,
     launch_decision,
 )
+from cleanroom_agent.decisions import SpoolLevel
 from cleanroom_protocol import Mode, Policy, Posture, ProcessInfo
 
 P3 = Policy(id="billing", version=3)
@@ -109,3 +112,44 @@ def test_audit_mode_allows_but_reports_what_would_deny() -> None:
     bad = posture(Mode.AUDIT, signed(policy), [ProcessInfo(name="scrot", pid=7)])
     d = launch_decision(posture=bad, in_force=signed(policy), client="xfreerdp", offline_since=None, now=0)
     assert d.allowed and d.audit_only and d.reasons == ["denied_process:scrot"]
+
+
+def test_spool_level_is_full_at_its_bound_and_until_drained_to_the_low_water_mark() -> None:
+    level = SpoolLevel(100)  # low water: 90 rows
+    assert [level.update(rows) for rows in (0, 50, 99)] == [False, False, False] and not level.full
+    assert level.update(100) and level.full  # the next event would be refused
+    assert not level.update(101)  # a posture or status row past the bound: still full, no change
+    assert not level.update(91) and level.full, "above the low-water mark: not flapping back"
+    assert level.update(90) and not level.full
+    assert not level.update(99) and not level.full, "below the bound again: not full"
+    assert level.update(100) and level.full
+
+
+def test_spool_level_refuses_a_nonsense_bound() -> None:
+    with pytest.raises(ValueError, match="spool bound"):
+        SpoolLevel(0)
+    with pytest.raises(ValueError, match="low-water"):
+        SpoolLevel(10, low_water=1.0)
+
+
+def test_fail_closed_when_the_spool_is_full_even_online() -> None:
+    assert fc(offline_since=None, spool_full=True) == "spool_full"
+    assert fc(spool_full=True) == "spool_full"  # offline too long as well: the spool is named
+    assert fc(offline_since=None, spool_full=False) is None
+
+
+def test_a_full_spool_ends_nothing_in_audit_without_sessions_or_without_the_action() -> None:
+    assert fc(offline_since=None, spool_full=True, mode=Mode.AUDIT) is None
+    assert fc(offline_since=None, spool_full=True, session_count=0) is None
+    no_action = signed(Policy(id="p", version=1, on_violation={"actions": []}))
+    assert fc(offline_since=None, spool_full=True, in_force=no_action) is None
+
+
+def test_launch_denied_while_the_spool_is_full_and_allowed_once_drained() -> None:
+    full = posture().model_copy(update={"spool_full": True, "spool_refused": 3})
+    d = launch_decision(posture=full, in_force=SIGNED_P3, client="xfreerdp", offline_since=None, now=0)
+    assert not d.allowed and d.reasons == ["spool_full"]
+    drained = posture().model_copy(update={"spool_refused": 3})
+    assert launch_decision(
+        posture=drained, in_force=SIGNED_P3, client="xfreerdp", offline_since=None, now=0
+    ).allowed

@@ -10,6 +10,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cleanroom_agent import Outbox, Spool
 from cleanroom_agent.spool import SpoolFull
 from cleanroom_protocol import (
+    Ack,
+    AckResult,
     AgentState,
     Event,
     Kind,
@@ -146,7 +148,8 @@ def test_a_full_outbox_counts_refused_events_and_reports_them_when_room_frees(tm
     kinds = [b.kind for b in bodies if isinstance(b, Event)]
     assert kinds[-2:] == ["spool.overflow", "session.started"]
     overflow = next(b for b in bodies if isinstance(b, Event) and b.kind == "spool.overflow")
-    assert overflow.details == {"dropped": 2}
+    assert overflow.details == {"dropped": 2, "refused_total": 2}
+    assert outbox.refused == 2
 
 
 def test_a_sent_row_stays_until_a_watermark_lists_it_and_is_sent_again_when_found_missing(
@@ -183,3 +186,53 @@ def test_rows_waiting_for_a_watermark_count_against_the_bound(tmp_path: Path) ->
         spool.enqueue("t/events", lambda s: b"e")
     spool.covered([(0, 2**62)])
     spool.enqueue("t/events", lambda s: b"e")
+
+
+def test_a_full_spool_stays_full_until_watermarks_drain_it_to_the_low_water_mark(tmp_path: Path) -> None:
+    """The real spool's level: full at its bound (the next event would be refused), still full above 90 %,
+    drained at or below it; the listener hears each change once (it wakes posture and the fail-closed
+    check)."""
+    spool = Spool(tmp_path / "agent.db", max_rows=20)  # low water: 18 rows
+    heard: list[bool] = []
+    spool.on_level_change(heard.append)
+    seqs = [spool.enqueue("t/events", lambda s: b"e") for _ in range(19)]
+    assert not spool.full and heard == []
+    seqs.append(spool.enqueue("t/events", lambda s: b"e"))
+    assert spool.full and spool.low_rows == 18 and heard == [True]
+    spool.covered([(seqs[0], seqs[0])])  # 19 rows: room for one, but still full
+    assert spool.full
+    spool.enqueue("t/events", lambda s: b"e")  # the room is used: rows already held are never dropped
+    spool.covered([(seqs[1], seqs[2])])  # 18 rows: drained
+    assert not spool.full and heard == [True, False]
+    spool.close()
+    for _ in range(2):
+        Spool(tmp_path / "agent.db", max_rows=20).enqueue("t/events", lambda s: b"e")
+    assert Spool(tmp_path / "agent.db", max_rows=20).full, "a spool full at a restart is full from the start"
+
+
+def test_acks_refused_by_a_full_spool_are_counted_and_the_total_never_resets(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(tmp_path / "agent.db", max_rows=10)
+    outbox = Outbox(spool, agent_id="ep-1", key=key)
+    seqs = [outbox.event(Event(kind="session.started", at=float(i))) for i in range(10)]
+    assert outbox.ack(Ack(command_id="c1", result=AckResult.NOT_FOUND)) is None
+    assert outbox.event(Event(kind="session.ended", at=11.0)) is None
+    assert outbox.refused == 2 and spool.count() == 10
+    spool.covered([(min(s for s in seqs if s), max(s for s in seqs if s))])
+    assert outbox.ack(Ack(command_id="c2", result=AckResult.NOT_FOUND)) is not None  # overflow reported first
+    assert spool.count() == 2  # the spool.overflow event and the ack
+    for i in range(8):
+        assert outbox.event(Event(kind="session.started", at=20.0 + i)) is not None
+    assert outbox.event(Event(kind="session.ended", at=31.0)) is None
+    spool.close()
+    spool = Spool(tmp_path / "agent.db", max_rows=10)
+    outbox = Outbox(spool, agent_id="ep-1", key=key)
+    assert outbox.refused == 3, "the total survives a restart and is not reset by the overflow event"
+    spool.covered([(0, 2**62)])
+    assert outbox.event(Event(kind="session.started", at=40.0)) is not None
+    bodies = [
+        verify(r.payload, public_key_for=lambda _s: key.public_key(), max_skew_s=None).body
+        for r in spool.pending()
+    ]
+    overflow = [b.details for b in bodies if isinstance(b, Event) and b.kind == "spool.overflow"]
+    assert overflow == [{"dropped": 1, "refused_total": 3}]

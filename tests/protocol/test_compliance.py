@@ -52,6 +52,8 @@ def test_each_reason_is_named() -> None:
                 device="/dev/sdb1", mountpoint="/media/usb", fstype="vfat", removable=True, writable=True
             )
         ],
+        spool_full=True,
+        spool_refused=4,
     )
     assert violations(bad, POLICY) == [
         "policy_outdated:p@2<p@3",
@@ -60,7 +62,15 @@ def test_each_reason_is_named() -> None:
         "audit_mode",
         "enforcer_not_active:clipboard:unsupported",
         "removable_mount:/media/usb",
+        "spool_full",
     ]
+
+
+def test_a_full_spool_is_a_violation_but_a_past_gap_alone_is_not() -> None:
+    """An endpoint that cannot record what it does is not compliant; once drained it is again, and the
+    events it refused meanwhile (``spool_refused``) stay reported as a count, not judged for ever."""
+    assert violations(posture(spool_full=True), POLICY) == ["spool_full"]
+    assert violations(posture(spool_refused=12), POLICY) == []
 
 
 def test_missing_policy_and_absent_enforcer() -> None:
