@@ -341,6 +341,7 @@ class Agent(Daemon):
     ) -> None:
         self.agent_id = agent_id
         self.data_dir = data_dir
+        self.socket_path = socket_path
         self.exe = console_script("cleanroom-agent")
         argv = [
             self.exe,
