@@ -250,12 +250,12 @@ def bench_session(runs: int) -> None:
 def bench_wipe(runs: int) -> None:
     import libvirt  # type: ignore[import-untyped]
 
+    from cleanroom_controller.actions.drivers.base import SessionRef
+    from cleanroom_controller.actions.drivers.libvirt import LibvirtDriver
+    from cleanroom_controller.audit.recorder import Recorder
     from cleanroom_controller.desktops.config import parse_desktops
     from cleanroom_controller.desktops.machine import DesktopState
     from cleanroom_controller.desktops.runner import DesktopRunner
-    from cleanroom_controller.drivers.base import SessionRef
-    from cleanroom_controller.drivers.libvirt import LibvirtDriver
-    from cleanroom_controller.recorder import Recorder
     from cleanroom_controller.store import Store
 
     need("qemu-img")

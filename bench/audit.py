@@ -29,8 +29,8 @@ from pathlib import Path
 from cleanroom_controller.audit import GENESIS, entry_bytes, make_entry
 from cleanroom_controller.audit.chain import ChainHead
 from cleanroom_controller.audit.checkpoints import CHECKPOINTS_NAME, CheckpointFile, sign_checkpoint
+from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.audit.sealer import Sealer, SealPolicy
-from cleanroom_controller.recorder import Recorder
 from cleanroom_controller.store import Store
 from cleanroom_protocol import load_or_create_private_key
 

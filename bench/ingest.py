@@ -134,7 +134,7 @@ def query(db: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...
             con.close()
     import psycopg
 
-    from cleanroom_controller.database.postgres import to_pyformat
+    from cleanroom_controller.store.postgres import to_pyformat
 
     with psycopg.connect(url, autocommit=True) as pg:
         return [tuple(r) for r in pg.execute(to_pyformat(sql), list(params)).fetchall()]  # type: ignore[arg-type]

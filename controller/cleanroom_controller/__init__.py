@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 # ``judge`` is also a submodule's name: importing the submodule would shadow a lazily loaded function,
 # so it is bound eagerly (judge.py itself imports the protocol only when called).
-from .judge import Judgement, judge
+from .decisions.judge import Judgement, judge
 
 if TYPE_CHECKING:
+    from .actions.drivers import AgentDriver, Outcome, Publisher, SessionDriver
     from .audit import (
         GENESIS,
         AuditEntry,
@@ -26,9 +27,8 @@ if TYPE_CHECKING:
         verify_chain,
     )
     from .broker import EmbeddedBroker, mosquitto_config, write_mosquitto_config
-    from .decide import Decision, EndSession, plan_end_sessions, reconcile_sessions, retry_delay
-    from .drivers import AgentDriver, Outcome, Publisher, SessionDriver
-    from .ingest import Ingest, KeyCache, subscriptions
+    from .decisions.decide import Decision, EndSession, plan_end_sessions, reconcile_sessions, retry_delay
+    from .ingest.pipeline import Ingest, KeyCache, subscriptions
     from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
     from .policy_keeper import NoPolicyError, PolicyKeeper
     from .settings import BrokerAddress, ControllerSettings, SettingsError, load_settings, parse_broker_url

@@ -258,8 +258,8 @@ def agents_revoke(
 ) -> None:
     """Cut a device off: its key refused at once, its certificates revoked, the broker's CRL reloaded and
     its connection closed within seconds; the policy's actions end its sessions. Every step is audited."""
-    from .revocation import revoke_agent
     from .trust import Pki, PkiError
+    from .trust.revocation import revoke_agent
 
     settings = _settings(config, data_dir=data_dir, broker=broker, broker_dir=broker_dir)
     store = _open_store(settings)
@@ -721,8 +721,8 @@ def enroll_create(
 ) -> None:
     """Print a new enrolment token (shown once; only its hash is kept). Needs `pki init` first: the token
     pins the CA, so the endpoint's first contact is authenticated."""
-    from .enrolment import mint, parse_duration
     from .trust import Pki, PkiError
+    from .trust.enrolment import mint, parse_duration
 
     settings = _settings(config, data_dir=data_dir)
     try:

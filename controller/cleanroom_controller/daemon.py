@@ -22,28 +22,28 @@ from cleanroom_protocol import (
     public_key_pem,
 )
 
-from .actions import ActionRunner
+from .actions.drivers.agent import AgentDriver
+from .actions.drivers.desktops import desktop_drivers
+from .actions.runner import ActionRunner
 from .audit.checkpoints import CHECKPOINTS_NAME, Checkpointer, CheckpointFile
+from .audit.recorder import Recorder
 from .broker import EmbeddedBroker
-from .decide import EndSession
+from .decisions.decide import EndSession
 from .desktops.keeper import DesktopsKeeper
 from .desktops.runner import DesktopRunner
-from .drivers.agent import AgentDriver
-from .drivers.desktops import desktop_drivers
-from .enrolserver import EnrolmentServer, EnrolmentService, EnrolmentSettings, build_app
-from .inbox import Entry
-from .ingest import DEDUP_WINDOW_S, Ingest, KeyCache, subscriptions
-from .link import BrokerLink, Receipt
+from .ingest.inbox import Entry
+from .ingest.link import BrokerLink, Receipt
+from .ingest.pipeline import DEDUP_WINDOW_S, Ingest, KeyCache, subscriptions
+from .ingest.watermarks import WATERMARK_EVERY_S
 from .models import CommandState
 from .policy_keeper import PolicyKeeper
-from .recorder import Recorder
 from .settings import ControllerSettings
-from .signer import Signer
 from .store import Store
 from .tracker import Tracker
 from .trust import CrlKeeper, Pki, PkiError, PkiFiles, parse_listen
 from .trust.crlkeeper import CHECK_EVERY_S as CRL_CHECK_EVERY_S
-from .watermarks import WATERMARK_EVERY_S
+from .trust.enrolserver import EnrolmentServer, EnrolmentService, EnrolmentSettings, build_app
+from .trust.signer import Signer
 
 log = structlog.get_logger("cleanroom.controller")
 

@@ -25,10 +25,10 @@ from cleanroom_protocol import (
     policy_hash,
 )
 
+from .audit.recorder import Recorder
 from .filewatch import watch_file
-from .recorder import Recorder
-from .signer import Signer
 from .store import Store
+from .trust.signer import Signer
 
 log = structlog.get_logger("cleanroom.controller.policy")
 

@@ -16,7 +16,7 @@ from cleanroom_protocol import (
 from cleanroom_protocol import TlsFiles, tls_settings_problem
 from cleanroom_protocol import parse_broker_url as parse_broker_url
 
-from .database.url import DatabaseUrl, parse_database_url
+from .store.url import DatabaseUrl, parse_database_url
 
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-controller")
 

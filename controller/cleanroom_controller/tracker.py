@@ -13,11 +13,11 @@ import structlog
 
 from cleanroom_protocol import Ack, Event, Policy, Posture, Status
 
-from . import decide
-from .decide import Decision, EndSession
-from .judge import judge
+from .audit.recorder import Recorder
+from .decisions import decide
+from .decisions.decide import Decision, EndSession
+from .decisions.judge import judge
 from .models import CommandState, Condition, EndpointState, SessionRecord, SessionState
-from .recorder import Recorder
 from .store import Store
 
 log = structlog.get_logger("cleanroom.controller.tracker")

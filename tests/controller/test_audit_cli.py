@@ -20,8 +20,8 @@ import pytest
 
 from cleanroom_controller import GENESIS, Store
 from cleanroom_controller.audit.checkpoints import CHECKPOINTS_NAME
-from cleanroom_controller.ingest import Ingest, KeyCache
-from cleanroom_controller.recorder import Recorder
+from cleanroom_controller.audit.recorder import Recorder
+from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
 from cleanroom_controller.tracker import Tracker
 from cleanroom_protocol import Event, Kind, canonical_json, load_or_create_private_key
 

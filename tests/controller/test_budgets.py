@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cleanroom_controller.budgets import Budgets, Limits, TokenBucket
+from cleanroom_controller.ingest.budgets import Budgets, Limits, TokenBucket
 
 
 def test_bucket_bursts_refills_and_a_clock_stepping_back_mints_nothing() -> None:

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from cleanroom_controller import Store
+from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.cli import app
-from cleanroom_controller.ingest import Ingest, KeyCache
-from cleanroom_controller.recorder import Recorder
+from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
 from cleanroom_controller.tracker import Tracker
 from cleanroom_protocol import Event, Kind, public_key_pem
 

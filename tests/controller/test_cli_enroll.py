@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from cleanroom_controller import Store
 from cleanroom_controller.cli import app
-from cleanroom_controller.enrolment import parse_token, refusal
 from cleanroom_controller.trust import Pki
+from cleanroom_controller.trust.enrolment import parse_token, refusal
 
 runner = CliRunner()
 

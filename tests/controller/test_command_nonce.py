@@ -12,7 +12,7 @@ from pathlib import Path
 import aiomqtt
 
 from cleanroom_controller import CommandRecord, CommandState, Store
-from cleanroom_controller.drivers.agent import command_lifetime
+from cleanroom_controller.actions.drivers.agent import command_lifetime
 from cleanroom_protocol import Channel, Kind, agent_topic
 from tests.support.mosquitto import Mosquitto
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom_controller.database import DatabaseUrlError, parse_database_url, redact_url
-from cleanroom_controller.database.postgres import postgres_ddl, to_pyformat
 from cleanroom_controller.settings import SettingsError, load_settings
+from cleanroom_controller.store import DatabaseUrlError, parse_database_url, redact_url
+from cleanroom_controller.store.postgres import postgres_ddl, to_pyformat
 
 
 def test_sqlite_forms(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from cleanroom_controller import Condition, EndpointState, SessionRecord, SessionState
-from cleanroom_controller.decide import (
+from cleanroom_controller.decisions.decide import (
     after_ack,
     after_liveness,
     after_posture,
@@ -17,10 +17,10 @@ from cleanroom_controller.decide import (
     silence_due,
     silent,
 )
-from cleanroom_controller.decide import (
+from cleanroom_controller.decisions.decide import (
     decide as decide_fn,
 )
-from cleanroom_controller.judge import Judgement
+from cleanroom_controller.decisions.judge import Judgement
 from cleanroom_protocol import AgentState, Status
 from cleanroom_protocol.policy import OnViolationSection
 

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from cleanroom_controller.enrolment import (
+from cleanroom_controller.trust.enrolment import (
     Refusal,
     TokenFormatError,
     mint,

@@ -18,10 +18,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from cleanroom_agent.enroll import EnrolmentError, enroll, renew_certificate
-from cleanroom_controller.enrolment import mint
-from cleanroom_controller.enrolserver import EnrolmentServer, EnrolmentService, EnrolmentSettings, build_app
 from cleanroom_controller.store import Store
 from cleanroom_controller.trust import Pki
+from cleanroom_controller.trust.enrolment import mint
+from cleanroom_controller.trust.enrolserver import (
+    EnrolmentServer,
+    EnrolmentService,
+    EnrolmentSettings,
+    build_app,
+)
 from cleanroom_protocol import load_private_key, public_key_pem
 from tests.support.mosquitto import free_port
 

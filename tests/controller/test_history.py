@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from cleanroom_controller import Store, Tracker
-from cleanroom_controller.ingest import Ingest, KeyCache, Outcome
+from cleanroom_controller.audit.recorder import Recorder
+from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
 from cleanroom_controller.models import Condition
-from cleanroom_controller.recorder import Recorder
 from cleanroom_protocol import Channel, Event, Kind, Severity, agent_topic
 
 from .helpers import Sender, enrol, posture, shipped_policy

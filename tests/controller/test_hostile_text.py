@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from cleanroom_controller import Store
-from cleanroom_controller.ingest import Ingest, KeyCache
-from cleanroom_controller.recorder import Recorder
+from cleanroom_controller.audit.recorder import Recorder
+from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
 from cleanroom_controller.tracker import Tracker
 from cleanroom_protocol import Event, Kind, MountInfo, Policy, Severity
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from cleanroom_controller.inbox import FairInbox, Item
+from cleanroom_controller.ingest.inbox import FairInbox, Item
 
 
 def make(noisy: set[str], **kw: int) -> tuple[FairInbox, list[tuple[str, Item]]]:

@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cleanroom_controller import Store, Tracker, verify_chain
-from cleanroom_controller.ingest import Ingest, KeyCache, Outcome
-from cleanroom_controller.recorder import Recorder
+from cleanroom_controller.audit.recorder import Recorder
+from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
 from cleanroom_protocol import AgentState, Channel, Event, Kind, Status
 from tests.support.mosquitto import Mosquitto
 

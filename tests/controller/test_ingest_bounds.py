@@ -12,11 +12,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cleanroom_controller import Store, Tracker, verify_chain
-from cleanroom_controller.budgets import Limits
-from cleanroom_controller.database.sqlite import SqliteBackend
-from cleanroom_controller.decide import MAX_OPEN_SESSIONS, EndSession
-from cleanroom_controller.ingest import Ingest, KeyCache, Outcome
-from cleanroom_controller.recorder import Recorder
+from cleanroom_controller.audit.recorder import Recorder
+from cleanroom_controller.decisions.decide import MAX_OPEN_SESSIONS, EndSession
+from cleanroom_controller.ingest.budgets import Limits
+from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
+from cleanroom_controller.store.sqlite import SqliteBackend
 from cleanroom_protocol import Channel, Event, Kind, agent_topic
 
 from .helpers import Sender, enrol, posture, session, shipped_policy

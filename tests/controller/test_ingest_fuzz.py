@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cleanroom_controller import Store, Tracker, verify_chain
-from cleanroom_controller.budgets import Limits
-from cleanroom_controller.ingest import Ingest, KeyCache, Outcome
-from cleanroom_controller.recorder import Recorder
-from cleanroom_controller.rejects import REJECTS
+from cleanroom_controller.audit.recorder import Recorder
+from cleanroom_controller.ingest.budgets import Limits
+from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
+from cleanroom_controller.ingest.rejects import REJECTS
 from cleanroom_protocol import (
     MAX_MESSAGE_BYTES,
     Ack,

@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cleanroom_controller import NoPolicyError, PolicyKeeper, Store
-from cleanroom_controller.recorder import Recorder
-from cleanroom_controller.signer import Signer
+from cleanroom_controller.audit.recorder import Recorder
+from cleanroom_controller.trust.signer import Signer
 from cleanroom_protocol import Kind, PolicyDocument, verify
 
 from .harness import until

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cleanroom_controller.rejects import REJECTS, Reason, RejectWindows
+from cleanroom_controller.ingest.rejects import REJECTS, Reason, RejectWindows
 
 
 def test_a_flood_is_one_window_per_sender_with_counts_and_the_first_detail() -> None:

@@ -18,8 +18,8 @@ from . import merkle
 from .chain import AuditEntry
 
 if TYPE_CHECKING:
-    from ..recorder import Recorder
     from ..store import Store
+    from .recorder import Recorder
 
 BATCH_KIND = "verdict.batch"
 BATCH_SUBJECT = "messages"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import structlog
 
+from ..audit.recorder import Recorder
 from ..filewatch import watch_file
-from ..recorder import Recorder
 from .config import Desktops, DesktopsError, load_desktops
 
 log = structlog.get_logger("cleanroom.controller.desktops")

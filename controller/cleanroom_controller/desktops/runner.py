@@ -27,8 +27,8 @@ from typing import Any
 
 import structlog
 
-from ..drivers.base import DesktopDriver, Outcome, SessionRef
-from ..recorder import Recorder
+from ..actions.drivers.base import DesktopDriver, Outcome, SessionRef
+from ..audit.recorder import Recorder
 from ..store import Store
 from . import machine
 from .config import Desktops, DesktopSpec

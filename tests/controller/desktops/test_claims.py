@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from cleanroom_controller.actions.drivers.command import CommandDriver
+from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.desktops import operations
 from cleanroom_controller.desktops.config import Desktops, parse_desktops
 from cleanroom_controller.desktops.machine import DesktopState
 from cleanroom_controller.desktops.runner import DesktopRunner
-from cleanroom_controller.drivers.command import CommandDriver
-from cleanroom_controller.recorder import Recorder
 from cleanroom_controller.store import Store
 from tests.support.wait import async_wait_for
 

@@ -9,8 +9,8 @@ import contextlib
 import time
 from pathlib import Path
 
+from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.desktops.keeper import DesktopsKeeper
-from cleanroom_controller.recorder import Recorder
 from cleanroom_controller.store import Store
 from tests.support.wait import async_wait_for
 

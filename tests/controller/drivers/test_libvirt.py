@@ -12,9 +12,9 @@ from pathlib import Path
 import libvirt  # type: ignore[import-untyped]
 import pytest
 
+from cleanroom_controller.actions.drivers.base import SessionRef
+from cleanroom_controller.actions.drivers.libvirt import LibvirtDriver
 from cleanroom_controller.desktops.config import DesktopSpec, parse_desktops
-from cleanroom_controller.drivers.base import SessionRef
-from cleanroom_controller.drivers.libvirt import LibvirtDriver
 
 DOMAIN_XML = """<domain type='test'><name>{name}</name><memory>65536</memory><os><type>hvm</type></os>
 <devices><disk type='file' device='disk'><source file='{overlay}'/><target dev='vda'/></disk></devices></domain>"""

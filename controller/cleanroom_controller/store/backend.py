@@ -10,7 +10,11 @@ translated by the backend; what cannot be shared (triggers) is given once per di
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .url import DatabaseUrl
 
 
 class Row(Protocol):
@@ -75,3 +79,15 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def open_backend(url: DatabaseUrl) -> Backend:
+    """Connect to the database ``url`` names (the SQLite file is created if missing)."""
+    if url.dialect == "postgresql":
+        from .postgres import PostgresBackend
+
+        return PostgresBackend(url.dsn)
+    from .sqlite import SqliteBackend
+
+    assert url.path is not None  # a sqlite URL always has one (parse_database_url)
+    return SqliteBackend(Path(url.path))

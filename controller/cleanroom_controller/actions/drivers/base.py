@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..desktops.config import DesktopSpec
+    from ...desktops.config import DesktopSpec
 
 
 @dataclass(frozen=True, slots=True)

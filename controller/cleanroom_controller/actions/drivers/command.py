@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from ..desktops.config import CommandConfig, DesktopSpec
+from ...desktops.config import CommandConfig, DesktopSpec
 from .base import DesktopDriver, DesktopReport, Outcome, SessionRef
 
 log = structlog.get_logger("cleanroom.controller.driver.command")

@@ -27,7 +27,7 @@ from typing import Any
 
 import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type information
 
-from ..desktops.config import DesktopSpec
+from ...desktops.config import DesktopSpec
 from .base import DesktopDriver, DesktopReport, Outcome, SessionRef
 
 QEMU_IMG = "qemu-img"

@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from cleanroom_protocol import Kind, seal
 
-from .store import Store
+from ..store import Store
 
 
 class Signer:

@@ -6,8 +6,8 @@ from typing import Any
 
 import structlog
 
-from .audit import AuditEntry
-from .store import Store
+from ..store import Store
+from . import AuditEntry
 
 log = structlog.get_logger("cleanroom.controller.audit")
 

@@ -8,12 +8,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from . import decide
-from .decide import EndSession
+from ..audit.recorder import Recorder
+from ..decisions import decide
+from ..decisions.decide import EndSession
+from ..models import SessionState
+from ..store import Store
 from .drivers.base import Outcome, SessionDriver
-from .models import SessionState
-from .recorder import Recorder
-from .store import Store
 
 log = structlog.get_logger("cleanroom.controller.actions")
 

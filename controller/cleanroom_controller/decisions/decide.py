@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 
 from cleanroom_protocol import AckResult, AgentState, Policy, SessionInfo, Status
 
+from ..models import Condition, EndpointState, SessionRecord, SessionState
 from .judge import Judgement
-from .models import Condition, EndpointState, SessionRecord, SessionState
 
 SILENCE_HEARTBEATS = 3
 # What one agent can make the controller track and send, whatever it (or a thief of its key) reports. A thin

@@ -53,8 +53,8 @@ from cleanroom_protocol import (
     renew_message,
 )
 
+from ..store import AgentExistsError, Store
 from .enrolment import Refusal, TokenFormatError, parse_token, refusal
-from .store import AgentExistsError, Store
 
 log = structlog.get_logger("cleanroom.controller.enrol")
 

@@ -32,8 +32,8 @@ import aiomqtt
 
 from cleanroom_protocol import BrokerAddress, tls_context
 
-from .store import Store
-from .trust import BrokerConfigError, Pki, PkiError, reload_broker, write_crl
+from ..store import Store
+from . import BrokerConfigError, Pki, PkiError, reload_broker, write_crl
 
 TAKEOVER_DAYS = 1 / 24  # one hour: used for a single connection, then revoked
 TAKEOVER_TIMEOUT_S = 5.0

@@ -20,11 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .audit import GENESIS, GENESIS_HEAD, AuditEntry, ChainHead, make_entry
-from .database import DB_NAME, Backend, DatabaseUrl, Row, open_backend, parse_database_url
-from .desktops.machine import Desktop, DesktopState
-from .enrolment import TokenRecord
-from .models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
+from ..audit import GENESIS, GENESIS_HEAD, AuditEntry, ChainHead, make_entry
+from ..desktops.machine import Desktop, DesktopState
+from ..models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
+from ..trust.enrolment import TokenRecord
+from .backend import Backend, Row, open_backend
+from .url import DB_NAME, DatabaseUrl, parse_database_url
 
 __all__ = ["DB_NAME", "POSTGRES_DDL", "SCHEMA", "AgentExistsError", "Store"]
 

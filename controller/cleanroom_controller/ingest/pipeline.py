@@ -49,14 +49,14 @@ from cleanroom_protocol import (
     verify,
 )
 
-from .audit.sealer import Sealer, SealPolicy
+from ..audit.recorder import Recorder
+from ..audit.sealer import Sealer, SealPolicy
+from ..store import Store
+from ..tracker import Tracker
 from .budgets import Budgets, Limits
 from .inbox import CAPACITY, FairInbox
 from .inbox import Item as Item
-from .recorder import Recorder
 from .rejects import WINDOW_S, Flush, Reason, RejectWindows, Window
-from .store import Store
-from .tracker import Tracker
 from .watermarks import WatermarkBook
 
 log = structlog.get_logger("cleanroom.controller.ingest")

@@ -26,11 +26,11 @@ import structlog
 from cleanroom_protocol import DEFAULT_MAX_SKEW_S, Ack, Channel, Command, CommandAction, Kind, agent_topic
 from cleanroom_protocol.messages import MAX_COMMAND_LIFETIME_S
 
-from ..decide import retry_delay
-from ..models import CommandRecord, CommandState
-from ..recorder import Recorder
-from ..signer import Signer
-from ..store import Store
+from ...audit.recorder import Recorder
+from ...decisions.decide import retry_delay
+from ...models import CommandRecord, CommandState
+from ...store import Store
+from ...trust.signer import Signer
 from .base import Outcome, SessionDriver
 
 log = structlog.get_logger("cleanroom.controller.driver.agent")
