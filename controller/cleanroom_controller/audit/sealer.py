@@ -7,10 +7,23 @@ id and each row's leaf index back, all in the caller's transaction. A batch is s
 :class:`SealPolicy` says so (enough leaves waiting, or the oldest waited long enough), so the audit cost per
 message shrinks as the rate grows; a message stays uncovered at most ``max_age_s`` plus one tick. Rows left
 unsealed by a crashed process (or another process of a share group) are sealed by whoever ticks next.
+
+What the sealer keeps in memory (how many messages wait, since when: :class:`Waiting`) changes inside the
+caller's transaction, so it is transactional like the rows: a transaction that does not commit (ingest
+retries a failed commit with backoff) hands back the :class:`Waiting` it started from (:meth:`Sealer.undo`),
+and the sealer's own transactions (tick, shutdown) undo themselves. Otherwise a failed batch would count its
+messages twice on the retry (sealing early) or, when it had sealed, forget messages still waiting in the
+rows (sealing them only at the next tick).
+
+Each entry also records how many of its messages came late: ``late`` (signed longer ago than the freshness
+window: history, e.g. a spool emptied after an outage), ``max_late_s`` (the latest of them) and ``ahead``
+(signed in the controller's future beyond the window: a clock off), from the ``late_s`` ingest stores beside
+each message (``NULL`` when fresh). The leaf itself is unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,9 +56,32 @@ class SealPolicy:
         return pending >= self.max_leaves or now - oldest_at >= self.max_age_s
 
 
-def batch_data(leaves: list[merkle.Leaf]) -> dict[str, object]:
-    """The audited content of a batch: its Merkle root (hex) and its size."""
-    return {"count": len(leaves), "root": merkle.root([leaf.hash() for leaf in leaves]).hex()}
+def batch_data(leaves: list[merkle.Leaf], late_s: Sequence[float | None] = ()) -> dict[str, object]:
+    """The audited content of a batch: its Merkle root (hex) and size, and how many of its messages came late
+    (``late_s``: per leaf, seconds late when outside the freshness window, negative when ahead, else None)."""
+    late = [s for s in late_s if s is not None and s > 0]
+    return {
+        "ahead": sum(1 for s in late_s if s is not None and s < 0),
+        "count": len(leaves),
+        "late": len(late),
+        "max_late_s": max(late, default=0.0),
+        "root": merkle.root([leaf.hash() for leaf in leaves]).hex(),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Messages this process stored since its last seal, and when the first of them was (a hint for the
+    policy: the rows decide what a seal covers)."""
+
+    count: int = 0
+    oldest: float | None = None
+
+    def plus(self, now: float) -> Waiting:
+        return Waiting(self.count + 1, now if self.oldest is None else self.oldest)
+
+
+NOTHING_WAITING = Waiting()
 
 
 class Sealer:
@@ -53,18 +89,21 @@ class Sealer:
         self._store = store
         self._recorder = recorder
         self.policy = policy or SealPolicy()
-        self._pending = 0  # accepted by this process since its last seal (a hint: the rows decide)
-        self._oldest: float | None = None
+        self.waiting = NOTHING_WAITING
 
     def accepted(self, now: float) -> None:
         """A message was stored (in the current transaction)."""
-        self._pending += 1
-        if self._oldest is None:
-            self._oldest = now
+        self.waiting = self.waiting.plus(now)
+
+    def undo(self, before: Waiting) -> None:
+        """The transaction that started with ``before`` did not commit: its messages and any seal it made
+        are gone with it, so what waits is what waited then."""
+        self.waiting = before
 
     def after_batch(self, now: float) -> AuditEntry | None:
-        """End of an ingest batch, still inside its transaction: seal if the policy says so."""
-        if not self.policy.due(self._pending, self._oldest, now):
+        """End of an ingest batch, still inside its transaction: seal if the policy says so. The caller
+        undoes (:meth:`undo`) when that transaction does not commit."""
+        if not self.policy.due(self.waiting.count, self.waiting.oldest, now):
             return None
         return self.seal()
 
@@ -73,20 +112,26 @@ class Sealer:
         oldest = self._store.oldest_unsealed()
         if oldest is None or now - oldest < self.policy.max_age_s:
             return None
-        with self._store.transaction():
-            return self.seal()
+        return self.seal()
 
     def seal(self) -> AuditEntry | None:
-        """Cover every stored message no batch covers yet (up to ``MAX_LEAVES_PER_ENTRY``) with one entry."""
-        with self._store.transaction():
-            rows = self._store.unsealed_messages(MAX_LEAVES_PER_ENTRY)
-            self._pending, self._oldest = 0, None
-            if not rows:
-                return None
-            leaves = [merkle.Leaf(agent, seq, kind, digest) for agent, seq, kind, digest in rows]
-            entry = self._recorder.record(BATCH_KIND, BATCH_SUBJECT, batch_data(leaves))
-            self._store.mark_sealed(entry.id, [(leaf.agent, leaf.seq) for leaf in leaves])
-            return entry
+        """Cover every stored message no batch covers yet (up to ``MAX_LEAVES_PER_ENTRY``) with one entry.
+        In its own transaction, or the caller's (joined): then the caller undoes on failure."""
+        before = self.waiting
+        try:
+            with self._store.transaction():
+                rows = self._store.unsealed_messages(MAX_LEAVES_PER_ENTRY)
+                self.waiting = NOTHING_WAITING
+                if not rows:
+                    return None
+                leaves = [merkle.Leaf(agent, seq, kind, digest) for agent, seq, kind, digest, _ in rows]
+                data = batch_data(leaves, [late for *_, late in rows])
+                entry = self._recorder.record(BATCH_KIND, BATCH_SUBJECT, data)
+                self._store.mark_sealed(entry.id, [(leaf.agent, leaf.seq) for leaf in leaves])
+                return entry
+        except BaseException:
+            self.waiting = before
+            raise
 
     def seal_all(self) -> int:
         """Shutdown: nothing stored is left uncovered. Returns how many entries were written."""

@@ -253,6 +253,7 @@ class Ingest:
         outcomes: list[Outcome] = []
         flush: Flush | None = None
         accepted = dict(self._accepted)  # a failed commit is retried: this process's replay rule goes back
+        waiting = self.sealer.waiting  # and so does what the sealer counts as waiting (audit/sealer.py)
         try:
             with self._store.transaction():
                 for topic, payload, retained, signed in checked:
@@ -264,6 +265,7 @@ class Ingest:
             if flush is not None:
                 self.windows.undo(flush)
             self._accepted = accepted
+            self.sealer.undo(waiting)
             raise
         for *_, signed in checked:
             # Committed: whatever became of a message the agent signed, it need not send it again.
@@ -458,7 +460,7 @@ class Ingest:
         assert envelope is not None  # ok verdicts carry both
         seq = envelope.seq
         kind = envelope.kind.value
-        if not self._store.record_message(agent, seq, kind, digest, now):
+        if not self._store.record_message(agent, seq, kind, digest, now, ts=envelope.ts, late_s=late):
             if self._store.message_digest(agent, seq) == digest:
                 # A Last Will (exempt from the replay check) again, or with a share group a redelivery
                 # another process of the group already accepted.

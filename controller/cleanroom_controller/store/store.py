@@ -48,9 +48,11 @@ CREATE TABLE IF NOT EXISTS rejects (
 );
 -- batch: the id of the audit entry (verdict.batch) whose Merkle root covers the message, leaf: its index there;
 -- NULL until sealed (within audit seal_s of being stored). audit/sealer.py, docs/audit.md.
+-- ts: the envelope's (when the agent signed it); late_s: how late it came when outside the freshness window
+-- (negative: ahead of our clock), NULL when fresh; each batch entry sums these up (late, max_late_s, ahead).
 CREATE TABLE IF NOT EXISTS messages (
     agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, digest TEXT NOT NULL, received REAL NOT NULL,
-    batch INTEGER, leaf INTEGER, PRIMARY KEY (agent, seq)
+    batch INTEGER, leaf INTEGER, ts REAL, late_s REAL, PRIMARY KEY (agent, seq)
 );
 CREATE TABLE IF NOT EXISTS events (
     agent TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL, at REAL NOT NULL,
@@ -177,6 +179,8 @@ class Store:
             self._db.add_column("commands", column, decl)
         for column in ("batch", "leaf"):
             self._db.add_column("messages", column, "INTEGER")
+        for column in ("ts", "late_s"):
+            self._db.add_column("messages", column, "REAL")
         self._audit_schema()
 
     def _audit_schema(self) -> None:
@@ -457,11 +461,22 @@ class Store:
             counts.setdefault(sender, {})[status] = count
         return counts
 
-    def record_message(self, agent: str, seq: int, kind: str, digest: str, now: float) -> bool:
+    def record_message(
+        self,
+        agent: str,
+        seq: int,
+        kind: str,
+        digest: str,
+        now: float,
+        *,
+        ts: float | None = None,
+        late_s: float | None = None,
+    ) -> bool:
+        """``ts``: the envelope's; ``late_s``: how late (ingest's ``late_by``), None when fresh."""
         cur = self._db.execute(
-            "INSERT INTO messages (agent, seq, kind, digest, received) VALUES (?, ?, ?, ?, ?)"
+            "INSERT INTO messages (agent, seq, kind, digest, received, ts, late_s) VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (agent, seq) DO NOTHING",
-            (agent, seq, kind, digest, now),
+            (agent, seq, kind, digest, now, ts, late_s),
         )
         return cur.rowcount == 1
 
@@ -920,14 +935,15 @@ class Store:
             return int(db.execute("DELETE FROM audit WHERE id <= ?", (upto.id,)).rowcount)
 
     # -- Merkle batches over accepted messages (audit/sealer.py) ----------------------------------------------
-    def unsealed_messages(self, limit: int) -> list[tuple[str, int, str, str]]:
-        """Stored messages no batch covers yet, (agent, seq, kind, digest) in the order they become leaves."""
+    def unsealed_messages(self, limit: int) -> list[tuple[str, int, str, str, float | None]]:
+        """Stored messages no batch covers yet, (agent, seq, kind, digest, late_s) in the order they become
+        leaves."""
         rows = self._db.execute(
-            "SELECT agent, seq, kind, digest FROM messages WHERE batch IS NULL ORDER BY received, agent, seq"
-            " LIMIT ?",
+            "SELECT agent, seq, kind, digest, late_s FROM messages WHERE batch IS NULL"
+            " ORDER BY received, agent, seq LIMIT ?",
             (limit,),
         )
-        return [(str(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in rows]
+        return [(str(r[0]), int(r[1]), str(r[2]), str(r[3]), r[4]) for r in rows]
 
     def oldest_unsealed(self) -> float | None:
         row = self._db.execute("SELECT MIN(received) FROM messages WHERE batch IS NULL").fetchone()
