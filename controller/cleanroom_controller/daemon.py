@@ -111,7 +111,9 @@ class Controller:
         self.store = Store.open(settings.data_dir, settings.database)
         self.recorder = Recorder(self.store, f"controller:{settings.id}")
         # The chain's head, signed at a cadence into a log outside the database (audit/checkpoints.py).
-        self.checkpointer = Checkpointer(CheckpointFile(settings.data_dir / CHECKPOINTS_NAME), self.key)
+        self.checkpointer = Checkpointer(
+            CheckpointFile(settings.data_dir / CHECKPOINTS_NAME), self.key, settings.checkpoint_policy
+        )
         self.signer = Signer(self.store, self.key, settings.id)
         self.policy = PolicyKeeper(
             store=self.store, recorder=self.recorder, signer=self.signer, path=settings.policy
@@ -173,6 +175,7 @@ class Controller:
             max_skew_s=settings.max_skew_s,
             on_ack=self.driver.ack_received,
             shared=settings.share_group is not None,
+            seal=settings.seal_policy,
         )
         # Per-sender queues: a device that floods is served last and its overflow dropped (counted), so
         # the others' messages are not stuck behind its junk (inbox.py).

@@ -16,6 +16,8 @@ from cleanroom_protocol import (
 from cleanroom_protocol import TlsFiles, tls_settings_problem
 from cleanroom_protocol import parse_broker_url as parse_broker_url
 
+from .audit.checkpoints import CheckpointPolicy
+from .audit.sealer import SealPolicy
 from .store.url import DatabaseUrl, parse_database_url
 
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-controller")
@@ -57,6 +59,14 @@ class ControllerSettings(BaseSettings):
     keepalive: int = Field(default=10, ge=1, le=3600)
     max_skew_s: float = Field(default=300.0, gt=0)
     silence_check_s: float = Field(default=1.0, gt=0, le=60)
+    # The audit trail (docs/audit.md). Accepted messages are sealed into one verdict.batch entry once this many
+    # wait or the oldest has waited this long (a message is uncovered at most audit_seal_s plus a tick); the
+    # chain's head is signed into audit-checkpoints.jsonl every audit_checkpoint_entries entries or
+    # audit_checkpoint_s seconds, whichever comes first.
+    audit_seal_leaves: int = Field(default=1_000, ge=1, le=100_000)
+    audit_seal_s: float = Field(default=1.0, ge=0, le=3600)
+    audit_checkpoint_entries: int = Field(default=10_000, ge=1, le=1_000_000_000)
+    audit_checkpoint_s: float = Field(default=60.0, gt=0, le=86_400)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("broker")
@@ -78,6 +88,14 @@ class ControllerSettings(BaseSettings):
         # A DatabaseUrlError is a ValueError naming why, the URL's password redacted.
         parse_database_url(value, DEFAULT_DATA_DIR)
         return value
+
+    @property
+    def seal_policy(self) -> SealPolicy:
+        return SealPolicy(max_leaves=self.audit_seal_leaves, max_age_s=self.audit_seal_s)
+
+    @property
+    def checkpoint_policy(self) -> CheckpointPolicy:
+        return CheckpointPolicy(every_entries=self.audit_checkpoint_entries, every_s=self.audit_checkpoint_s)
 
     @property
     def database_url(self) -> DatabaseUrl:

@@ -98,6 +98,13 @@ class CheckpointPolicy:
     every_entries: int = 10_000
     every_s: float = 60.0
 
+    def __post_init__(self) -> None:
+        if self.every_entries < 1 or not 0 < self.every_s <= 86_400:
+            raise ValueError(
+                f"checkpoint cadence out of range: every {self.every_entries} entries (at least 1) or "
+                f"{self.every_s} s (more than 0, at most a day)"
+            )
+
     def due(self, last: Checkpoint | None, head: ChainHead, now: float) -> bool:
         if head.id == 0 or (last is not None and last.count == head.id):
             return False  # nothing new to sign

@@ -47,8 +47,11 @@ class SealPolicy:
     max_age_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_leaves < 1 or not 0 <= self.max_age_s <= 3600:
-            raise ValueError(f"seal policy out of range: {self.max_leaves} leaves, {self.max_age_s} s")
+        if not 1 <= self.max_leaves <= MAX_LEAVES_PER_ENTRY or not 0 <= self.max_age_s <= 3600:
+            raise ValueError(
+                f"seal policy out of range: {self.max_leaves} leaves (1 to {MAX_LEAVES_PER_ENTRY:,}), "
+                f"{self.max_age_s} s (0 to 3600)"
+            )
 
     def due(self, pending: int, oldest_at: float | None, now: float) -> bool:
         if pending <= 0 or oldest_at is None:
