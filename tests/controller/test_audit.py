@@ -1,7 +1,8 @@
 """The audit hash chain: intact chains verify; each kind of tampering is named with the first bad entry.
 
-Tampering goes through real SQLite, after dropping the append-only triggers as an attacker with write
-access to the database would.
+Every store-level test runs on SQLite and on a real PostgreSQL (``open_store``). Tampering goes through the
+database's own connection, after dropping the append-only triggers as an attacker with write access to the
+database would.
 """
 
 from __future__ import annotations
@@ -9,27 +10,36 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import sqlite3
-from pathlib import Path
+import time
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cleanroom_controller import GENESIS, ChainHead, Store, Tamper, make_entry, verify_chain
+from cleanroom_controller.audit.chain import Mark
+from cleanroom_controller.audit.checkpoints import sign_checkpoint
+from cleanroom_controller.audit.verify import verify_store
 from cleanroom_protocol import canonical_json
+from tests.conftest import StoreOpener
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store.open(tmp_path)
+def store(open_store: StoreOpener) -> Store:
+    s = open_store()
     for i in range(1, 7):
         s.append_audit("verdict", "a1", "a1", {"n": i, "status": "ok"}, ts=1000.0 + i)
     return s
 
 
-def raw(store: Store) -> sqlite3.Connection:
-    db = sqlite3.connect(store.path, isolation_level=None)
-    db.execute("DROP TRIGGER audit_no_update")
-    db.execute("DROP TRIGGER audit_no_delete")
+def raw(store: Store) -> Any:
+    """The store's connection (autocommit, ``?`` placeholders on both dialects) without the triggers."""
+    db = store._db
+    if store.dialect == "sqlite":
+        db.execute("DROP TRIGGER audit_no_update")
+        db.execute("DROP TRIGGER audit_no_delete")
+    else:
+        db.execute("DROP TRIGGER audit_no_change ON audit")
     return db
 
 
@@ -38,7 +48,7 @@ def check(store: Store) -> tuple[int, Tamper] | None:
     return None if problem is None else (problem.entry_id, problem.tamper)
 
 
-def rehash(db: sqlite3.Connection, from_id: int) -> None:
+def rehash(db: Any, from_id: int) -> None:
     """What a careful attacker does: recompute every hash from ``from_id`` on (but not the head record)."""
     rows = db.execute(
         "SELECT id, ts, kind, actor, subject, data FROM audit WHERE id >= ? ORDER BY id", (from_id,)
@@ -72,11 +82,12 @@ def test_pure_chain_links_each_entry_to_the_previous() -> None:
 
 
 def test_store_refuses_update_and_delete(store: Store) -> None:
-    db = sqlite3.connect(store.path)
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    db = store._db
+    with pytest.raises(Exception, match="append-only"):
         db.execute("UPDATE audit SET kind = 'x' WHERE id = 2")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(Exception, match="append-only"):
         db.execute("DELETE FROM audit WHERE id = 2")
+    assert [e.kind for e in store.audit_entries()] == ["verdict"] * 6
 
 
 def test_edit_is_named(store: Store) -> None:
@@ -178,9 +189,9 @@ def test_reorder_is_named(store: Store) -> None:
     assert check(store) == (3, Tamper.REORDERED)
 
 
-def test_store_append_chains_across_writers(tmp_path: Path) -> None:
+def test_store_append_chains_across_writers(open_store: StoreOpener) -> None:
     """The daemon and the CLI both append: each reads the tip inside its transaction."""
-    a, b = Store.open(tmp_path), Store.open(tmp_path)
+    a, b = open_store(), open_store()
     a.append_audit("x", "daemon", "s", {})
     b.append_audit("operator.agents_add", "operator:root", "a1", {})
     a.append_audit("x", "daemon", "s", {})
@@ -217,8 +228,8 @@ def test_fast_entry_hash_equals_the_reference(ts: float, actor: str, subject: st
     )
 
 
-def test_a_batch_chains_in_order_and_writes_the_head_once(tmp_path: Path) -> None:
-    s = Store.open(tmp_path)
+def test_a_batch_chains_in_order_and_writes_the_head_once(open_store: StoreOpener) -> None:
+    s = open_store()
     with s.transaction():
         for i in range(5):
             s.append_audit("verdict", "a1", "a1", {"n": i})
@@ -237,3 +248,25 @@ def test_audit_canonical_json_is_the_protocols() -> None:
 
     for value in ({"b": 1, "a": [1.5, None, "é\u2028"]}, "x", 1e16, {"z": {"y": True}}):
         assert audit_canonical(value) == canonical_json(value)
+
+
+def test_a_rewrite_with_every_hash_and_the_head_recomputed_is_caught_only_by_a_signed_checkpoint(
+    store: Store,
+) -> None:
+    """verify_store, streaming from the database: the rewritten chain is consistent with its (rewritten) head,
+    so only the checkpoint signed before the rewrite names it."""
+    key = Ed25519PrivateKey.generate()
+    head = store.audit_head()
+    assert head is not None
+    mark = Mark(sign_checkpoint(key, head, time.time()).at, "checkpoint at entry 6")
+    assert verify_store(store, [mark]).ok
+    db = raw(store)
+    db.execute("""UPDATE audit SET data = '{"n":3,"status":"bad_signature"}' WHERE id = 3""")
+    rehash(db, 3)
+    last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    db.execute(
+        "UPDATE meta SET value = ? WHERE key = 'audit_head'", (json.dumps({"id": last[0], "hash": last[1]}),)
+    )
+    assert verify_store(store).ok, "without the checkpoint the rewrite verifies"
+    report = verify_store(store, [mark])
+    assert report.problem is not None and report.problem.tamper is Tamper.REWRITTEN, report.problem
