@@ -13,8 +13,9 @@ from .decisions import (
     launch_decision,
     may_end_sessions,
 )
-from .outbox import Outbox
-from .posture import (
+from .messaging.outbox import Outbox
+from .messaging.spool import OutboxRow, Spool
+from .observing.posture import (
     HostFacts,
     HostProbe,
     LinuxHostProbe,
@@ -25,7 +26,7 @@ from .posture import (
     fingerprint,
     parse_os_release,
 )
-from .sessions import (
+from .sessions.clients import (
     EndResult,
     ProcessSnapshot,
     ProcessTable,
@@ -38,7 +39,6 @@ from .sessions import (
     session_id,
 )
 from .settings import AgentSettings, BrokerAddress, SettingsError, load_settings, parse_broker_url
-from .spool import OutboxRow, Spool
 
 __all__ = [
     "NO_POLICY",

@@ -16,9 +16,9 @@ import typer
 from cleanroom_protocol import KeyFileError, Mode, load_or_create_private_key, load_public_key
 from cleanroom_protocol import public_key_pem as pem_of
 
-from .localsock import AgentUnreachable, LocalSocketClient
+from .messaging.spool import Spool
+from .sessions.localsock import AgentUnreachable, LocalSocketClient
 from .settings import DEFAULT_SOCKET, AgentSettings, SettingsError, load_settings
-from .spool import Spool
 
 # daemon (and with it the enforcers, X11, MQTT) is imported by the commands that need it: `launch` sits in
 # front of every VDI client start and should not pay for it.
@@ -183,8 +183,8 @@ def enroll(
 ) -> None:
     """Enrol this endpoint once with a token from `cleanroom-controller enroll create`: creates its keys,
     gets its certificate, the CA and the controller's key, and writes them (0600) into the data directory."""
-    from .enroll import EnrolmentError
-    from .enroll import enroll as enroll_device
+    from .trust.enroll import EnrolmentError
+    from .trust.enroll import enroll as enroll_device
 
     settings = settings_or_fail(config, data_dir=data_dir, id=agent_id)
     secret = read_token(token, token_file)

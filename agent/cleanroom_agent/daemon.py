@@ -28,25 +28,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cleanroom_protocol import AgentState, Status
 
 from . import __version__
-from .commands import CommandHandler
+from .control.commands import CommandHandler
+from .control.failclosed import FailClosed
+from .control.policykeeper import PolicyKeeper, StartupError, initial_policy, load_signed_policy
 from .decisions import PolicyInForce
-from .ending import SessionEnder
 from .enforcers import Enforcer, build_configured_enforcers
-from .failclosed import FailClosed
-from .gate import LaunchGate
-from .link import Link, LinkCallbacks
-from .localsock import LocalSocketServer, resolve_group
-from .observing import Observer, snapshot_posture
-from .outbox import Outbox
-from .policykeeper import PolicyKeeper, StartupError, initial_policy, load_signed_policy
-from .posture import HostProbe, LinuxHostProbe
-from .procevents import ProcConnectorEvents, ProcessEventsOff, ProcessEventSource
-from .renewal import CertificateRenewer
-from .reporting import EventSink, PostureAssembler, PostureReporter
-from .sessionbook import SessionBook
-from .sessions import ProcessTable, PsutilProcessTable, PsutilTreeEnder, TreeEnder
+from .messaging.link import Link, LinkCallbacks
+from .messaging.outbox import Outbox
+from .messaging.reporting import EventSink, PostureAssembler, PostureReporter
+from .messaging.spool import Spool
+from .observing.observer import Observer, snapshot_posture
+from .observing.posture import HostProbe, LinuxHostProbe
+from .observing.procevents import ProcConnectorEvents, ProcessEventsOff, ProcessEventSource
+from .sessions.book import SessionBook
+from .sessions.clients import ProcessTable, PsutilProcessTable, PsutilTreeEnder, TreeEnder
+from .sessions.ending import SessionEnder
+from .sessions.gate import LaunchGate
+from .sessions.localsock import LocalSocketServer, resolve_group
 from .settings import AgentSettings
-from .spool import Spool
+from .trust.renewal import CertificateRenewer
 
 # The CLI and the tests import these from here.
 __all__ = ["Agent", "StartupError", "initial_policy", "load_signed_policy", "snapshot_posture"]

@@ -22,7 +22,7 @@ from cleanroom_protocol import BrokerAddress as BrokerAddress  # re-exported: cl
 from cleanroom_protocol import Mode, TlsFiles, is_valid_agent_id, tls_settings_problem
 from cleanroom_protocol import parse_broker_url as parse_broker_url
 
-from .spool import MAX_OUTBOX_ROWS
+from .messaging.spool import MAX_OUTBOX_ROWS
 
 DEFAULT_CONFIG = Path("/etc/cleanroom/agent.toml")
 DEFAULT_DATA_DIR = Path("/var/lib/cleanroom-agent")

@@ -84,7 +84,7 @@ class SessionInfo(_Body):
     started: float
     user: Name | None = None
     launched: bool = False  # started through ``cleanroom-agent launch``
-    # Read from the client's arguments (cleanroom_agent.vdiargs; never a password): what it connects to
+    # Read from the client's arguments (cleanroom_agent.sessions.vdiargs; never a password): what it connects to
     # (host or host:port), the user name it logs on with, and Horizon's desktop name. The controller maps
     # the address to a desktop of its pools (docs/desktops.md).
     desktop_address: Name | None = None

@@ -11,7 +11,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from cleanroom_agent.refusals import DETAILED_PER_WINDOW, WINDOW_S
+from cleanroom_agent.messaging.refusals import DETAILED_PER_WINDOW, WINDOW_S
 from cleanroom_protocol import Channel, agent_topic
 from tests.agent.conftest import AGENT_ID, Controller, FakeClients, Tap, events
 from tests.support.mosquitto import Mosquitto

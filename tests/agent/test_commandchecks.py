@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 
-from cleanroom_agent.commandchecks import Admitted, Refusal, check_command
+from cleanroom_agent.control.commandchecks import Admitted, Refusal, check_command
 from cleanroom_protocol import Command, CommandAction
 from cleanroom_protocol.messages import MAX_COMMAND_LIFETIME_S
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from cleanroom_agent.localsock import (
+from cleanroom_agent.sessions.localsock import (
     MAX_LINE,
     PENDING_EXEC_S,
     LocalSocketClient,
@@ -111,7 +111,7 @@ def test_the_launch_process_itself_becomes_the_session_before_the_client_runs(
         textwrap.dedent("""
         import json, sys
         from pathlib import Path
-        from cleanroom_agent.localsock import LocalSocketClient
+        from cleanroom_agent.sessions.localsock import LocalSocketClient
         answer = LocalSocketClient(Path(sys.argv[1])).request({"op": "posture"})
         mine = [s for s in answer["posture"]["sessions"] if s["pid"] == int(sys.argv[2])]
         print(json.dumps(mine))
@@ -213,7 +213,7 @@ def test_a_launch_that_does_not_exec_the_client_in_time_is_dropped(
             textwrap.dedent("""
             import json, os, sys
             from pathlib import Path
-            from cleanroom_agent.localsock import LocalSocketClient
+            from cleanroom_agent.sessions.localsock import LocalSocketClient
             answer = LocalSocketClient(Path(sys.argv[1])).request({"op": "launch", "client": sys.argv[3]})
             print(json.dumps(answer), flush=True)
             sys.stdin.readline()

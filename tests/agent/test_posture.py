@@ -17,7 +17,7 @@ from cleanroom_agent import (
     fingerprint,
     parse_os_release,
 )
-from cleanroom_agent.posture import block_device_base
+from cleanroom_agent.observing.posture import block_device_base
 from cleanroom_protocol import EnforcerState, EnforcerStatus, Mode, SessionInfo
 
 DEBIAN = """PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"

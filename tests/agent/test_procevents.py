@@ -27,7 +27,7 @@ from cleanroom_agent.enforcers.procconn import (
     parse_proc_events,
     proc_event_filter,
 )
-from cleanroom_agent.procevents import (
+from cleanroom_agent.observing.procevents import (
     Interest,
     ObserveCoalescer,
     ProcConnectorEvents,

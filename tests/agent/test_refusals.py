@@ -3,7 +3,7 @@ counts, whatever the volume."""
 
 from __future__ import annotations
 
-from cleanroom_agent.refusals import RefusalReport, RefusalTally
+from cleanroom_agent.messaging.refusals import RefusalReport, RefusalTally
 
 
 class Clock:

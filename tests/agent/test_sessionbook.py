@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from cleanroom_agent.sessionbook import Digest, SessionBook, SessionState
-from cleanroom_agent.sessions import ProcessSnapshot, find_sessions, session_id
+from cleanroom_agent.sessions.book import Digest, SessionBook, SessionState
+from cleanroom_agent.sessions.clients import ProcessSnapshot, find_sessions, session_id
 from cleanroom_protocol import ProcessInfo, SessionInfo
 
 CLIENTS = ["xfreerdp"]

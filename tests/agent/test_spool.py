@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cleanroom_agent import Outbox, Spool
-from cleanroom_agent.spool import SpoolFull
+from cleanroom_agent.messaging.spool import SpoolFull
 from cleanroom_protocol import (
     Ack,
     AckResult,
@@ -87,7 +87,7 @@ def test_failed_signing_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_state_and_commands_are_kept_and_bounded(tmp_path: Path, monkeypatch: object) -> None:
-    import cleanroom_agent.spool as spool_module
+    import cleanroom_agent.messaging.spool as spool_module
 
     spool = Spool(tmp_path / "agent.db")
     assert spool.get_state("x") is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cleanroom_agent.vdiargs import VdiTarget, parse_client_args
+from cleanroom_agent.sessions.vdiargs import VdiTarget, parse_client_args
 
 SECRET = "Hunter2-s3cret"  # noqa: S105 (a made-up password the parser must never report)
 
@@ -77,7 +77,7 @@ def test_password_right_before_a_value_option_is_skipped_not_taken_as_user() -> 
 
 
 def test_find_sessions_reports_the_target_from_the_client_command_line() -> None:
-    from cleanroom_agent.sessions import ProcessSnapshot, find_sessions
+    from cleanroom_agent.sessions.clients import ProcessSnapshot, find_sessions
 
     procs = [
         ProcessSnapshot(1, 0, "init", None, 1.0),

@@ -9,7 +9,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cleanroom_agent.link import RESEND_AFTER_S
+from cleanroom_agent.messaging.link import RESEND_AFTER_S
 from cleanroom_protocol import Channel, agent_topic
 from tests.agent.conftest import AGENT_ID, Controller, Tap
 from tests.support.mosquitto import Mosquitto

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from cleanroom_agent.enroll import EnrolmentError, enroll, renew_certificate
+from cleanroom_agent.trust.enroll import EnrolmentError, enroll, renew_certificate
 from cleanroom_controller.store import Store
 from cleanroom_controller.trust import Pki
 from cleanroom_controller.trust.enrolment import mint
@@ -181,7 +181,7 @@ class RecordedEvents:
 async def test_the_agent_renews_at_two_thirds_of_its_certificates_lifetime(
     endpoint: Endpoint, tmp_path: Path
 ) -> None:
-    from cleanroom_agent.renewal import CertificateRenewer
+    from cleanroom_agent.trust.renewal import CertificateRenewer
 
     agent_dir = tmp_path / "agent"
     await agent_enroll(endpoint, endpoint.token(), agent_dir)

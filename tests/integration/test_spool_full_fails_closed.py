@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from cleanroom_agent.localsock import LocalSocketClient
+from cleanroom_agent.sessions.localsock import LocalSocketClient
 from tests.support.mosquitto import Mosquitto
 from tests.support.procs import Agent, Cleanroom, Tapped, cleanroom
 from tests.support.wait import wait_for

@@ -12,11 +12,11 @@ import structlog
 
 from cleanroom_protocol import Ack, AckResult, Command, CommandAction, Mode, SessionInfo
 
-from .ending import SessionEnder
-from .outbox import Outbox
-from .spool import Spool
+from ..messaging.outbox import Outbox
+from ..messaging.spool import Spool
+from ..sessions.ending import SessionEnder
 
-log = structlog.get_logger("cleanroom_agent.commands")
+log = structlog.get_logger("cleanroom_agent.control.commands")
 
 
 class CommandHandler:

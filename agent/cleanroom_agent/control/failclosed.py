@@ -15,12 +15,12 @@ import structlog
 
 from cleanroom_protocol import Mode, SessionInfo, Severity, violations
 
-from .decisions import PolicyInForce, fail_closed_reason
-from .ending import SessionEnder
-from .observing import Observation
-from .reporting import EventSink
+from ..decisions import PolicyInForce, fail_closed_reason
+from ..messaging.reporting import EventSink
+from ..observing.observer import Observation
+from ..sessions.ending import SessionEnder
 
-log = structlog.get_logger("cleanroom_agent.failclosed")
+log = structlog.get_logger("cleanroom_agent.control.failclosed")
 
 RETRY_AFTER_SURVIVORS_S = 10.0
 

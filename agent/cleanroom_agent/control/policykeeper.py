@@ -26,14 +26,14 @@ from cleanroom_protocol import (
     verify,
 )
 
-from .decisions import NO_POLICY, PolicyChoice, PolicyInForce, PolicySource, choose_policy
-from .enforcers import Enforcer
-from .memory import release_free_memory
-from .reporting import EventSink
-from .settings import AgentSettings
-from .spool import Spool
+from ..decisions import NO_POLICY, PolicyChoice, PolicyInForce, PolicySource, choose_policy
+from ..enforcers import Enforcer
+from ..memory import release_free_memory
+from ..messaging.reporting import EventSink
+from ..messaging.spool import Spool
+from ..settings import AgentSettings
 
-log = structlog.get_logger("cleanroom_agent.policykeeper")
+log = structlog.get_logger("cleanroom_agent.control.policykeeper")
 
 POLICY_DOCUMENT = "policy_document"
 

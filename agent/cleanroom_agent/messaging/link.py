@@ -51,13 +51,13 @@ from cleanroom_protocol import (
     verify,
 )
 
-from . import __version__
-from .commandchecks import Refusal, check_command
-from .localsock import TokenBucket
+from .. import __version__
+from ..control.commandchecks import Refusal, check_command
+from ..sessions.localsock import TokenBucket
 from .outbox import Outbox
 from .refusals import RefusalReport, RefusalTally
 
-log = structlog.get_logger("cleanroom_agent.link")
+log = structlog.get_logger("cleanroom_agent.messaging.link")
 
 CONTROLLER_LAST_SEQ = "controller_last_seq"
 POLICY_WAIT_S = 2.0

@@ -28,7 +28,7 @@ from cleanroom_protocol import (
     seal,
 )
 
-from . import __version__
+from .. import __version__
 from .spool import Spool, SpoolFull
 
 # Rows of these keys replace older unsent rows of the same key; events and acks never coalesce.

@@ -18,12 +18,12 @@ import structlog
 
 from cleanroom_protocol import Event, Mode, Posture, ProcessInfo, SessionInfo, Severity
 
-from .decisions import PolicyInForce
-from .enforcers import Enforcer
+from ..decisions import PolicyInForce
+from ..enforcers import Enforcer
+from ..observing.posture import HostFacts, assemble_posture, fingerprint
 from .outbox import Outbox
-from .posture import HostFacts, assemble_posture, fingerprint
 
-log = structlog.get_logger("cleanroom_agent.reporting")
+log = structlog.get_logger("cleanroom_agent.messaging.reporting")
 
 HELD_RETRY_S = 0.1  # a heartbeat held or not sendable is tried again this soon (never a spin)
 HEARTBEAT_TICK_S = 1.0  # the heartbeat wakes at least this often: the policy's heartbeat_s may change

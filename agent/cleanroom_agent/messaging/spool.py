@@ -27,7 +27,7 @@ from typing import Any
 
 from cleanroom_protocol.datafiles import secure_database
 
-from .decisions import SpoolLevel
+from ..decisions import SpoolLevel
 
 MAX_REMEMBERED_COMMANDS = 1000
 # Command nonces are remembered until their command expires (at most MAX_COMMAND_LIFETIME_S, 1 h) and

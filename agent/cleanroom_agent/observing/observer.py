@@ -21,16 +21,16 @@ import structlog
 
 from cleanroom_protocol import Posture, ProcessInfo, SessionInfo, Severity, violations
 
-from .decisions import PolicyInForce
-from .enforcers import Enforcer
+from ..decisions import PolicyInForce
+from ..enforcers import Enforcer
+from ..messaging.reporting import EventSink
+from ..sessions.book import SessionBook
+from ..sessions.clients import ProcessSnapshot, ProcessTable, PsutilProcessTable, find_sessions
+from ..settings import AgentSettings
 from .posture import HostFacts, HostProbe, LinuxHostProbe, assemble_posture, find_denied
 from .procevents import ObserveCoalescer, ProcessEventSource, ProcessEventsUnavailable, interest_for
-from .reporting import EventSink
-from .sessionbook import SessionBook
-from .sessions import ProcessSnapshot, ProcessTable, PsutilProcessTable, find_sessions
-from .settings import AgentSettings
 
-log = structlog.get_logger("cleanroom_agent.observing")
+log = structlog.get_logger("cleanroom_agent.observing.observer")
 
 # While process events are live the poll re-reads only host facts; the process table is re-read on events
 # and at least this often (a safety net for what events do not show: comm renames, forks in a tree).

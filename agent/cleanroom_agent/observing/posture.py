@@ -29,8 +29,8 @@ from cleanroom_protocol import (
     canonical_json,
 )
 
-from . import __version__
-from .sessions import ProcessSnapshot
+from .. import __version__
+from ..sessions.clients import ProcessSnapshot
 
 # Pseudo and virtual filesystems carry no data a user could take away: not reported as mounts.
 _PSEUDO_FS = {

@@ -34,9 +34,9 @@ from typing import Protocol
 
 from cleanroom_protocol import ProcessInfo, SessionInfo
 
-from .enforcers.procconn import RECV_BYTES, ProcEvent, open_proc_connector, parse_proc_events
+from ..enforcers.procconn import RECV_BYTES, ProcEvent, open_proc_connector, parse_proc_events
+from ..sessions.clients import ProcessSnapshot, client_name
 from .posture import find_denied
-from .sessions import ProcessSnapshot, client_name
 
 SETTLE_S = 0.010  # a shell pipeline's execs land within a few ms: one observe for the burst
 RATE_PER_S = 10.0  # sustained full observes a second under a storm of interesting events (~10 % of a core)

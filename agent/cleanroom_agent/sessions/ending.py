@@ -14,11 +14,11 @@ import structlog
 
 from cleanroom_protocol import Mode, SessionInfo
 
-from .reporting import EventSink
-from .sessionbook import SessionBook
-from .sessions import EndResult, TreeEnder
+from ..messaging.reporting import EventSink
+from .book import SessionBook
+from .clients import EndResult, TreeEnder
 
-log = structlog.get_logger("cleanroom_agent.ending")
+log = structlog.get_logger("cleanroom_agent.sessions.ending")
 
 
 class SessionEnder:

@@ -18,15 +18,15 @@ import structlog
 
 from cleanroom_protocol import Mode, Severity
 
-from .decisions import LaunchDecision, PolicyInForce, launch_decision
-from .enforcers import client_clipboard_off
+from ..decisions import LaunchDecision, PolicyInForce, launch_decision
+from ..enforcers import client_clipboard_off
+from ..messaging.reporting import EventSink
+from ..observing.observer import Observation
+from .book import SessionBook
+from .clients import ProcessSnapshot, client_name, session_id
 from .localsock import PENDING_EXEC_S, Peer, may_read_posture
-from .observing import Observation
-from .reporting import EventSink
-from .sessionbook import SessionBook
-from .sessions import ProcessSnapshot, client_name, session_id
 
-log = structlog.get_logger("cleanroom_agent.gate")
+log = structlog.get_logger("cleanroom_agent.sessions.gate")
 
 # Settle timers outstanding at once: what a flood of allowed launches can hold (each uid is also rate-bounded).
 MAX_PENDING_LAUNCHES = 1024

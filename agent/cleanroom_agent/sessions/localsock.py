@@ -75,7 +75,7 @@ _GENERIC = platform.machine() in _GENERIC_SOCKOPT_ARCHES
 SO_PEERGROUPS = 59 if _GENERIC else None
 SO_PEERPIDFD = 77 if _GENERIC else None
 
-log = structlog.get_logger("cleanroom_agent.localsock")
+log = structlog.get_logger("cleanroom_agent.sessions.localsock")
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from cryptography.x509.oid import NameOID
 from cleanroom_protocol import load_or_create_private_key, parse_public_key, public_key_pem, renew_message
 from cleanroom_protocol.datafiles import write_whole
 
-from .settings import CONTROLLER_KEY, ENROLMENT_FILE, TLS_CA, TLS_CERT, TLS_DIR, TLS_KEY
+from ..settings import CONTROLLER_KEY, ENROLMENT_FILE, TLS_CA, TLS_CERT, TLS_DIR, TLS_KEY
 
 TIMEOUT_S = 15.0
 MAX_ANSWER = 256 * 1024

@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cleanroom_protocol import Severity
 
+from ..messaging.reporting import EventSink
 from .enroll import EnrolmentError, certificate_window, renew_certificate, renewal_due
-from .reporting import EventSink
 
-log = structlog.get_logger("cleanroom_agent.renewal")
+log = structlog.get_logger("cleanroom_agent.trust.renewal")
 
 RETRY_S = 600.0
 MAX_SLEEP_S = 3600.0  # re-read the certificate at least hourly (an operator may have replaced it)

@@ -1,0 +1,1 @@
+"""The agent's enrolment (one-time token, pinned CA) and certificate renewal."""
