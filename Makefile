@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 UV ?= .tools/bin/uv
 
-.PHONY: run test lint typecheck pytest sync bench clean
+.PHONY: run test lint typecheck pytest sync sync-run bench clean
 
 $(UV):
 	python3 scripts/bootstrap_uv.py
@@ -11,8 +11,13 @@ $(UV):
 sync: $(UV)
 	$(UV) sync --frozen 2>/dev/null || $(UV) sync
 
-run: sync
-	$(UV) run python scripts/run_local.py
+# `make run` needs no compiler: the dev group (test tools, and libvirt-python, which builds from source) is
+# left out; what is installed already stays (--inexact).
+sync-run: $(UV)
+	$(UV) sync --frozen --no-dev --inexact 2>/dev/null || $(UV) sync --no-dev --inexact
+
+run: sync-run
+	$(UV) run --no-dev python scripts/run_local.py
 
 lint: sync
 	$(UV) run ruff check .

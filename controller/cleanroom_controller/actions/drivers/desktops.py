@@ -1,15 +1,50 @@
-"""The drivers a pool may name (``driver = "..."`` in the desktops file), by name."""
+"""The drivers a pool may name (``driver = "..."`` in the desktops file), by name.
+
+libvirt-python is an optional extra (``cleanroom-controller[libvirt]``): it builds from source against
+libvirt's headers, and a controller that drives no libvirt pool must install and start without them. When it
+is missing, a ``libvirt`` pool gets a driver that fails every step with the reason, so its desktops end in
+``quarantined`` (never handed out dirty) and the reason is in the audit trail.
+"""
 
 from __future__ import annotations
 
-from .base import DesktopDriver
+from ...desktops.config import DesktopSpec
+from .base import DesktopDriver, DesktopReport, Outcome, SessionRef
 from .command import CommandDriver
-from .libvirt import LibvirtDriver
+
+
+class UnavailableDriver(DesktopDriver):
+    """A driver whose library is not installed: every step fails with ``reason``."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+
+    async def log_off(self, desktop: DesktopSpec | None, session: SessionRef) -> Outcome:
+        return Outcome("", "failed", self.reason)
+
+    async def wipe(self, desktop: DesktopSpec) -> Outcome:
+        return Outcome("", "failed", self.reason)
+
+    async def report(self, desktop: DesktopSpec) -> DesktopReport:
+        return DesktopReport("unknown", self.reason)
+
+
+def libvirt_driver() -> DesktopDriver:
+    try:
+        from .libvirt import LibvirtDriver
+    except ImportError as exc:
+        return UnavailableDriver(
+            "libvirt",
+            f"the libvirt driver needs libvirt-python ({exc}): install cleanroom-controller[libvirt] "
+            "(it builds against Debian's libvirt-dev with pkg-config and a C compiler)",
+        )
+    return LibvirtDriver()
 
 
 def desktop_drivers(agent: DesktopDriver | None = None) -> dict[str, DesktopDriver]:
     """``libvirt`` and ``command`` (``container`` is not built yet); ``agent``: the endpoint-side driver."""
-    drivers: dict[str, DesktopDriver] = {"libvirt": LibvirtDriver(), "command": CommandDriver()}
+    drivers: dict[str, DesktopDriver] = {"libvirt": libvirt_driver(), "command": CommandDriver()}
     if agent is not None:
         drivers["agent"] = agent
     return drivers
