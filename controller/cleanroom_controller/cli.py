@@ -551,9 +551,28 @@ def _verify_archive(path: Path, key: Ed25519PublicKey, as_json: bool) -> None:
             print(f"audit archive BROKEN: {exc}")
         raise typer.Exit(1) from None
     if as_json:
-        print(json.dumps({"ok": True, "archive": str(path), "first": report.first, "last": report.last}))
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "archive": str(path),
+                    "first": report.first,
+                    "last": report.last,
+                    "leaves": report.leaves,
+                    "batches_without_leaves": report.batches_without_leaves,
+                }
+            )
+        )
     else:
-        print(f"audit archive intact: entries {report.first}..{report.last}, both checkpoints signed")
+        print(
+            f"audit archive intact: entries {report.first}..{report.last}, both checkpoints signed, "
+            f"{report.leaves} message leaves provable"
+            + (
+                f" ({report.batches_without_leaves} batch entries archived without leaves)"
+                if report.batches_without_leaves
+                else ""
+            )
+        )
 
 
 @audit_app.command("checkpoint")
@@ -587,13 +606,28 @@ def audit_prove(
     seq: Annotated[int, typer.Option("--seq", help="The message's seq.")],
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
+    archive: Annotated[
+        Path | None,
+        typer.Option("--archive", help="From this archived segment (verified first), not the database."),
+    ] = None,
+    public_key: PublicKeyOpt = None,
 ) -> None:
     """Print (JSON) the inclusion proof that message (agent, seq) is covered by a verdict.batch entry:
     leaf, audit path, root, the entry and its chain hash. `audit check-proof FILE` checks it offline."""
     from .audit import merkle
     from .audit.proofs import build_proof, check_proof
 
-    store = _open_store(_settings(config, data_dir=data_dir))
+    settings = _settings(config, data_dir=data_dir)
+    if archive is not None:
+        from .audit.archive import ArchiveError, prove_from_archive
+
+        try:
+            doc = prove_from_archive(archive, _controller_public_key(settings, public_key), agent, seq)
+        except ArchiveError as exc:
+            fail(str(exc))
+        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return
+    store = _open_store(settings)
     found = store.message_leaf(agent, seq)
     if found is None:
         fail(f"no stored message {agent} seq {seq} (never accepted, or pruned after its retention)")
@@ -602,7 +636,10 @@ def audit_prove(
         fail(f"message {agent} seq {seq} is not sealed into a batch yet (within about a second); try again")
     entry = store.audit_entry(batch)
     if entry is None:
-        fail(f"the batch entry {batch} covering {agent} seq {seq} is not in the database (archived?)")
+        fail(
+            f"the batch entry {batch} covering {agent} seq {seq} is archived: "
+            "prove it from its archive (--archive FILE)"
+        )
     leaves = [merkle.Leaf(*row) for row in store.batch_leaves(batch)]
     proof = build_proof(leaves, index, entry)
     problems = check_proof(proof)
@@ -684,9 +721,19 @@ def audit_archive(
         "operator.audit_archive",
         f"operator:{_operator()}",
         report.path.name,
-        {"first": report.first, "last": report.last, "entries": report.entries},
+        {
+            "first": report.first,
+            "last": report.last,
+            "entries": report.entries,
+            "leaves": report.leaves,
+            "batches_without_leaves": report.batches_without_leaves,
+        },
     )
-    print(f"archived entries {report.first}..{report.last} to {report.path}")
+    without = report.batches_without_leaves
+    print(
+        f"archived entries {report.first}..{report.last} to {report.path} with {report.leaves} message leaves"
+        + (f"; {without} batch entries without leaves (their messages were pruned first)" if without else "")
+    )
 
 
 @app.command()

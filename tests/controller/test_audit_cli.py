@@ -3,7 +3,11 @@ named by ``audit verify`` (a chain rewritten with every later hash recomputed on
 checkpoints), inclusion proofs checked offline, archived segments verifying on their own.
 
 Tampering goes through sqlite3 after dropping the append-only triggers, as an attacker with write access to
-the database would."""
+the database would.
+
+SQLite only: these tests are about the commands (what they print, their exit codes, the files they write),
+which do not depend on the backend; what the commands call (the streamed walk, checkpoints, the archive, the
+sealer) runs on SQLite and PostgreSQL in test_audit.py, test_audit_sealer.py and test_audit_archive.py."""
 
 from __future__ import annotations
 
@@ -208,3 +212,41 @@ def test_archive_moves_a_segment_that_verifies_alone(data_dir: Path, tmp_path: P
     db.execute("UPDATE meta SET value = '25' WHERE key = 'audit_base_id'")
     code, out_db = verify(data_dir)
     assert (code, out_db["tamper"], out_db["entry"]) == (1, "deleted", 26), out_db
+
+
+def test_a_message_is_proved_from_its_archive_after_its_row_is_pruned(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    store = Store.open(d)
+    load_or_create_private_key(d / "controller.key")
+    a1 = Sender("a1")
+    enrol(store, "a1", a1.key)
+    recorder = Recorder(store, "controller:test")
+    policy = shipped_policy()
+    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
+    ingest = Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
+    payloads = [a1.seal(Kind.EVENT, Event(kind=f"e{i}", at=time.time())) for i in range(5)]
+    ingest.handle_batch([("cleanroom/v1/agents/a1/events", p, False) for p in payloads])
+    ingest.close()
+    assert run("audit", "checkpoint", "--data-dir", str(d))[0] == 0
+    tomorrow = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
+    code, out = run("audit", "archive", "--before", tomorrow, "--data-dir", str(d))
+    assert code == 0 and "with 5 message leaves" in out, out
+    (archive,) = (d / "audit-archive").iterdir()
+    code, out = run("audit", "prove", "--agent", "a1", "--seq", "2", "--data-dir", str(d))
+    assert code == 2 and "is archived: prove it from its archive (--archive FILE)" in " ".join(out.split()), (
+        out
+    )
+    store.prune_messages(time.time() + 1)  # 24 h later: the row is gone
+    code, out = run("audit", "prove", "--agent", "a1", "--seq", "2", "--data-dir", str(d))
+    assert code == 2 and "no stored message a1 seq 2" in out, out
+    code, out = run(
+        "audit", "prove", "--agent", "a1", "--seq", "2", "--archive", str(archive), "--data-dir", str(d)
+    )
+    assert code == 0, out
+    proof, message = tmp_path / "proof.json", tmp_path / "message"
+    proof.write_text(out)
+    message.write_bytes(payloads[1])
+    code, text = run("audit", "check-proof", str(proof), "--message", str(message))
+    assert code == 0 and "a1 seq 2 (event) is leaf 1 of 5" in text, text
+    code, text = run("audit", "verify", "--archive", str(archive), "--data-dir", str(d))
+    assert code == 0 and "5 message leaves provable" in text, text

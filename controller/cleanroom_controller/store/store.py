@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..audit import GENESIS, GENESIS_HEAD, AuditEntry, ChainHead, make_entry
+from ..audit import GENESIS_HEAD, AuditEntry, ChainHead, make_entry
 from ..desktops.machine import Desktop, DesktopState
 from ..models import CommandRecord, CommandState, Condition, EndpointState, SessionRecord, SessionState
 from ..trust.enrolment import TokenRecord
@@ -853,7 +853,8 @@ class Store:
         with self.transaction() as db:
             if self._tip is None:
                 row = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-                self._tip = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+                # none left: everything was archived, the chain goes on from the archived base (or genesis)
+                self._tip = (int(row[0]), str(row[1])) if row else self._base_tip()
             prev_id, prev_hash = self._tip
             entry = make_entry(
                 prev_id,
@@ -881,11 +882,15 @@ class Store:
             self._head_dirty = True
         return entry
 
+    def _base_tip(self) -> tuple[int, str]:
+        base = self.audit_base()
+        return base.id, base.hash
+
     def _write_head(self) -> None:
         tip = self._tip
         if tip is None:
             row = self._db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-            tip = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+            tip = (int(row[0]), str(row[1])) if row else self._base_tip()
         self._db.execute(
             "INSERT INTO meta (key, value) VALUES ('audit_head', ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -917,7 +922,9 @@ class Store:
             self._db.commit()
 
     def audit_entry(self, entry_id: int) -> AuditEntry | None:
-        return next(self.audit_entries(entry_id - 1, 1), None) if entry_id > 0 else None
+        """Entry ``entry_id``; None when there is none (archived: the next one is not it)."""
+        entry = next(self.audit_entries(entry_id - 1, 1), None) if entry_id > 0 else None
+        return entry if entry is not None and entry.id == entry_id else None
 
     def audit_base(self) -> ChainHead:
         """The last archived entry (the remaining chain continues from it), or genesis."""
