@@ -256,6 +256,12 @@ class Ingest:
         waiting = self.sealer.waiting  # and so does what the sealer counts as waiting (audit/sealer.py)
         try:
             with self._store.transaction():
+                # The senders' endpoint rows in one query, not one per message (store.prefetch_endpoints).
+                self._store.prefetch_endpoints(
+                    signed.envelope.sender
+                    for *_, signed in checked
+                    if signed is not None and signed.ok and signed.envelope is not None
+                )
                 for topic, payload, retained, signed in checked:
                     outcomes.append(self._handle_one(topic, payload, retained, signed))
                 self.sealer.after_batch(self._clock())

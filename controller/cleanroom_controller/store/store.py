@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from ..models import CommandRecord, CommandState, Condition, EndpointState, Sess
 from ..trust.enrolment import TokenRecord
 from .backend import Backend, Row, open_backend
 from .url import DB_NAME, DatabaseUrl, parse_database_url
+
+_PREFETCH_CHUNK = 500  # agents per prefetch query (well inside SQLite's and PostgreSQL's parameter limits)
 
 __all__ = ["DB_NAME", "POSTGRES_DDL", "SCHEMA", "AgentExistsError", "Store"]
 
@@ -172,6 +174,10 @@ class Store:
         self._add_missing_columns()
         self._tip: tuple[int, str] | None = None  # audit chain tip, cached inside one transaction
         self._head_dirty = False
+        # Endpoints read or written inside the current write transaction (None outside one): it holds the
+        # database's one writer lock, so nobody else changes them before it ends; a batch that names an
+        # agent many times reads its row once (prefetch_endpoints: once for the whole batch).
+        self._endpoint_cache: dict[str, EndpointState] | None = None
 
     def _add_missing_columns(self) -> None:
         """Columns added since a table was first created (CREATE TABLE IF NOT EXISTS keeps the old one)."""
@@ -235,6 +241,7 @@ class Store:
         self._db.begin_write()
         self._tip = None
         self._head_dirty = False
+        self._endpoint_cache = {}
         try:
             yield self._db
             if self._head_dirty:
@@ -246,6 +253,7 @@ class Store:
         finally:
             self._tip = None
             self._head_dirty = False
+            self._endpoint_cache = None
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -257,6 +265,8 @@ class Store:
             self._db.execute("ROLLBACK TO SAVEPOINT unit")
             self._db.execute("RELEASE SAVEPOINT unit")
             self._tip = None  # entries appended in the unit are gone: re-read the tip
+            if self._endpoint_cache is not None:
+                self._endpoint_cache = {}  # and so are the endpoints it saved
             raise
         self._db.execute("RELEASE SAVEPOINT unit")
 
@@ -360,8 +370,29 @@ class Store:
 
     # -- endpoints -----------------------------------------------------------------------------------------
     def endpoint(self, agent: str) -> EndpointState:
+        cache = self._endpoint_cache
+        if cache is not None and agent in cache:
+            return cache[agent]
         row = self._db.execute("SELECT * FROM endpoints WHERE agent = ?", (agent,)).fetchone()
-        return EndpointState(agent) if row is None else self._endpoint(row)
+        ep = EndpointState(agent) if row is None else self._endpoint(row)
+        if cache is not None:
+            cache[agent] = ep
+        return ep
+
+    def prefetch_endpoints(self, agents: Iterable[str]) -> None:
+        """Inside a write transaction: read the endpoints of ``agents`` in one query (an ingest batch's
+        senders: one round trip instead of one per message); :meth:`endpoint` then answers from memory."""
+        cache = self._endpoint_cache
+        if cache is None:
+            return
+        wanted = sorted(set(agents) - cache.keys())
+        for i in range(0, len(wanted), _PREFETCH_CHUNK):
+            chunk = wanted[i : i + _PREFETCH_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(f"SELECT * FROM endpoints WHERE agent IN ({marks})", chunk)  # noqa: S608
+            found = {ep.agent: ep for ep in map(self._endpoint, rows)}
+            for agent in chunk:
+                cache[agent] = found.get(agent) or EndpointState(agent)
 
     def endpoints(self) -> list[EndpointState]:
         rows = self._db.execute(
@@ -409,6 +440,8 @@ class Store:
                 time.time(),
             ),
         )
+        if self._endpoint_cache is not None:
+            self._endpoint_cache[ep.agent] = ep
 
     # -- rejects and accepted messages ------------------------------------------------------------------------
     def count_reject(self, sender: str, status: str, now: float, n: int = 1) -> None:
