@@ -6,10 +6,11 @@ No I/O here: the daemon gathers the facts and acts on the answers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-from cleanroom_protocol import Mode, Policy, PolicyRef, Posture, policy_hash, violations
+from cleanroom_protocol import AckResult, Mode, Policy, PolicyRef, Posture, policy_hash, violations
 
 
 class PolicySource(StrEnum):
@@ -66,6 +67,32 @@ def may_end_sessions(mode: Mode, policy: Policy) -> bool:
 
 # A full spool stays full until a watermark has drained it to this fraction of its bound (hysteresis).
 SPOOL_LOW_WATER = 0.9
+# Beyond its bound the spool keeps a reserve for the record of the agent ending sessions (see
+# ``is_evidence_event``): this fraction of the bound, and at least ``SPOOL_RESERVE_MIN_ROWS`` rows, so even a
+# small spool holds the fail-closed evidence of several attempts. The reserve is bounded too: full, the
+# evidence is refused and counted like any event.
+SPOOL_RESERVE = 0.01
+SPOOL_RESERVE_MIN_ROWS = 32
+# What the agent did about a full spool (or a cut-off): the events that must reach the controller even
+# when nothing else fits. ``session.ended`` also covers a session that exited by itself meanwhile: the
+# record of sessions must close.
+EVIDENCE_EVENTS = frozenset({"agent.fail_closed", "session.ended"})
+
+
+def is_evidence_event(kind: str) -> bool:
+    """May this event use the spool's reserve (the record of the agent ending sessions)?"""
+    return kind in EVIDENCE_EVENTS
+
+
+def is_evidence_ack(result: AckResult) -> bool:
+    """May this ack use the spool's reserve? Every answer to ``end_session`` (ended, failed, not found,
+    audit only) is; ``rejected`` (an unknown action, an invalid command) is not: nothing was ended."""
+    return result is not AckResult.REJECTED
+
+
+def spool_reserve_rows(max_rows: int) -> int:
+    """Rows kept beyond ``max_rows`` for evidence only: 1 % of the bound, at least 32."""
+    return max(SPOOL_RESERVE_MIN_ROWS, math.ceil(max_rows * SPOOL_RESERVE))
 
 
 class SpoolLevel:
@@ -80,7 +107,13 @@ class SpoolLevel:
             raise ValueError(f"spool low-water mark must be a fraction in [0, 1), not {low_water}")
         self.max_rows = max_rows
         self.low_rows = int(max_rows * low_water)
+        self.reserve_rows = spool_reserve_rows(max_rows)
         self.full = False
+
+    def admits(self, rows: int, *, evidence: bool) -> bool:
+        """May one more non-coalescing row join the ``rows`` held? Below the bound anything may; from the
+        bound on only evidence, into the reserve, until ``max_rows + reserve_rows``."""
+        return rows < self.max_rows + (self.reserve_rows if evidence else 0)
 
     def update(self, rows: int) -> bool:
         """The spool holds ``rows`` now; ``True`` when that changed :attr:`full`."""

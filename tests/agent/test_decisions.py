@@ -15,8 +15,8 @@ from cleanroom_agent import (
     fail_closed_reason,
     launch_decision,
 )
-from cleanroom_agent.decisions import SpoolLevel
-from cleanroom_protocol import Mode, Policy, Posture, ProcessInfo
+from cleanroom_agent.decisions import SpoolLevel, is_evidence_ack, is_evidence_event, spool_reserve_rows
+from cleanroom_protocol import AckResult, Mode, Policy, Posture, ProcessInfo
 
 P3 = Policy(id="billing", version=3)
 FACTS = HostFacts("h", "Debian", "6.1", "x11", 1.0, ["alice"], [])
@@ -123,6 +123,21 @@ def test_spool_level_is_full_at_its_bound_and_until_drained_to_the_low_water_mar
     assert level.update(90) and not level.full
     assert not level.update(99) and not level.full, "below the bound again: not full"
     assert level.update(100) and level.full
+
+
+def test_only_evidence_enters_the_reserve_beyond_the_bound_and_the_reserve_is_bounded() -> None:
+    level = SpoolLevel(1000)  # reserve: 1 % = 10 rows, but at least 32
+    assert level.reserve_rows == 32 and spool_reserve_rows(100_000) == 1000 and spool_reserve_rows(3201) == 33
+    assert level.admits(999, evidence=False) and not level.admits(1000, evidence=False)
+    assert level.admits(1000, evidence=True) and level.admits(1031, evidence=True)
+    assert not level.admits(1032, evidence=True), "the reserve fills too"
+
+
+def test_evidence_is_the_record_of_ending_sessions() -> None:
+    assert is_evidence_event("agent.fail_closed") and is_evidence_event("session.ended")
+    assert not any(map(is_evidence_event, ("session.started", "launch.denied", "spool.overflow", "x")))
+    assert all(map(is_evidence_ack, (AckResult.ENDED, AckResult.FAILED, AckResult.NOT_FOUND)))
+    assert is_evidence_ack(AckResult.AUDIT_ONLY) and not is_evidence_ack(AckResult.REJECTED)
 
 
 def test_spool_level_refuses_a_nonsense_bound() -> None:

@@ -128,8 +128,8 @@ def test_a_full_outbox_counts_refused_events_and_reports_them_when_room_frees(tm
     outbox = Outbox(spool, agent_id="ep-1", key=key)
     seqs = [outbox.event(Event(kind="session.started", at=float(i))) for i in range(3)]
     assert None not in seqs
-    assert outbox.event(Event(kind="session.ended", at=3.0)) is None
-    assert outbox.event(Event(kind="session.ended", at=4.0)) is None
+    assert outbox.event(Event(kind="launch.denied", at=3.0)) is None
+    assert outbox.event(Event(kind="launch.denied", at=4.0)) is None
     assert spool.count() == 3
     # coalescing rows still fit: posture and status must keep flowing while events wait
     outbox.status(Status(state=AgentState.ONLINE))
@@ -215,15 +215,15 @@ def test_acks_refused_by_a_full_spool_are_counted_and_the_total_never_resets(tmp
     spool = Spool(tmp_path / "agent.db", max_rows=10)
     outbox = Outbox(spool, agent_id="ep-1", key=key)
     seqs = [outbox.event(Event(kind="session.started", at=float(i))) for i in range(10)]
-    assert outbox.ack(Ack(command_id="c1", result=AckResult.NOT_FOUND)) is None
-    assert outbox.event(Event(kind="session.ended", at=11.0)) is None
+    assert outbox.ack(Ack(command_id="c1", result=AckResult.REJECTED)) is None  # not end_session's answer
+    assert outbox.event(Event(kind="launch.denied", at=11.0)) is None
     assert outbox.refused == 2 and spool.count() == 10
     spool.covered([(min(s for s in seqs if s), max(s for s in seqs if s))])
     assert outbox.ack(Ack(command_id="c2", result=AckResult.NOT_FOUND)) is not None  # overflow reported first
     assert spool.count() == 2  # the spool.overflow event and the ack
     for i in range(8):
         assert outbox.event(Event(kind="session.started", at=20.0 + i)) is not None
-    assert outbox.event(Event(kind="session.ended", at=31.0)) is None
+    assert outbox.event(Event(kind="launch.denied", at=31.0)) is None
     spool.close()
     spool = Spool(tmp_path / "agent.db", max_rows=10)
     outbox = Outbox(spool, agent_id="ep-1", key=key)
@@ -236,3 +236,79 @@ def test_acks_refused_by_a_full_spool_are_counted_and_the_total_never_resets(tmp
     ]
     overflow = [b.details for b in bodies if isinstance(b, Event) and b.kind == "spool.overflow"]
     assert overflow == [{"dropped": 1, "refused_total": 3}]
+
+
+def verified_bodies(spool: Spool, key: Ed25519PrivateKey) -> list[Event | Ack]:
+    out: list[Event | Ack] = []
+    for row in spool.pending():
+        body = verify(row.payload, public_key_for=lambda _s: key.public_key(), max_skew_s=None).body
+        if isinstance(body, Event | Ack):
+            out.append(body)
+    return out
+
+
+def test_a_full_spool_keeps_a_reserve_for_the_record_of_ending_sessions(tmp_path: Path) -> None:
+    """Once the bound is reached, ordinary events and acks are refused, but agent.fail_closed, session.ended
+    and the acks of end_session go into the reserve (32 rows for a small spool), stored and signed like any
+    row; a pending spool.overflow report does not stand in their way. The reserve is bounded: used up, the
+    evidence is refused and counted too."""
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(tmp_path / "agent.db", max_rows=10)
+    outbox = Outbox(spool, agent_id="ep-1", key=key)
+    assert spool.reserve_rows == 32
+    for i in range(10):
+        assert outbox.event(Event(kind="launch.denied", at=float(i))) is not None
+    assert outbox.event(Event(kind="launch.denied", at=10.0)) is None  # full: refused, an overflow pending
+    assert outbox.ack(Ack(command_id="c0", result=AckResult.REJECTED)) is None
+    assert spool.full and outbox.refused == 2
+    evidence = [
+        outbox.event(Event(kind="agent.fail_closed", at=11.0, details={"reason": "spool_full"})),
+        outbox.event(
+            Event(kind="session.ended", at=12.0, details={"session": "s-1", "reason": "fail_closed"})
+        ),
+        outbox.ack(Ack(command_id="c1", result=AckResult.ENDED, sessions=["s-2"])),
+        outbox.ack(Ack(command_id="c2", result=AckResult.NOT_FOUND)),
+    ]
+    assert None not in evidence and spool.count() == 14 and outbox.refused == 2
+    stored = verified_bodies(spool, key)[-4:]
+    assert [b.kind if isinstance(b, Event) else b.command_id for b in stored] == [
+        "agent.fail_closed",
+        "session.ended",
+        "c1",
+        "c2",
+    ]
+    assert not any(isinstance(b, Event) and b.kind == "spool.overflow" for b in verified_bodies(spool, key))
+    # the rest of the reserve, then it is full too: evidence refused and counted like any event
+    for i in range(28):
+        assert outbox.event(Event(kind="session.ended", at=20.0 + i)) is not None
+    assert spool.count() == 42
+    assert outbox.event(Event(kind="agent.fail_closed", at=50.0)) is None
+    assert outbox.ack(Ack(command_id="c3", result=AckResult.ENDED)) is None
+    assert outbox.refused == 4 and spool.count() == 42
+    # drained: the overflow report goes out first, with every refusal (evidence included)
+    spool.covered([(0, 2**62)])
+    assert not spool.full
+    assert outbox.event(Event(kind="launch.denied", at=60.0)) is not None
+    kinds = [b.kind for b in verified_bodies(spool, key) if isinstance(b, Event)]
+    assert kinds == ["spool.overflow", "launch.denied"]
+    overflow = next(b for b in verified_bodies(spool, key) if isinstance(b, Event))
+    assert overflow.details == {"dropped": 4, "refused_total": 4}
+
+
+def test_the_reserve_is_one_percent_of_the_bound_and_survives_a_restart(tmp_path: Path) -> None:
+    """A spool reopened with its reserve in use is still full, admits evidence only up to the same limit."""
+    spool = Spool(tmp_path / "agent.db", max_rows=5000)
+    assert spool.reserve_rows == 50
+    spool.close()
+    spool = Spool(tmp_path / "agent.db", max_rows=10)
+    for _ in range(10 + 32):
+        spool.enqueue("t/events", lambda s: b"e", evidence=True)
+    with pytest.raises(SpoolFull, match="bound 42"):
+        spool.enqueue("t/events", lambda s: b"e", evidence=True)
+    spool.close()
+    spool = Spool(tmp_path / "agent.db", max_rows=10)
+    assert spool.full
+    with pytest.raises(SpoolFull, match="bound 10"):
+        spool.enqueue("t/events", lambda s: b"e")
+    with pytest.raises(SpoolFull, match="bound 42"):
+        spool.enqueue("t/events", lambda s: b"e", evidence=True)

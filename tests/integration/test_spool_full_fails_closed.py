@@ -4,7 +4,9 @@ Real Mosquitto, a real agent process (its spool bound shrunk to 16 rows through 
 and the real controller process. The controller is stopped, so no watermark comes and the agent's rows
 stay: denied launches on the real launch socket fill the spool. Then: the VDI client stand-in (a renamed
 ``sleep`` with a child) is ended, ``cleanroom-agent launch`` is refused naming ``spool_full``, and the
-posture on the wire says ``spool_full`` with the events it refused counted. The controller starts again:
+posture on the wire says ``spool_full`` with the events it refused counted. The record of that end (its
+``session.ended`` and the ``agent.fail_closed``) is not refused: it goes into the spool's reserve beyond the
+bound, and is stored by the controller exactly once. The controller starts again:
 its watermarks drain the spool, the agent recovers (the same launch now execs the client), and every event
 the agent accepted is stored by the controller exactly once, counted by content on both sides (the
 agent's outbox and what it put on the wire against the controller's rows); the refused count reaches the
@@ -18,7 +20,7 @@ import os
 import sqlite3
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +130,36 @@ def test_a_full_spool_fails_closed_reports_the_gap_and_recovers_when_drained(wor
             None,
         )
 
+    def refused_once_more() -> bool:
+        sock.request({"op": "launch", "client": "not-a-vdi-client"})  # its launch.denied: no room
+        return int(agent_state(agent, "spool_refused") or 0) >= 3
+
+    wait_for(refused_once_more, timeout=10, what="3 events refused by the full spool", interval=0.05)
     reported = wait_for(full_posture, timeout=5, what="a posture saying spool_full with the refusals counted")
     assert reported is not None and reported["sessions"] == []
     held = outbox(agent)
     held_events = {seq: json.loads(p)["body"] for seq, t, p in held if t.endswith("/events")}
+
+    # The evidence of failing closed was kept beyond the bound (the reserve), not refused.
+    def evidence(bodies: Iterable[dict[str, Any]]) -> Counter[str]:
+        """The fail-closed and session-ended events about the stand-in's session, by content."""
+        found = (
+            (
+                b["kind"],
+                b["details"].get("session") or b["details"].get("sessions"),
+                b["details"].get("reason"),
+            )
+            for b in bodies
+            if b["kind"] in ("agent.fail_closed", "session.ended")
+        )
+        return Counter(
+            f"{kind}:{session}:{reason}" for kind, session, reason in found if session == fake.session_id
+        )
+
+    ended = f"session.ended:{fake.session_id}:fail_closed"
+    failed_closed = f"agent.fail_closed:{fake.session_id}:spool_full"
+    assert evidence(held_events.values()) == {ended: 1, failed_closed: 1}, held_events
+    assert len([t for _, t, _ in held if not t.endswith(("/posture", "/status"))]) == LIMIT + 2
     posture_count = len(tap.on("it-agent/posture"))
 
     # The controller returns: its watermarks drain the spool and the agent recovers by itself.
@@ -181,6 +209,10 @@ def test_a_full_spool_fails_closed_reports_the_gap_and_recovers_when_drained(wor
     assert len(rows) == len(accepted())
     overflow = [json.loads(r["details"]) for r in rows if r["kind"] == "spool.overflow"]
     assert overflow == [{"dropped": refused_total, "refused_total": refused_total}]
+    # The fail-closed evidence of the full spool: stored at the controller exactly once, counted by content
+    # (the session the allowed launch started and the test killed ended later: "exited", not counted here).
+    stored_evidence = evidence({"kind": r["kind"], "details": json.loads(r["details"])} for r in rows)
+    assert stored_evidence == {ended: 1, failed_closed: 1}, stored_evidence
     wait_for(
         lambda: not any(t.endswith("/events") for _, t, _ in outbox(agent)),
         timeout=10,

@@ -80,8 +80,9 @@ class FailClosed:
         ended, failed = await self._ender.end(sessions, reason="fail_closed")
         if failed:
             self._backoff_until = time.monotonic() + RETRY_AFTER_SURVIVORS_S
-        # With a full spool this event is refused like any other and counted (posture's spool_refused);
-        # the posture (spool_full, the sessions gone) still goes out: postures coalesce, never refused.
+        # With a full spool this event (and each session.ended) goes into the spool's reserve, kept for
+        # this evidence; only if the reserve is used up too is it refused and counted (spool_refused). The
+        # posture (spool_full, the sessions gone) goes out anyway: postures coalesce, never refused.
         self._events.event(
             "agent.fail_closed",
             Severity.CRITICAL,

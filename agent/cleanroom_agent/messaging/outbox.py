@@ -1,8 +1,12 @@
 """Signing glue between the agent's messages and the spool: each message is sealed with the seq the
 spool allocates for it, in the same transaction, and lands on its channel's topic.
 
-An event or ack the full spool refuses is not lost silently: it is counted twice, durably and in one
-transaction: ``spool_refused`` (every one, ever: the posture reports it, so the controller and an auditor
+The record of the agent ending sessions (``agent.fail_closed``, ``session.ended``, the acks of
+``end_session``: ``decisions.is_evidence_event`` / ``is_evidence_ack``) may use the spool's reserve beyond
+its bound, so the evidence of failing closed on a full spool reaches the controller.
+
+An event or ack the full spool refuses (any other once the spool is full, evidence once the reserve is full
+too) is not lost silently: it is counted twice, durably and in one transaction: ``spool_refused`` (every one, ever: the posture reports it, so the controller and an auditor
 see the gap) and the count since the last report, which goes out as one ``spool.overflow`` event as soon
 as there is room again. An ack refused is also remembered with its command (``commands.py``), so the
 controller's retry of the command gets it once there is room.
@@ -29,6 +33,7 @@ from cleanroom_protocol import (
 )
 
 from .. import __version__
+from ..decisions import is_evidence_ack, is_evidence_event
 from .spool import Spool, SpoolFull
 
 # Rows of these keys replace older unsent rows of the same key; events and acks never coalesce.
@@ -61,12 +66,14 @@ class Outbox:
         *,
         retain: bool = False,
         coalesce: str | None = None,
+        evidence: bool = False,
     ) -> int:
         return self.spool.enqueue(
             agent_topic(self.agent_id, channel),
             lambda seq: seal(kind, body, sender=self.agent_id, seq=seq, key=self._key),
             retain=retain,
             coalesce_key=coalesce,
+            evidence=evidence,
         )
 
     def posture(self, posture: Posture) -> int:
@@ -74,10 +81,26 @@ class Outbox:
 
     def event(self, event: Event) -> int | None:
         """Queue ``event``; ``None`` when the outbox is full (the event is counted, and the count goes out
-        as a ``spool.overflow`` event as soon as there is room again)."""
+        as a ``spool.overflow`` event as soon as there is room again). Evidence may use the reserve."""
+        return self._put_or_count(
+            Kind.EVENT, event, Channel.EVENTS, at=event.at, evidence=is_evidence_event(event.kind)
+        )
+
+    def _put_or_count(
+        self, kind: Kind, body: BaseModel, channel: Channel, *, at: float, evidence: bool
+    ) -> int | None:
+        """Queue an event or ack after any pending ``spool.overflow`` report; ``None`` (counted) if refused.
+
+        The overflow report is an ordinary row: while the spool is full it waits for room, and evidence
+        going into the reserve meanwhile does not wait for it (it reports a gap, it is not the gap)."""
         try:
-            self._report_overflow(event.at)
-            return self._put(Kind.EVENT, event, Channel.EVENTS)
+            self._report_overflow(at)
+        except SpoolFull:
+            if not evidence:
+                self._count_refused()
+                return None
+        try:
+            return self._put(kind, body, channel, evidence=evidence)
         except SpoolFull:
             self._count_refused()
             return None
@@ -101,13 +124,11 @@ class Outbox:
 
     def ack(self, ack: Ack) -> int | None:
         """Queue ``ack``; ``None`` when the outbox is full (counted like an event; the command keeps its ack,
-        so the controller's retry gets it again once there is room)."""
-        try:
-            self._report_overflow(time.time())
-            return self._put(Kind.ACK, ack, Channel.ACKS)
-        except SpoolFull:
-            self._count_refused()
-            return None
+        so the controller's retry gets it again once there is room). An ``end_session`` answer is evidence:
+        it may use the reserve."""
+        return self._put_or_count(
+            Kind.ACK, ack, Channel.ACKS, at=time.time(), evidence=is_evidence_ack(ack.result)
+        )
 
     def status(self, status: Status) -> int:
         return self._put(Kind.STATUS, status, Channel.STATUS, retain=True, coalesce=COALESCE_STATUS)

@@ -11,7 +11,9 @@ WAL + ``synchronous=FULL`` so a committed row survives power loss.
 
 The outbox is bounded (``max_rows``): when it is full, new events and acks are refused (the outbox
 counts them) and rows already held are never dropped; :attr:`Spool.full` (a :class:`SpoolLevel`, with a
-low-water mark) is what the agent fails closed on.
+low-water mark) is what the agent fails closed on. Beyond the bound a small reserve (``reserve_rows``, 1 %
+of it, at least 32) takes only evidence rows: the record of the agent ending sessions (``agent.fail_closed``,
+``session.ended``, the acks of ``end_session``), so failing closed is never itself unrecorded.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ MAX_OUTBOX_ROWS = 100_000
 
 class SpoolFull(Exception):
     """The outbox holds ``max_rows`` rows (unsent, or sent and not yet listed by a watermark); only
-    coalescing rows (posture, status) still fit."""
+    coalescing rows (posture, status) still fit, and evidence rows while the reserve has room."""
 
 
 _SCHEMA = """
@@ -107,6 +109,11 @@ class Spool:
     def low_rows(self) -> int:
         return self._level.low_rows
 
+    @property
+    def reserve_rows(self) -> int:
+        """Rows beyond ``max_rows`` that only evidence may use."""
+        return self._level.reserve_rows
+
     def on_level_change(self, listener: Callable[[bool], None]) -> None:
         """``listener(full)`` is called when the spool becomes full and when it has drained."""
         self._level_listeners.append(listener)
@@ -150,15 +157,20 @@ class Spool:
         *,
         retain: bool = False,
         coalesce_key: str | None = None,
+        evidence: bool = False,
     ) -> int:
         """Allocate a seq, sign with ``make_payload(seq)`` and store the row, in one transaction.
 
         With ``coalesce_key`` a newer row replaces older *unsent* rows of the same key (posture, status).
-        Raises :class:`SpoolFull` for a non-coalescing row when ``max_rows`` rows wait.
+        Raises :class:`SpoolFull` for a non-coalescing row when ``max_rows`` rows wait, and for an
+        ``evidence`` row when the reserve beyond them is used up too.
         """
         with self._lock:
-            if coalesce_key is None and self._rows >= self.max_rows:
-                raise SpoolFull(f"{self.path}: {self._rows} rows wait for the controller's watermark")
+            if coalesce_key is None and not self._level.admits(self._rows, evidence=evidence):
+                bound = self.max_rows + (self.reserve_rows if evidence else 0)
+                raise SpoolFull(
+                    f"{self.path}: {self._rows} rows wait for the controller's watermark (bound {bound})"
+                )
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._allocate()
