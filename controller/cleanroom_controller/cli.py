@@ -20,7 +20,7 @@ from rich.markup import escape
 # protocol (pydantic models), structlog and the daemon are imported by the commands that use them.
 from .settings import ControllerSettings, SettingsError, load_settings
 from .store import AgentExistsError, Store
-from .views import agent_rows, event_rows, session_rows, unenrolled_rejects
+from .views import AGENT_COLUMNS, agent_rows, event_rows, session_rows, unenrolled_rejects
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -291,13 +291,13 @@ def agents_revoke(
 
 @agents_app.command("list")
 def agents_list(as_json: JsonOpt = False, config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Enrolled agents: online, compliant, reasons, last seen, rejects."""
+    """Enrolled agents: online, compliant, reasons, last seen, sessions, spool (full, refused), rejects."""
     store = _open_store(_settings(config, data_dir=data_dir))
     _print_rows(
         agent_rows(store),
         as_json,
         "agents",
-        ["id", "online", "compliant", "condition", "reasons", "last_seen", "sessions", "rejects"],
+        AGENT_COLUMNS,
     )
     others = unenrolled_rejects(store)
     if others and not as_json:

@@ -9,6 +9,20 @@ from .store import Store
 
 _NAMED_CONDITIONS = (Condition.SILENT, Condition.OFFLINE)
 
+# The columns of the agents table (``agents list`` and ``watch``); ``--json`` has every field of the row.
+AGENT_COLUMNS = [
+    "id",
+    "online",
+    "compliant",
+    "condition",
+    "reasons",
+    "last_seen",
+    "sessions",
+    "spool_full",
+    "spool_refused",
+    "rejects",
+]
+
 
 def _reasons(ep: EndpointState) -> list[str]:
     """The condition's reasons; ``silent``/``offline`` named first, so ``reasons`` alone says why an endpoint
@@ -19,15 +33,29 @@ def _reasons(ep: EndpointState) -> list[str]:
     return reasons
 
 
+def _spool(posture: dict[str, Any] | None) -> tuple[bool | None, int | None]:
+    """``spool_full`` and ``spool_refused`` of the endpoint's latest posture; ``None`` before its first
+    posture (unknown, not "not full"). The ingest validated the posture; anything else is shown as unknown."""
+    if posture is None:
+        return None, None
+    full, refused = posture.get("spool_full", False), posture.get("spool_refused", 0)
+    return (
+        full if isinstance(full, bool) else None,
+        refused if isinstance(refused, int) and not isinstance(refused, bool) else None,
+    )
+
+
 def agent_rows(store: Store) -> list[dict[str, Any]]:
     fingerprints = store.agent_fingerprints()
     rejects = store.reject_counts()
+    postures = store.latest_postures()
     sessions: dict[str, int] = {}
     for s in store.sessions():
         if s.state.value != "ended":
             sessions[s.agent] = sessions.get(s.agent, 0) + 1
     rows = []
     for ep in store.endpoints():
+        spool_full, spool_refused = _spool(postures.get(ep.agent))
         rows.append(
             {
                 "id": ep.agent,
@@ -44,6 +72,10 @@ def agent_rows(store: Store) -> list[dict[str, Any]]:
                 "will_seq": ep.will_seq,
                 "sessions": sessions.get(ep.agent, 0),
                 "rejects": rejects.get(ep.agent, {}),
+                # The endpoint's spool, from its latest posture: full (it fails closed and refuses
+                # launches), and the events and acks it refused ever (the gap in its record).
+                "spool_full": spool_full,
+                "spool_refused": spool_refused,
                 "fingerprint": fingerprints.get(ep.agent),
             }
         )

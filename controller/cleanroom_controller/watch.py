@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .store import Store
-from .views import agent_rows, session_rows
+from .views import AGENT_COLUMNS, agent_rows, session_rows
 
 _DATE_FIELDS = frozenset({"expires_at", "created_at"})
 _TS_FIELDS = {"last_seen", "ts", "started", "at"}
@@ -89,7 +89,7 @@ def view(store: Store) -> Group:
     return Group(
         table(
             "agents",
-            ["id", "online", "compliant", "condition", "reasons", "last_seen", "sessions", "rejects"],
+            AGENT_COLUMNS,
             agent_rows(store),
         ),
         table("sessions", ["id", "agent", "state", "ended_reason", "client"], session_rows(store)[-20:]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -76,7 +77,8 @@ def test_tables_without_json(data_dir: Path) -> None:
     store = Store.open(data_dir)
     store.count_reject("(unenrolled)", "unknown_sender", 1.0)
     store.close()
-    code, out, _ = cli("agents", "list", "--data-dir", str(data_dir))
+    wide = runner.invoke(app, ["agents", "list", "--data-dir", str(data_dir)], env={"COLUMNS": "200"})
+    code, out = wide.exit_code, wide.stdout  # ten columns: at 80 their headers fold
     assert code == 0
     assert "a1" in out
     assert "compliant" in out
@@ -136,3 +138,51 @@ def test_identity_creates_a_private_key_0600(tmp_path: Path) -> None:
     assert out.startswith("-----BEGIN PUBLIC KEY-----")
     assert (tmp_path / "controller.key").stat().st_mode & 0o777 == 0o600
     assert cli("identity", "--data-dir", str(tmp_path))[1] == out
+
+
+def test_agents_list_shows_the_spool_of_the_latest_posture(tmp_path: Path) -> None:
+    """``spool_full`` and ``spool_refused`` come from each endpoint's latest posture, as the real ingest
+    stored it: a later posture replaces them; an endpoint with no posture yet shows them unknown, not
+    "not full". Both in ``--json`` and in the table."""
+    d = tmp_path / "data"
+    senders = {a: Sender(a) for a in ("full", "drained", "silent")}
+    for agent, sender in senders.items():
+        pem = tmp_path / f"{agent}.pem"
+        pem.write_text(public_key_pem(sender.key))
+        assert cli("agents", "add", agent, "--public-key", str(pem), "--data-dir", str(d))[0] == 0
+    store = Store.open(d)
+    recorder = Recorder(store, "controller:test")
+    policy = shipped_policy()
+    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
+    ingest = Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
+
+    def report(agent: str, *, full: bool, refused: int) -> None:
+        body = posture(agent).model_copy(update={"spool_full": full, "spool_refused": refused})
+        ingest.handle(f"cleanroom/v1/agents/{agent}/posture", senders[agent].seal(Kind.POSTURE, body))
+
+    report("full", full=True, refused=7)
+    report("drained", full=True, refused=3)
+    report("drained", full=False, refused=5)  # the latest posture is what is shown
+    store.close()
+
+    code, out, _ = cli("agents", "list", "--json", "--data-dir", str(d))
+    assert code == 0
+    shown = {r["id"]: (r["spool_full"], r["spool_refused"], r["compliant"]) for r in lines(out)}
+    assert shown == {
+        "full": (True, 7, False),  # spool_full is a violation: judged non-compliant
+        "drained": (False, 5, True),
+        "silent": (None, None, False),
+    }
+    table = runner.invoke(app, ["agents", "list", "--data-dir", str(d)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    cut = [
+        [c.strip() for c in re.split("[│┃]", line)[1:-1]]
+        for line in table.stdout.splitlines()
+        if line.startswith(("│", "┃"))
+    ]
+    header = cut[0]
+    assert header[-3:] == ["spool_full", "spool_refused", "rejects"], header
+    cells = {r[0]: dict(zip(header, r, strict=True)) for r in cut[1:]}
+    assert (cells["full"]["spool_full"], cells["full"]["spool_refused"]) == ("yes", "7")
+    assert (cells["drained"]["spool_full"], cells["drained"]["spool_refused"]) == ("no", "5")
+    assert (cells["silent"]["spool_full"], cells["silent"]["spool_refused"]) == ("-", "-")

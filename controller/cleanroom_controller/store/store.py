@@ -400,6 +400,12 @@ class Store:
         ).fetchall()
         return [self._endpoint(r) for r in rows]
 
+    def latest_postures(self) -> dict[str, dict[str, Any]]:
+        """The last posture body each endpoint reported (as the ingest verified and stored it), by agent;
+        endpoints that never sent one are absent. For the views: the endpoint's own state, such as its spool."""
+        rows = self._db.execute("SELECT agent, posture FROM endpoints WHERE posture IS NOT NULL").fetchall()
+        return {str(r[0]): json.loads(r[1]) for r in rows}
+
     @staticmethod
     def _endpoint(r: Row) -> EndpointState:
         return EndpointState(
