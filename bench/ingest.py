@@ -34,6 +34,10 @@ device floods.
     uv run python bench/ingest.py --database postgres --controllers 1   # a private PostgreSQL (fsync on)
 
 (b) also prints the Ed25519 verify-only ceiling of the K cores used, measured in the same run, and the ratio.
+Issue 9's audit figures (audit bytes per routine heartbeat, ``audit verify`` entries/s) are bench/audit.py's.
+``--profile DIR`` runs each controller under cProfile (DIR/controller-N.prof); ``--inflight N`` sets the bench
+broker's ``max_inflight_messages`` (100 as shipped; 1,000 and 0 measured no different: Mosquitto 2.0.11
+sends a window more per PUBACK, docs/data-path.md).
 """
 
 from __future__ import annotations
@@ -111,6 +115,11 @@ actions = ["end_session"]
 DATABASE = "sqlite"
 _postgres: Any = None
 _pg_urls: dict[Path, str] = {}
+# --profile DIR: each controller process runs under cProfile and writes DIR/controller-<n>.prof when it stops
+# (SIGTERM ends it cleanly), for finding where ingest's time goes (`python -m pstats FILE`).
+PROFILE: Path | None = None
+INFLIGHT = 100  # --inflight: the bench broker's max_inflight_messages
+_profiled = 0
 
 
 def database_url(data_dir: Path) -> str | None:
@@ -284,7 +293,7 @@ class Broker:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_inflight_messages 100\nmax_queued_messages 2000000\nmax_queued_bytes 0\n"
+            f"max_inflight_messages {INFLIGHT}\nmax_queued_messages 2000000\nmax_queued_bytes 0\n"
             # each packet at once, as a production broker should: without it an idle link adds ~40 ms
             # (Nagle + the peer's delayed ACK) to every decision
             "set_tcp_nodelay true\n" + ("user root\n" if os.geteuid() == 0 else "")
@@ -467,10 +476,17 @@ def reject_total(db: Path) -> int:
 def controllers(
     exe: str, k: int, *, data_dir: Path, broker: Broker, policy: Path, share_group: bool, logs: Path
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
+    global _profiled
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i in range(k):
+            prefix: list[str] = []
+            if PROFILE is not None:
+                _profiled += 1
+                out = PROFILE / f"controller-{_profiled}.prof"
+                prefix = [sys.executable, "-m", "cProfile", "-o", str(out)]
             argv = [
+                *prefix,
                 exe,
                 "run",
                 "--broker",
@@ -874,6 +890,7 @@ def measure_ingest(
     )
     print(f"    {r.usage}")
     print(f"    {r.broker_usage}; {len(agents)} mosquitto_pub CPU {r.publishers_cpu:.1f} s")
+    print("    audit bytes per heartbeat and `audit verify` entries/s: bench/audit.py")
     print(f"    controllers alive afterwards: {r.alive[0]}/{r.alive[1]}")
 
 
@@ -1454,6 +1471,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="sqlite",
         help="the controllers' store: SQLite in their data dir, or a private PostgreSQL this run starts",
     )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run each controller under cProfile, writing DIR/controller-N.prof (slower: for finding hot spots)",
+    )
+    ap.add_argument("--inflight", type=int, default=100, help="the broker's max_inflight_messages")
     args = ap.parse_args(argv)
     if args.controllers > 1 and args.no_share_group:
         ap.error("--controllers > 1 needs the shared subscription")
@@ -1462,8 +1487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     share = args.controllers > 1
     run = set(args.only or SECTIONS) - set(args.skip)
 
-    global DATABASE, _postgres
+    global DATABASE, _postgres, PROFILE, INFLIGHT
     DATABASE = args.database
+    INFLIGHT = args.inflight
+    if args.profile is not None:
+        PROFILE = args.profile.resolve()
+        PROFILE.mkdir(parents=True, exist_ok=True)
     if DATABASE == "postgres":
         sys.path.insert(0, str(REPO))
         from tests.support.postgres import Postgres

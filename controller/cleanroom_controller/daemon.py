@@ -194,8 +194,8 @@ class Controller:
         self._tg.create_task(coro, name=name)
 
     async def _on_message(self, topic: str, payload: bytes, retained: bool, receipt: Receipt) -> None:
-        # Bounded: the broker sends at most its inflight window of unacknowledged messages, and when the
-        # inbox is full the link stops reading (QoS 1: the broker keeps the rest).
+        # Bounded: when the inbox is full the link stops reading (aiomqtt's queue takes the rest up to its
+        # bound; QoS 1: what is past it stays with the broker). The broker's inflight window is no bound here.
         await self._inbox.put((topic, payload, retained), lambda: self.link.ack(receipt))
 
     async def _ingest(self) -> None:

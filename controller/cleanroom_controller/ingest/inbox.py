@@ -2,8 +2,9 @@
 
 Each message comes with its ``settle`` callback (the broker link's acknowledgement): ingest calls it once
 the message's batch has committed, the inbox when it drops the message unread. Until then the broker keeps
-it, and the broker's inflight window bounds how many unacknowledged messages the controller holds: the
-link, the inbox and the batch in hand together never hold more. One MQTT connection carries every agent's
+it. What the controller holds unacknowledged is bounded by the link's queue (aiomqtt's), this inbox's
+capacity and the batch in hand, not by the broker's inflight window (Mosquitto 2.0.11 sends a window more
+per acknowledgement: link.py). One MQTT connection carries every agent's
 messages in one stream: a device that floods would put its junk in front of everyone else's
 messages. So the link puts each message into its *sender's* queue (the agent the topic names, or
 ``(unenrolled)`` / ``(topic)``: at most enrolled agents + 2 queues), and ingest takes a batch as a *round*:

@@ -5,9 +5,12 @@ agent messages queue across reconnects), subscriptions on connect, jittered reco
 Acknowledgement after commit: paho sends the QoS 1 PUBACK only when told (``manual_ack``), and every message
 handed on carries a :class:`Receipt`; ingest calls :meth:`BrokerLink.ack` once the transaction that stored
 it (or counted its rejection) has committed. Until then the broker keeps the message: a controller killed
-before its commit gets it again on reconnect (persistent session), and the broker sends at most its inflight
-window (``max_inflight_messages``) of unacknowledged messages, which is the backpressure on a busy
-controller. A receipt from an earlier connection is ignored: the broker redelivers those messages itself.
+before its commit gets it again on reconnect (persistent session). What the controller holds unacknowledged
+is bounded by aiomqtt's queue (``max_queued_incoming_messages``) plus the inbox and the batch in hand, not by
+the broker's ``max_inflight_messages``: Mosquitto 2.0.11 (Debian 12), measured, sends a whole window more
+for each PUBACK (window 100, one PUBACK: 200 held; eight: 900), with MQTT 3.1.1 and with v5's Receive
+Maximum alike. Past aiomqtt's queue a message is discarded unacknowledged: the broker keeps it for the next
+connection and the agent resends it (docs/data-path.md). A receipt from an earlier connection is ignored: the broker redelivers those messages itself.
 """
 
 from __future__ import annotations
@@ -117,9 +120,13 @@ class BrokerLink:
                 # mqtts://: the shared TLS context (CA, this process's certificate), re-read per connection
                 tls_context=client_tls_context(self._address),
                 max_concurrent_outgoing_calls=200,
-                # Never reached: the broker's inflight window bounds what is delivered and not yet acked.
+                # The bound on what is delivered and not yet acked (the broker's inflight window is not one:
+                # see the module docstring). Beyond it aiomqtt drops a message unacknowledged (not lost).
                 max_queued_incoming_messages=100_000,
             )
+            # A watermark round publishes up to 100 at once (daemon): aiomqtt would log a warning for each
+            # publish beyond 10 pending, hundreds of lines a second under load.
+            client.pending_calls_threshold = 200
             # PUBACK after the commit, not when paho has read the message (aiomqtt 2.5 does not expose it).
             client._client.manual_ack_set(True)
             self._connection += 1
