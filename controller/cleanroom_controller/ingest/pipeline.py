@@ -251,9 +251,14 @@ class Ingest:
             for topic, payload, retained in items
         ]
         outcomes: list[Outcome] = []
-        flush: Flush | None = None
-        accepted = dict(self._accepted)  # a failed commit is retried: this process's replay rule goes back
-        waiting = self.sealer.waiting  # and so does what the sealer counts as waiting (audit/sealer.py)
+        # A failed commit is retried with the same messages: what this process counted and keeps in memory
+        # goes back with the transaction, so that the retry counts each message once. Its replay rule, what
+        # the sealer counts as waiting (audit/sealer.py), the reject windows and the tallies.
+        accepted = dict(self._accepted)
+        waiting = self.sealer.waiting
+        windows = self.windows.snapshot()
+        counts = self.counts.copy()
+        late = self.late
         try:
             with self._store.transaction():
                 # The senders' endpoint rows in one query, not one per message (store.prefetch_endpoints).
@@ -265,13 +270,13 @@ class Ingest:
                 for topic, payload, retained, signed in checked:
                     outcomes.append(self._handle_one(topic, payload, retained, signed))
                 self.sealer.after_batch(self._clock())
-                flush = self.windows.flush(self._clock())
-                self._write(flush)
+                self._write(self.windows.flush(self._clock()))
         except BaseException:
-            if flush is not None:
-                self.windows.undo(flush)
             self._accepted = accepted
             self.sealer.undo(waiting)
+            self.windows.restore(windows)
+            self.counts = counts
+            self.late = late
             raise
         for *_, signed in checked:
             # Committed: whatever became of a message the agent signed, it need not send it again.

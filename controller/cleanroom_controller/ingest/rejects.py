@@ -74,6 +74,10 @@ class Window:
             "first": {reason: dict(d) for reason, d in self.first.items()},
         }
 
+    def copy(self) -> Window:
+        # The detail dicts in ``first`` are never changed once made: sharing them is safe.
+        return Window(self.sender, self.opened, self.last, dict(self.counts), dict(self.first))
+
     def merge(self, other: Window) -> None:
         self.opened = min(self.opened, other.opened)
         self.last = max(self.last, other.last)
@@ -90,6 +94,15 @@ class Flush:
     counts: dict[tuple[str, str], tuple[int, float]]  # (sender, reason) → (added, last at): rejects only
     touched: tuple[Window, ...]  # open windows changed since the last flush (persist them)
     closed: tuple[Window, ...]  # windows due: write their audit entry, forget their persisted copy
+
+
+@dataclass(frozen=True, slots=True)
+class WindowsSnapshot:
+    """The state of :class:`RejectWindows` before a batch (:meth:`RejectWindows.snapshot`)."""
+
+    open: dict[str, Window]
+    unsaved: dict[tuple[str, str], tuple[int, float]]
+    touched: set[str]
 
 
 class RejectWindows:
@@ -116,6 +129,19 @@ class RejectWindows:
             self._unsaved[(sender, reason.value)] = (n + 1, now)
         self._touched.add(sender)
         return opened
+
+    def snapshot(self) -> WindowsSnapshot:
+        """What is counted now, for :meth:`restore` when a batch that counts more does not commit (it is
+        applied again, and would otherwise be counted twice). Costs one copy of each open window."""
+        return WindowsSnapshot(
+            {s: w.copy() for s, w in self._open.items()}, dict(self._unsaved), set(self._touched)
+        )
+
+    def restore(self, snapshot: WindowsSnapshot) -> None:
+        """Back to ``snapshot``: what was counted and flushed since is forgotten (its batch did not commit)."""
+        self._open = {s: w.copy() for s, w in snapshot.open.items()}
+        self._unsaved = dict(snapshot.unsaved)
+        self._touched = set(snapshot.touched)
 
     def pending(self) -> bool:
         return bool(self._unsaved or self._touched)
