@@ -150,10 +150,7 @@ def verify(
         sig = base64.b64decode(env.sig, validate=True)
     except (binascii.Error, ValueError):
         return Verdict(VerdictStatus.BAD_SIGNATURE, "signature is not base64", env)
-    unsigned = {k: v for k, v in data.items() if k != "sig"}
-    try:
-        key.verify(sig, canonical_json(unsigned))
-    except (InvalidSignature, ValueError):
+    if not _signature_verifies(key, sig, raw, data):
         return Verdict(VerdictStatus.BAD_SIGNATURE, "signature does not verify", env)
 
     # Signed from here on: the body can be parsed and trusted to be what the sender said.
@@ -169,6 +166,58 @@ def verify(
         now=time.time() if now is None else now,
         max_skew_s=max_skew_s,
     )
+
+
+# The top-level signature member as :func:`seal` writes it: in canonical JSON it sits between ``seq`` and
+# ``ts`` (keys sorted), and it is the last ``,"sig":"`` of the document since only numbers follow it.
+_SIG_MEMBER = b',"sig":"'
+_BASE64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+
+def signed_bytes_as_sent(raw: bytes) -> bytes | None:
+    """``raw`` without its top-level ``"sig"`` member: the signed bytes, when ``raw`` is canonical JSON (what
+    :func:`seal` sends). ``None`` when no base64 signature member is found where one would be.
+
+    Why this is as strict as re-encoding: a signature that verifies over these bytes was made by the key's
+    holder, whose :func:`seal` signs canonical JSON of the envelope without ``sig``, i.e. exactly the bytes
+    :func:`verify` would re-encode from ``raw``. Adding the member ``,"sig":"<base64>"`` to such bytes leaves
+    a JSON document only where it adds a member (inside a string or after a key it is not JSON); a member of
+    a nested object leaves the envelope without its ``sig`` (malformed). So a document that parses, has a
+    top-level ``sig`` and passes with these bytes is, field for field, the one that was signed. A holder of
+    the key gains nothing either: whatever else it signs it could sign canonically.
+    """
+    start = raw.rfind(_SIG_MEMBER)
+    if start < 0:
+        return None
+    value = start + len(_SIG_MEMBER)
+    end = raw.find(b'"', value)
+    if end < 0 or not _BASE64.issuperset(raw[value:end]):
+        return None
+    return raw[:start] + raw[end + 1 :]
+
+
+def _signature_verifies(key: Ed25519PublicKey, sig: bytes, raw: bytes, data: dict[str, Any]) -> bool:
+    """The signature over the canonical JSON of ``data`` without ``sig``. Wire bytes that are canonical (all
+    that :func:`seal` sends) are checked as they came, without re-encoding (:func:`signed_bytes_as_sent`);
+    any other form of the same JSON value is re-encoded, as the protocol allows a peer to send it. One
+    Ed25519 verification a message, except for a non-canonical message whose signature is wrong (two)."""
+    as_sent = signed_bytes_as_sent(raw)
+    if as_sent is not None and _verifies(key, sig, as_sent):
+        return True
+    unsigned = {k: v for k, v in data.items() if k != "sig"}
+    try:
+        canonical = canonical_json(unsigned)
+    except ValueError:  # NaN, or a lone surrogate (UnicodeEncodeError): no canonical form, nothing signed it
+        return False
+    return canonical != as_sent and _verifies(key, sig, canonical)
+
+
+def _verifies(key: Ed25519PublicKey, sig: bytes, message: bytes) -> bool:
+    try:
+        key.verify(sig, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def check_sequence(
