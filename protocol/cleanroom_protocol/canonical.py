@@ -1,7 +1,8 @@
 """Canonical JSON: the exact bytes that are signed.
 
 Sorted keys, no insignificant whitespace, UTF-8, no NaN/Infinity. Both sides re-encode the *received*
-JSON value (never a re-dumped model) so that fields a newer peer adds are still covered by the signature.
+JSON value (never a re-dumped model) so that fields a newer peer adds are still covered by the signature;
+a receiver given canonical bytes may check them as they came (envelope.signed_bytes_as_sent: the same bytes).
 """
 
 from __future__ import annotations
