@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tomllib
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import tomlfiles
 from .canonical import canonical_json
 from .usbrules import parse_rules
 
@@ -191,63 +191,16 @@ def policy_hash(policy: Policy) -> str:
 
 def load_policy(path: Path) -> Policy:
     """Read and validate a policy file; raise :class:`PolicyError` naming file, line and field."""
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_POLICY_BYTES + 1)
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy: {exc.strerror}") from exc
-    if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyError(f"{path}: policy larger than {MAX_POLICY_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"{path}: not UTF-8 (byte {exc.start})") from exc
+    text = tomlfiles.read_text(path, max_bytes=MAX_POLICY_BYTES, what="policy", error=PolicyError)
     return parse_policy(text, source=str(path))
 
 
 def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        # tomllib's message already says "(at line L, column C)".
-        raise PolicyError(f"{source}: invalid TOML: {exc}") from exc
+    data = tomlfiles.parse(text, source=source, error=PolicyError)
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(_describe(exc, text, source)) from exc
-
-
-def _describe(exc: ValidationError, text: str, source: str) -> str:
-    problems = []
-    for err in exc.errors():
-        loc = [str(part) for part in err["loc"]]
-        field = ".".join(loc) or "(top level)"
-        line = _line_of(text, [p for p in err["loc"] if isinstance(p, str)])
-        where = f"{source}:{line}" if line else source
-        problems.append(f"{where}: field {field}: {err['msg']}")
-    return "; ".join(problems)
-
-
-_TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\s*(#.*)?$")
-_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
-
-
-def _line_of(text: str, loc: list[str]) -> int | None:
-    """Best-effort line number of the key at ``loc`` (``["sessions", "clients"]``) in TOML ``text``."""
-    if not loc:
-        return None
-    table, key = ".".join(loc[:-1]), loc[-1]
-    current = ""
-    table_line = None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if m := _TABLE.match(line):
-            current = m.group(1).replace('"', "").replace("'", "").replace(" ", "")
-            if current == ".".join(loc):
-                table_line = number
-            continue
-        if (m := _KEY.match(line)) and current == table and m.group(1).strip("\"'") == key:
-            return number
-    return table_line
+        raise PolicyError(tomlfiles.describe(exc, text, source)) from exc
 
 
 def policy_from_document(data: Any) -> Policy:
@@ -255,4 +208,4 @@ def policy_from_document(data: Any) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(_describe(exc, "", "policy message")) from exc
+        raise PolicyError(tomlfiles.describe(exc, "", "policy message")) from exc

@@ -21,12 +21,13 @@ golden = "/var/lib/cleanroom/golden/billing.qcow2"
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cleanroom_protocol import tomlfiles
 
 MAX_DESKTOPS_BYTES = 1024 * 1024
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
@@ -209,67 +210,13 @@ def _host_of(address: str) -> str:
 
 def load_desktops(path: Path) -> Desktops:
     """Read and validate the desktops file; raise :class:`DesktopsError` naming file, line and field."""
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_DESKTOPS_BYTES + 1)
-    except OSError as exc:
-        raise DesktopsError(f"{path}: cannot read desktops file: {exc.strerror}") from exc
-    if len(raw) > MAX_DESKTOPS_BYTES:
-        raise DesktopsError(f"{path}: larger than {MAX_DESKTOPS_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DesktopsError(f"{path}: not UTF-8 (byte {exc.start})") from exc
+    text = tomlfiles.read_text(path, max_bytes=MAX_DESKTOPS_BYTES, what="desktops file", error=DesktopsError)
     return parse_desktops(text, source=str(path))
 
 
 def parse_desktops(text: str, *, source: str = "<desktops>") -> Desktops:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise DesktopsError(f"{source}: invalid TOML: {exc}") from exc
+    data = tomlfiles.parse(text, source=source, error=DesktopsError)
     try:
         return Desktops(DesktopsFile.model_validate(data), source)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            field = ".".join(str(p) for p in loc) or "(top level)"
-            line = line_of(text, loc)
-            where = f"{source}:{line}" if line else source
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            problems.append(f"{where}: field {field}: {msg}")
-        raise DesktopsError("; ".join(problems)) from exc
-
-
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-]+)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
-
-
-def line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
-    """The line of the key at ``loc`` (``("pool", 0, "desktop", 1, "overlay")``), else of the closest table
-    header above it (a missing key is reported at its table)."""
-    counts: dict[tuple[int | str, ...], int] = {}
-    current: tuple[int | str, ...] = ()
-    lines: dict[tuple[int | str, ...], int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if m := _HEADER.match(line):
-            parts = m.group(2).split(".")
-            path: list[int | str] = []
-            for depth, part in enumerate(parts):
-                path.append(part)
-                prefix = tuple(path)
-                last = depth == len(parts) - 1
-                if m.group(1) == "[[" and last:
-                    counts[prefix] = counts.get(prefix, -1) + 1
-                if prefix in counts:
-                    path.append(counts[prefix])
-            current = tuple(path)
-            lines.setdefault(current, number)
-            continue
-        if m := _KEY.match(line):
-            lines.setdefault((*current, m.group(1)), number)
-    for end in range(len(loc), 0, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
+        raise DesktopsError(tomlfiles.describe(exc, text, source)) from exc
