@@ -27,8 +27,7 @@ from cleanroom_controller.audit.verify import verify_store
 from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
 from cleanroom_protocol import Channel, Event, Kind, agent_topic
 from tests.conftest import StoreOpener
-
-from .helpers import Sender, enrol, shipped_policy
+from tests.controller.helpers import Sender, enrol, shipped_policy
 
 EVENTS = agent_topic("a1", Channel.EVENTS)
 

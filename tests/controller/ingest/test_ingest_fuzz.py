@@ -42,8 +42,7 @@ from cleanroom_protocol import (
     agent_topic,
     canonical_json,
 )
-
-from .helpers import Sender, covered, enrol, posture, shipped_policy
+from tests.controller.helpers import Sender, covered, enrol, posture, shipped_policy
 
 EXAMPLES = 950  # batches of 10..16: ≥ 10,000 messages (asserted)
 MIN_INPUTS = 10_000

@@ -14,10 +14,9 @@ from cleanroom_controller import Store, Tracker, verify_chain
 from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
 from cleanroom_protocol import AgentState, Channel, Event, Kind, Status
+from tests.controller.harness import agent_client, publish, running_controller, until
+from tests.controller.helpers import Sender, covered, enrol, posture, session, shipped_policy
 from tests.support.mosquitto import Mosquitto
-
-from .harness import agent_client, publish, running_controller, until
-from .helpers import Sender, covered, enrol, posture, session, shipped_policy
 
 
 def summaries(store: Store, sender: str) -> list[dict]:
@@ -59,7 +58,7 @@ async def test_bad_messages_are_rejected_counted_and_audited(mosquitto: Mosquitt
         mallory = Sender("mallory")
         await publish(c, "mallory", Channel.POSTURE, mallory.seal(Kind.POSTURE, posture("mallory")))
         await publish(c, "a1", Channel.EVENTS, a1.seal(Kind.POSTURE, posture("a1")))  # wrong kind for topic
-        # (an old ts is history, not a reject: tests/controller/test_history.py)
+        # (an old ts is history, not a reject: tests/controller/ingest/test_history.py)
 
         expected = {"bad_signature": 1, "replayed": 1, "malformed": 2, "too_large": 1}
         await until(

@@ -23,8 +23,7 @@ from cleanroom_controller.decisions.decide import (
 from cleanroom_controller.decisions.judge import Judgement
 from cleanroom_protocol import AgentState, Status
 from cleanroom_protocol.policy import OnViolationSection
-
-from .helpers import session, shipped_policy
+from tests.controller.helpers import session, shipped_policy
 
 POLICY = shipped_policy()
 RUNNING = SessionRecord("a1", "s-100-1", SessionState.RUNNING, "xfreerdp", 100)

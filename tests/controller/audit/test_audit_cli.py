@@ -28,8 +28,7 @@ from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
 from cleanroom_controller.tracker import Tracker
 from cleanroom_protocol import Event, Kind, canonical_json, load_or_create_private_key
-
-from .helpers import Sender, enrol, shipped_policy
+from tests.controller.helpers import Sender, enrol, shipped_policy
 
 CLI = Path(sys.executable).parent / "cleanroom-controller"
 

@@ -13,8 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cleanroom_controller import Store
 from cleanroom_controller.models import Condition, EndpointState
 from tests.conftest import StoreOpener
-
-from .helpers import enrol
+from tests.controller.helpers import enrol
 
 
 class Boom(Exception):

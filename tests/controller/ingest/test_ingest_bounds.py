@@ -18,8 +18,7 @@ from cleanroom_controller.ingest.budgets import Limits
 from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
 from cleanroom_controller.store.sqlite import SqliteBackend
 from cleanroom_protocol import Channel, Event, Kind, agent_topic
-
-from .helpers import Sender, enrol, posture, session, shipped_policy
+from tests.controller.helpers import Sender, enrol, posture, session, shipped_policy
 
 
 class Clock:

@@ -12,8 +12,7 @@ from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
 from cleanroom_controller.models import Condition
 from cleanroom_protocol import Channel, Event, Kind, Severity, agent_topic
-
-from .helpers import Sender, enrol, posture, shipped_policy
+from tests.controller.helpers import Sender, enrol, posture, shipped_policy
 
 HOUR = 3600.0
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from cleanroom_controller import judge
 from cleanroom_protocol import Mode
-
-from .helpers import posture, shipped_policy
+from tests.controller.helpers import posture, shipped_policy
 
 
 def test_compliant_posture() -> None:

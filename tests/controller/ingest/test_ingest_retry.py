@@ -15,9 +15,8 @@ from cleanroom_controller import Store
 from cleanroom_controller.audit.sealer import SealPolicy
 from cleanroom_controller.ingest.pipeline import Outcome
 from cleanroom_protocol import Event, Kind
-
-from .helpers import Sender
-from .test_audit_sealer import EVENTS, HOUR, commits_failing, make
+from tests.controller.audit.test_audit_sealer import EVENTS, HOUR, commits_failing, make
+from tests.controller.helpers import Sender
 
 
 def test_a_failed_commit_retried_counts_its_messages_once(tmp_path: Path) -> None:

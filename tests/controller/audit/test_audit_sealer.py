@@ -22,8 +22,7 @@ from cleanroom_controller.audit.verify import verify_store
 from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
 from cleanroom_protocol import Ack, AckResult, Channel, Event, Kind, Status, agent_topic
 from tests.conftest import StoreOpener
-
-from .helpers import Sender, covered, enrol, posture, shipped_policy
+from tests.controller.helpers import Sender, covered, enrol, posture, shipped_policy
 
 EVENTS = agent_topic("a1", Channel.EVENTS)
 HOUR = 3600.0

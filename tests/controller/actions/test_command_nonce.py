@@ -14,10 +14,9 @@ import aiomqtt
 from cleanroom_controller import CommandRecord, CommandState, Store
 from cleanroom_controller.actions.drivers.agent import command_lifetime
 from cleanroom_protocol import Channel, Kind, agent_topic
+from tests.controller.harness import agent_client, publish, running_controller, until
+from tests.controller.helpers import Sender, posture, session
 from tests.support.mosquitto import Mosquitto
-
-from .harness import agent_client, publish, running_controller, until
-from .helpers import Sender, posture, session
 
 
 async def next_body(client: aiomqtt.Client, timeout: float = 10) -> dict[str, object]:
