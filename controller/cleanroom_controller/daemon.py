@@ -28,7 +28,7 @@ from .actions.runner import ActionRunner
 from .audit.checkpoints import CHECKPOINTS_NAME, Checkpointer, CheckpointFile
 from .audit.recorder import Recorder
 from .broker import EmbeddedBroker
-from .decisions.decide import EndSession
+from .decisions.decide import SILENCE_HEARTBEATS, EndSession
 from .desktops.keeper import DesktopsKeeper
 from .desktops.runner import DesktopRunner
 from .ingest.inbox import Entry
@@ -38,7 +38,7 @@ from .ingest.watermarks import WATERMARK_EVERY_S
 from .models import CommandState
 from .policy_keeper import PolicyKeeper
 from .settings import ControllerSettings
-from .store import Store
+from .store import DatabaseUnavailable, Store
 from .tracker import Tracker
 from .trust import CrlKeeper, Pki, PkiError, PkiFiles, parse_listen
 from .trust.crlkeeper import CHECK_EVERY_S as CRL_CHECK_EVERY_S
@@ -103,6 +103,26 @@ class Stop(Exception):
     """Raised inside the task group to end it on a signal."""
 
 
+def _log_failure(event: str, exc: Exception) -> None:
+    """A periodic task's step failed; it is tried again at the next tick. An unreachable database is said
+    in one line (it repeats each tick of an outage); anything else with its traceback."""
+    if isinstance(exc, DatabaseUnavailable):
+        log.warning(event, error=str(exc), database_unavailable=True)
+    else:
+        log.error(event, exc_info=exc)
+
+
+async def _contained(coro: Coroutine[Any, Any, None], name: str) -> None:
+    """A task spawned into the task group (a command's delivery, a desktop's steps, an action) that fails
+    must not end the group, and with it the controller: it is logged, and what it was doing is picked up
+    again from the store (pending commands and desktops with a step to do are resumed every second)."""
+    try:
+        await coro
+    except Exception as exc:
+        _log_failure("task_failed", exc)
+        log.warning("task_failed_resumed_later", task=name)
+
+
 class Controller:
     def __init__(self, settings: ControllerSettings) -> None:
         self.settings = settings
@@ -125,6 +145,7 @@ class Controller:
         self._revoked: set[str] = set(self.store.revoked_agents())
         self._tg: asyncio.TaskGroup | None = None
         self._deferred: list[EndSession] = []
+        self._actions_retry: list[EndSession] = []  # decided and committed, not yet submitted (store failed)
         self.link = BrokerLink(
             self.address,
             client_id=settings.mqtt_client_id,
@@ -183,6 +204,12 @@ class Controller:
         self._in_hand = 0  # messages taken from the inbox and not yet committed and acknowledged
         self._batch_done = asyncio.Event()  # set after each batch is committed and acknowledged
         self.commit_failures = 0
+        # While ingest cannot commit (database unreachable, disk full) endpoints' reports wait unapplied, so
+        # their last_seen says nothing: silence is not judged then, nor for one silence period after.
+        self._commit_failing = False
+        self._silence_hold_until = 0.0
+        # A policy or desktops file change whose store write failed: reloaded again by the ticker.
+        self._reload_due: set[str] = set()
 
     def _recovered(self, agent: str) -> None:
         self.driver.cancel_pending(agent, "the endpoint is compliant again")
@@ -191,7 +218,7 @@ class Controller:
         if self._tg is None:
             coro.close()
             return
-        self._tg.create_task(coro, name=name)
+        self._tg.create_task(_contained(coro, name), name=name)
 
     async def _on_message(self, topic: str, payload: bytes, retained: bool, receipt: Receipt) -> None:
         # Bounded: when the inbox is full the link stops reading (aiomqtt's queue takes the rest up to its
@@ -221,6 +248,7 @@ class Controller:
             except Exception as exc:  # the transaction could not commit: nothing of it is stored
                 self._deferred.clear()
                 self.commit_failures += 1
+                self._commit_failing = True
                 attempt += 1
                 delay = min(COMMIT_RETRY_MAX_S, COMMIT_RETRY_S * 2 ** (attempt - 1))
                 log.error(
@@ -231,6 +259,11 @@ class Controller:
                     retry_in=delay,
                 )
                 await asyncio.sleep(delay)
+        if self._commit_failing:
+            self._commit_failing = False
+            hold = SILENCE_HEARTBEATS * self.policy.policy.report.heartbeat_s
+            self._silence_hold_until = time.time() + hold
+            log.warning("ingest_resumed", failed_commits=attempt, silence_held_s=hold)
         for _, settle in batch:
             settle()
         self._submit_deferred()
@@ -288,10 +321,15 @@ class Controller:
 
     def _submit_deferred(self) -> None:
         """Actions decided in a batch start only once it is committed (their decision is durable)."""
-        actions = list(self._deferred)
+        actions = self._actions_retry + self._deferred
+        self._actions_retry = []
         self._deferred.clear()  # in place: the tracker holds this list's append
         for action in actions:
-            self.actions.submit(action)
+            try:
+                self.actions.submit(action)
+            except Exception as exc:  # its desktop side could not be stored: submitted again next tick
+                self._actions_retry.append(action)
+                _log_failure("action_not_submitted", exc)
 
     async def _publish_policy(self) -> None:
         try:
@@ -300,11 +338,14 @@ class Controller:
         except Exception:  # runs outside the task group (on connect): log, the next connect retries
             log.exception("policy_publish_failed")
             return
-        self.recorder.record(
-            "policy.published",
-            self.policy.policy.id,
-            {"version": self.policy.policy.version, "hash": self.policy.hash},
-        )
+        try:
+            self.recorder.record(
+                "policy.published",
+                self.policy.policy.id,
+                {"version": self.policy.policy.version, "hash": self.policy.hash},
+            )
+        except Exception as exc:  # published; only its audit entry is missing
+            _log_failure("policy_published_not_audited", exc)
         log.info("policy_published", policy=f"{self.policy.policy.id}@{self.policy.policy.version}")
 
     async def _silence_ticker(self) -> None:
@@ -313,16 +354,18 @@ class Controller:
             await asyncio.sleep(self.settings.silence_check_s)
             now = time.time()
             try:
-                self.tracker.tick(now)
+                self._reload_files()
+                if not self._commit_failing and now >= self._silence_hold_until:
+                    self.tracker.tick(now)
                 self.ingest.tick(now)  # reject windows due, counts of dropped messages, orphaned windows
                 self.checkpointer.maybe(self.store.audit_head(), now)
                 self._submit_deferred()
                 if now - last_prune > PRUNE_EVERY_S:
                     last_prune = now
                     self.store.prune_messages(now - DEDUP_WINDOW_S)
-            except Exception:
+            except Exception as exc:
                 self._deferred.clear()
-                log.exception("silence_check_failed")
+                _log_failure("silence_check_failed", exc)
 
     async def _keep_crl(self, keeper: CrlKeeper) -> None:
         """Re-issue the CRL before it expires and hand it to a broker on this host (``broker_dir``)."""
@@ -339,8 +382,11 @@ class Controller:
                         "revoked": update.revoked,
                         "broker_pid": update.broker_pid,
                     }
-                    self.recorder.record("trust.crl_published", "crl", data)
                     log.info("crl_published", **data)
+                    try:
+                        self.recorder.record("trust.crl_published", "crl", data)
+                    except Exception as exc:  # the CRL is out; only its audit entry is missing
+                        _log_failure("crl_published_not_audited", exc)
             await asyncio.sleep(CRL_CHECK_EVERY_S)
 
     async def _watch_revocations(self) -> None:
@@ -357,9 +403,9 @@ class Controller:
                     self._submit_deferred()
                     log.warning("agent_revoked", agent=agent)
                 self._revoked = set(revoked)
-            except Exception:
+            except Exception as exc:  # the next check tries again (what is not in _revoked yet)
                 self._deferred.clear()
-                log.exception("revocation_check_failed")
+                _log_failure("revocation_check_failed", exc)
 
     async def _drive_desktops(self) -> None:
         """Every second: desktops with a step to do (a restart's resume, an operator's `desktops wipe`) are
@@ -372,11 +418,26 @@ class Controller:
                 for command in self.store.commands(CommandState.PENDING):
                     if not self.driver.delivering(command.id):
                         self._spawn(self._resume(command.id), f"command:{command.id}")
-            except Exception:
-                log.exception("desktops_poll_failed")
+            except Exception as exc:
+                _log_failure("desktops_poll_failed", exc)
 
     async def _desktops_changed(self) -> None:
-        self.desktops.sync()
+        try:
+            self.desktops.sync()
+        except Exception as exc:
+            self._reload_due.add("desktops")
+            _log_failure("desktops_sync_failed", exc)
+
+    def _reload_files(self) -> None:
+        """A policy or desktops file change that could not be stored when it was seen, tried again."""
+        if "policy" in self._reload_due:
+            if self.policy.reload() and self.link.connected and self._tg is not None:
+                self._tg.create_task(self._publish_policy(), name="policy_publish")
+            self._reload_due.discard("policy")
+        if "desktops" in self._reload_due:
+            self.desktops_keeper.reload()
+            self.desktops.sync()
+            self._reload_due.discard("desktops")
 
     async def _resume_commands(self) -> None:
         for command in self.store.commands(CommandState.PENDING):
@@ -396,7 +457,16 @@ class Controller:
                 await self._publish_policy()
             # otherwise the next connect publishes it
 
-        await self.policy.watch(changed)
+        await self.policy.watch(changed, on_failed=lambda exc: self._reload_failed("policy", exc))
+
+    async def _watch_desktops(self) -> None:
+        await self.desktops_keeper.watch(
+            self._desktops_changed, on_failed=lambda exc: self._reload_failed("desktops", exc)
+        )
+
+    def _reload_failed(self, what: str, exc: Exception) -> None:
+        self._reload_due.add(what)
+        _log_failure(f"{what}_reload_failed", exc)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or SIGTERM/SIGINT when not given)."""
@@ -432,7 +502,7 @@ class Controller:
                         tg.create_task(self.enrolment.serve(), name="enrolment")
                     tg.create_task(self._watch_revocations(), name="revocations")
                     tg.create_task(self._drive_desktops(), name="desktops")
-                    tg.create_task(self.desktops_keeper.watch(self._desktops_changed), name="desktops_watch")
+                    tg.create_task(self._watch_desktops(), name="desktops_watch")
                     tg.create_task(self._stop_on(stop), name="stop")
             except* Stop:
                 pass
@@ -442,13 +512,13 @@ class Controller:
                 await embedded.shutdown()
             try:
                 self.ingest.close()  # the open reject windows go into the audit trail now
-            except Exception:
-                log.exception("reject_windows_not_written")
-            self.recorder.record("controller.stopped", self.settings.id, {})
+            except Exception as exc:
+                _log_failure("reject_windows_not_written", exc)
             try:
+                self.recorder.record("controller.stopped", self.settings.id, {})
                 self.checkpointer.maybe(self.store.audit_head(), time.time(), force=True)
-            except OSError:
-                log.exception("checkpoint_not_written")
+            except (OSError, DatabaseUnavailable) as exc:
+                _log_failure("checkpoint_not_written", exc)
             self.store.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

@@ -108,16 +108,27 @@ class PolicyKeeper:
         return self._payload
 
     async def watch(
-        self, on_change: Callable[[], Awaitable[None]], started: asyncio.Event | None = None
+        self,
+        on_change: Callable[[], Awaitable[None]],
+        started: asyncio.Event | None = None,
+        on_failed: Callable[[Exception], None] | None = None,
     ) -> None:
         """Reload on every change of the file (editors replace it: the directory is watched).
-        ``started`` is set once the watch is in place."""
+        ``started`` is set once the watch is in place; ``on_failed`` hears of a reload that could not be
+        stored (the policy in force stays; the caller reloads again later)."""
         if self.path is None:
             await asyncio.Event().wait()
             return
 
         async def changed() -> None:
-            if self.reload():
+            try:
+                reloaded = self.reload()
+            except Exception as exc:  # the store could not take it (database unreachable): kept as it was
+                if on_failed is None:
+                    raise
+                on_failed(exc)
+                return
+            if reloaded:
                 await on_change()
 
         await watch_file(self.path, changed, what="policy", started=started)
@@ -138,12 +149,15 @@ class PolicyKeeper:
             return None
 
     def _enforce(self, policy: Policy, *, source: str) -> None:
+        # Stored and audited together, then in force here: a database that fails meanwhile (DatabaseUnavailable)
+        # leaves the policy in force unchanged, and a reload later tries again.
+        with self._store.transaction():
+            self._store.set_meta(_META_KEY, json.dumps(policy.model_dump(mode="json")))
+            self._recorder.record(
+                "policy.loaded",
+                policy.id,
+                {"id": policy.id, "version": policy.version, "hash": policy_hash(policy), "source": source},
+            )
         self._policy = policy
         self._payload = None
-        self._store.set_meta(_META_KEY, json.dumps(policy.model_dump(mode="json")))
-        self._recorder.record(
-            "policy.loaded",
-            policy.id,
-            {"id": policy.id, "version": policy.version, "hash": policy_hash(policy), "source": source},
-        )
         log.info("policy_in_force", policy=self._ref(), source=source)

@@ -91,6 +91,9 @@ class Postgres:
             shutil.chown(self.workdir, "postgres", "postgres")
         self._run(str(bindir / "initdb"), "-D", str(self.data_dir), "-A", "trust", "-U", PG_USER, "-E", "UTF8",
                   "--no-sync")  # fmt: skip
+        self._start_server()
+
+    def _start_server(self) -> None:
         options = [
             f"-k {self.workdir}",
             "-c listen_addresses=127.0.0.1",
@@ -100,9 +103,21 @@ class Postgres:
         ]
         if not self.durable:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
-        self._run(str(bindir / "pg_ctl"), "-D", str(self.data_dir), "-o", " ".join(options),
+        self._run(str(postgres_bin() / "pg_ctl"), "-D", str(self.data_dir), "-o", " ".join(options),
                   "-l", str(self.log_path), "-w", "-t", "60", "start")  # fmt: skip
         self._running = True
+
+    def stop_server(self) -> None:
+        """Stop the server as an operator's restart does (``pg_ctl stop -m fast``: every session is ended,
+        FATAL 57P01), keeping its data; :meth:`start_server` brings it back on the same port."""
+        self._run(
+            str(postgres_bin() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "20", "stop"
+        )
+        self._running = False
+
+    def start_server(self) -> None:
+        """Start the server stopped by :meth:`stop_server` again, same data, same port."""
+        self._start_server()
 
     def create_database(self, name: str) -> str:
         """A fresh, empty database; its URL."""

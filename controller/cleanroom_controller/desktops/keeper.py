@@ -59,32 +59,46 @@ class DesktopsKeeper:
         return True
 
     async def watch(
-        self, on_change: Callable[[], Awaitable[None]], started: asyncio.Event | None = None
+        self,
+        on_change: Callable[[], Awaitable[None]],
+        started: asyncio.Event | None = None,
+        on_failed: Callable[[Exception], None] | None = None,
     ) -> None:
         """Reload on every change of the file; ``on_change`` when other desktops are then in force.
-        ``started`` is set once the watch is in place."""
+        ``started`` is set once the watch is in place; ``on_failed`` hears of a reload that could not be
+        audited (the desktops in force stay; the caller reloads again later)."""
         if self.path is None:
             await asyncio.Event().wait()
             return
 
         async def changed() -> None:
-            if self.reload():
+            try:
+                reloaded = self.reload()
+            except Exception as exc:  # the store could not take it (database unreachable): kept as it was
+                if on_failed is None:
+                    raise
+                on_failed(exc)
+                return
+            if reloaded:
                 await on_change()
 
         await watch_file(self.path, changed, what="desktops", started=started)
 
     def _enforce(self, desktops: Desktops) -> None:
-        self._desktops = desktops
-        self._digest = _digest(desktops)
+        digest = _digest(desktops)
+        # Audited, then in force: a database that fails meanwhile leaves the desktops in force unchanged, and
+        # a reload later tries again.
         self._recorder.record(
             "desktops.loaded",
             desktops.source or "desktops",
             {
                 "pools": [p.id for p in desktops.file.pool],
                 "desktops": len(desktops),
-                "hash": self._digest,
+                "hash": digest,
             },
         )
+        self._desktops = desktops
+        self._digest = digest
         log.info("desktops_in_force", pools=len(desktops.file.pool), desktops=len(desktops))
 
 

@@ -186,7 +186,10 @@ class DesktopRunner:
         finally:
             self._driving.discard(desktop_id)
             if claimed:
-                self._store.release_desktop_claim(desktop_id, self.owner)
+                try:
+                    self._store.release_desktop_claim(desktop_id, self.owner)
+                except Exception as exc:  # database unreachable: the lease lapses by itself
+                    log.warning("desktop_claim_not_released", desktop=desktop_id, error=str(exc))
 
     def _claim(self, desktop_id: str) -> bool:
         return self._store.claim_desktop(desktop_id, self.owner, now=self._clock(), lease_s=self._lease_s)

@@ -51,7 +51,7 @@ from cleanroom_protocol import (
 
 from ..audit.recorder import Recorder
 from ..audit.sealer import Sealer, SealPolicy
-from ..store import Store
+from ..store import DatabaseUnavailable, Store
 from ..tracker import Tracker
 from .budgets import Budgets, Limits
 from .inbox import CAPACITY, FairInbox
@@ -214,7 +214,12 @@ class Ingest:
         parsed = parse_agent_topic(topic)
         if parsed is None or parsed[1] not in KIND_OF_CHANNEL:
             return UNKNOWN_TOPIC
-        return parsed[0] if self._keys.is_enrolled(parsed[0]) else UNENROLLED
+        try:
+            return parsed[0] if self._keys.is_enrolled(parsed[0]) else UNENROLLED
+        except DatabaseUnavailable:
+            # Only the queue it waits in (fairness), nothing judged: an agent whose key is not cached yet
+            # waits with the unenrolled until the database is back and verification decides.
+            return UNENROLLED
 
     def inbox(self, capacity: int = CAPACITY) -> FairInbox:
         """The queue between the broker link and :meth:`handle_batch`, fed by this ingest's budgets."""
@@ -365,6 +370,8 @@ class Ingest:
             )
         except RecursionError:  # json.loads on a deeply nested document
             return Verdict(VerdictStatus.MALFORMED, "not JSON: nested too deeply")
+        except DatabaseUnavailable:
+            raise  # the key could not be read: the batch waits (unacknowledged), nothing is judged
         except Exception:  # a bug must not lose the batch; the apply step records it per message
             log.exception("verify_error", topic=topic[:200])
             self.internal_errors += 1
@@ -378,6 +385,8 @@ class Ingest:
             # Verdict, state, decision and audit of one message land together or not at all.
             with self._store.savepoint():
                 return self._handle(topic, payload, retained, signed)
+        except DatabaseUnavailable:
+            raise  # not this message's fault: the whole batch is retried once the database is back
         except Exception:  # a bug on one message must not stop ingest; it is logged and audited
             log.exception("ingest_error", topic=topic[:200])
             self.internal_errors += 1

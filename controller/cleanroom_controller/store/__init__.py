@@ -9,7 +9,7 @@ the write lock of a transaction and the dialect's DDL. ``open_backend`` imports 
 
 from __future__ import annotations
 
-from .backend import Backend, Cursor, Row, open_backend
+from .backend import Backend, Cursor, DatabaseUnavailable, Row, open_backend
 from .store import AgentExistsError, Store
 from .url import DB_NAME, DatabaseUrl, DatabaseUrlError, parse_database_url, redact_url
 
@@ -18,6 +18,7 @@ __all__ = [
     "AgentExistsError",
     "Backend",
     "Cursor",
+    "DatabaseUnavailable",
     "DatabaseUrl",
     "DatabaseUrlError",
     "Row",

@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from .url import DatabaseUrl
 
 
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached now: the connection was lost (a server restart, a network cut) or
+    connecting again failed. Nothing the transaction in hand wrote is committed (a connection lost *during*
+    ``COMMIT`` leaves its outcome unknown: retrying it is safe, since ingest recognises what was stored by
+    (agent, seq, digest)). Callers treat it like any failed commit: undo what they counted in memory, keep
+    what they hold (unacknowledged), and try again later; the backend reconnects by itself, with jittered
+    backoff, at the next statement after the wait."""
+
+
 class Row(Protocol):
     """One result row: by position and by column name (``sqlite3.Row`` is one)."""
 
@@ -38,9 +47,12 @@ class Backend(Protocol):
     location: str
     # A column list that orders rows as inserted (ties of ``received`` within a batch).
     insertion_order: str
+    # How many times the connection was lost and made again (always 0 on SQLite: a file is not lost).
+    reconnects: int
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        """Run one statement; outside a transaction it commits by itself."""
+        """Run one statement; outside a transaction it commits by itself. Raises :class:`DatabaseUnavailable`
+        when the connection is lost (or cannot be made again yet)."""
         ...
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:

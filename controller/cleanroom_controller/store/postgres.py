@@ -7,20 +7,40 @@ tip is read after the lock is granted (READ COMMITTED: every commit before it is
 are appended before the lock is released at ``COMMIT``. It also keeps each agent's seq / de-duplication
 read-check-write consistent when a share group hands one agent's messages to two controllers. Verification
 (the costly part of ingest) happens before the transaction, in parallel across the controllers.
+
+A lost connection (the server restarted, the network cut it) is detected by psycopg marking the connection
+closed after an error, and raised as :class:`~.backend.DatabaseUnavailable`. A transaction that was open then
+is gone: every later statement of it raises the same until it is ended (commit or rollback), so a caller that
+joined it (``Store.transaction`` nests) never runs the rest of its statements, unlocked and in autocommit, on
+a new connection. Outside a transaction the next statement connects again, at most once per jittered backoff
+(``cleanroom_protocol.backoff_delay``, capped at :data:`RECONNECT_MAX_ATTEMPT`: a few seconds at most).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import psycopg
+import structlog
 from psycopg.pq import TransactionStatus
 from psycopg.rows import RowMaker, tuple_row
 
+from cleanroom_protocol.transport import backoff_delay
+
+from .backend import DatabaseUnavailable
 from .url import redact_url
+
+log = structlog.get_logger("cleanroom.controller.store")
+
+# Reconnect attempts wait backoff_delay(min(attempt, this)): uniform(0, 1.5 ** 4 ≈ 5 s) at most, so ingest
+# resumes within a few seconds of the server's return (a connect attempt is one TCP handshake: cheap).
+RECONNECT_MAX_ATTEMPT = 4
+CONNECT_TIMEOUT_S = 10
 
 # pg_advisory_xact_lock key of the store's one writer lock ("cleanroo" in ASCII; fits a signed bigint).
 WRITE_LOCK = 0x636C65616E726F6F
@@ -104,61 +124,165 @@ class PostgresBackend:
     dialect: Literal["sqlite", "postgresql"] = "postgresql"
     insertion_order = "ctid"  # events are never updated or deleted: physical order is insertion order
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        backoff: Callable[[int], float] = backoff_delay,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.location = redact_url(dsn)
+        self._dsn = dsn
+        self._backoff = backoff
+        self._clock = clock
+        self.reconnects = 0
+        self._attempt = 0  # failed reconnects in a row
+        self._next_attempt = 0.0  # clock() before which no reconnect is tried
+        self._open = False  # a transaction was begun here and not yet ended
+        self._doomed = False  # it was lost with its connection: its statements fail until it is ended
+        self._closed = False  # close() was called: never connect again
+        self._db: psycopg.Connection[PgRow] = self._connect()  # at start a failure is the caller's (exit 2)
+
+    def _connect(self) -> psycopg.Connection[PgRow]:
         try:
-            self._db: psycopg.Connection[PgRow] = psycopg.connect(
-                dsn, autocommit=True, row_factory=_row_factory, connect_timeout=10
+            return psycopg.connect(
+                self._dsn, autocommit=True, row_factory=_row_factory, connect_timeout=CONNECT_TIMEOUT_S
             )
         except psycopg.Error as exc:
             # libpq's message names host and port, never the password.
             raise OSError(f"cannot connect to {self.location}: {str(exc).strip()}") from exc
 
+    def _live(self) -> psycopg.Connection[PgRow]:
+        """The connection, made again if it was lost and the backoff allows; else DatabaseUnavailable."""
+        if not self._db.closed:
+            return self._db
+        if self._closed:
+            raise DatabaseUnavailable(f"{self.location}: the store was closed")
+        if self._doomed:
+            raise DatabaseUnavailable(
+                f"{self.location}: the connection was lost inside a transaction: nothing of it is committed"
+            )
+        now = self._clock()
+        if now < self._next_attempt:
+            raise DatabaseUnavailable(
+                f"{self.location}: connection lost; next attempt in {self._next_attempt - now:.1f} s"
+            )
+        try:
+            db = self._connect()
+        except OSError as exc:
+            self._attempt += 1
+            delay = self._backoff(min(self._attempt, RECONNECT_MAX_ATTEMPT))
+            self._next_attempt = now + delay
+            log.warning(
+                "database_reconnect_failed", error=str(exc), attempt=self._attempt, retry_in=round(delay, 2)
+            )
+            raise DatabaseUnavailable(str(exc)) from exc
+        self._db = db
+        self._attempt = 0
+        self.reconnects += 1
+        log.warning("database_reconnected", database=self.location, reconnects=self.reconnects)
+        return db
+
+    @contextmanager
+    def _guard(self, db: psycopg.Connection[PgRow], *, ending: bool = False) -> Iterator[None]:
+        """psycopg errors that closed the connection → DatabaseUnavailable (any other error is the
+        statement's own: raised as it is). ``ending``: the statement ends the transaction (COMMIT)."""
+        try:
+            yield
+        except psycopg.Error as exc:
+            if not db.closed:
+                raise
+            self._next_attempt = 0.0  # the first reconnect is tried at once (a blip, a fast restart)
+            if self._open and not ending:
+                self._doomed = True
+            self._open = False if ending else self._open
+            log.warning("database_connection_lost", database=self.location, error=str(exc).strip()[:500])
+            what = "the outcome of COMMIT is unknown" if ending else "the statement did not complete"
+            raise DatabaseUnavailable(
+                f"{self.location}: connection lost ({what}): {str(exc).strip()}"
+            ) from exc
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[PgRow]:
-        return self._db.execute(to_pyformat(sql), [_param(p) for p in params])
+        db = self._live()
+        with self._guard(db):
+            return db.execute(to_pyformat(sql), [_param(p) for p in params])
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        with self._db.cursor() as cur:
+        db = self._live()
+        with self._guard(db), db.cursor() as cur:
             cur.executemany(to_pyformat(sql), [[_param(p) for p in row] for row in rows])
 
     def stream(self, sql: str, params: Sequence[Any] = (), chunk: int = 1000) -> Iterator[tuple[Any, ...]]:
-        with self._db.cursor(row_factory=tuple_row) as cur:
+        db = self._live()
+        with self._guard(db), db.cursor(row_factory=tuple_row) as cur:
             yield from cur.stream(to_pyformat(sql), [_param(p) for p in params], size=chunk)
 
     @property
     def in_transaction(self) -> bool:
-        return self._db.info.transaction_status != TransactionStatus.IDLE
+        # A transaction lost with its connection is still "in" until ended: nested users join it (and fail).
+        if self._doomed:
+            return True
+        return not self._db.closed and self._db.info.transaction_status != TransactionStatus.IDLE
+
+    def _begin(self, sql: str) -> psycopg.Connection[PgRow]:
+        db = self._live()
+        with self._guard(db):
+            db.execute(sql)
+        self._open = True
+        return db
 
     def begin_write(self) -> None:
-        self._db.execute("BEGIN")
+        db = self._begin("BEGIN")
         try:
-            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            with self._guard(db):
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self.rollback()
             raise
 
     def begin_read(self) -> None:
-        self._db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
     def commit(self) -> None:
-        self._db.execute("COMMIT")
+        if self._doomed:
+            self._doomed = False
+            raise DatabaseUnavailable(f"{self.location}: the transaction was lost with its connection")
+        db = self._live()
+        with self._guard(db, ending=True):
+            db.execute("COMMIT")
+        self._open = False
 
     def rollback(self) -> None:
-        if self.in_transaction:
-            self._db.execute("ROLLBACK")
+        """End the transaction; one lost with its connection is already rolled back by the server."""
+        self._open = False
+        if self._doomed:
+            self._doomed = False
+            return
+        if self._db.closed or not self.in_transaction:
+            return
+        try:
+            with self._guard(self._db, ending=True):
+                self._db.execute("ROLLBACK")
+        except DatabaseUnavailable:
+            pass  # lost now: the server rolls it back
 
     def create_schema(self, schema: str, extra: Mapping[str, str]) -> None:
         # Under the writer lock: controllers starting together would otherwise race on CREATE ... IF NOT EXISTS.
         self.begin_write()
         try:
-            self._db.execute(postgres_ddl(schema) + extra.get(self.dialect, ""))
+            db = self._live()
+            with self._guard(db):
+                db.execute(postgres_ddl(schema) + extra.get(self.dialect, ""))
             self.commit()
         except BaseException:
             self.rollback()
             raise
 
     def add_column(self, table: str, column: str, decl: str) -> None:
-        self._db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {postgres_ddl(decl)}")
+        db = self._live()
+        with self._guard(db):
+            db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {postgres_ddl(decl)}")
 
     def close(self) -> None:
+        self._closed = True
         self._db.close()

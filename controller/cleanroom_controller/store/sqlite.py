@@ -10,17 +10,24 @@ from typing import Any, Literal
 
 from cleanroom_protocol.datafiles import secure_database
 
+# How long a statement waits for another writer's lock before "database is locked" (then ingest keeps the
+# batch, unacknowledged, and tries again: daemon COMMIT_RETRY_S).
+BUSY_TIMEOUT_S = 30.0
+
 
 class SqliteBackend:
     dialect: Literal["sqlite", "postgresql"] = "sqlite"
     insertion_order = "rowid"
+    # A file is never "lost": a locked database or a full disk fails the statement, and the caller retries
+    # (ingest: the batch kept in hand, docs/data-path.md).
+    reconnects = 0
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.location = str(path)
         # Data dir 0700, the database and its -wal/-shm 0600, before SQLite opens (and creates) them.
         self.tightened = secure_database(path)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk when COMMIT returns. Ingest acknowledges a message to the broker only
