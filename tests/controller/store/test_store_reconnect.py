@@ -1,0 +1,93 @@
+"""The PostgreSQL store across a server restart: a lost connection is ``DatabaseUnavailable`` (not a psycopg
+error), the next statement connects again, a transaction lost with its connection is never continued on the
+new one, and reconnects wait their backoff.
+
+A private server of its own (tests/support/postgres.py), not the session's: it is stopped and started
+(``pg_ctl stop -m fast``, as an operator's restart) under the store. The backoff's clock is the only thing
+simulated (a fake monotonic clock, so the test need not wait out a real backoff)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cleanroom_controller.store import DatabaseUnavailable, Store
+from cleanroom_controller.store.postgres import PostgresBackend
+from tests.support.postgres import Postgres
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Postgres]:
+    with Postgres() as pg:
+        yield pg
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_store(url: str, clock: Clock, backoff_s: float = 0.0) -> tuple[Store, PostgresBackend]:
+    backend = PostgresBackend(url, backoff=lambda attempt: backoff_s, clock=clock)
+    return Store(backend), backend
+
+
+def test_a_statement_after_a_server_restart_reconnects(server: Postgres) -> None:
+    store, backend = open_store(server.create_database("reconnect"), Clock())
+    store.set_meta("before", "1")
+    server.stop_server()
+    try:
+        with pytest.raises(DatabaseUnavailable, match="connection lost"):
+            store.get_meta("before")
+        with pytest.raises(DatabaseUnavailable):
+            store.get_meta("before")  # still down: refused again, no psycopg error escapes
+    finally:
+        server.start_server()
+    assert store.get_meta("before") == "1"
+    assert backend.reconnects == 1
+    store.close()
+
+
+def test_a_transaction_lost_with_its_connection_is_not_continued_on_a_new_one(server: Postgres) -> None:
+    """Without the rule, the rest of the transaction (a nested ``store.transaction()`` joins it) would run
+    on the new connection in autocommit, without the writer lock, half of it committed."""
+    store, _ = open_store(server.create_database("lost_tx"), Clock())
+    with pytest.raises(DatabaseUnavailable), store.transaction():
+        store.set_meta("first", "1")
+        server.stop_server()
+        server.start_server()
+        with pytest.raises(DatabaseUnavailable):
+            store.set_meta("second", "2")  # the server is back, the transaction is not
+        with store.transaction():  # joins the lost one
+            with pytest.raises(DatabaseUnavailable):
+                store.set_meta("third", "3")
+    # Ended (rolled back): the next transaction runs on a new connection, and nothing of the lost one is there.
+    with store.transaction():
+        store.set_meta("after", "4")
+    assert [store.get_meta(k) for k in ("first", "second", "third", "after")] == [None, None, None, "4"]
+    store.close()
+
+
+def test_reconnects_wait_their_backoff(server: Postgres) -> None:
+    clock = Clock()
+    store, backend = open_store(server.create_database("backoff"), clock, backoff_s=3.0)
+    server.stop_server()
+    try:
+        with pytest.raises(DatabaseUnavailable, match="connection lost"):
+            store.get_meta("x")  # the loss; the first reconnect is tried at the next statement
+        with pytest.raises(DatabaseUnavailable, match="cannot connect"):
+            store.get_meta("x")  # tried, failed: the next one waits 3 s
+    finally:
+        server.start_server()
+    clock.now += 2.9
+    with pytest.raises(DatabaseUnavailable, match="next attempt in 0.1 s"):
+        store.get_meta("x")  # the server is back, but the backoff is not over: not even tried
+    assert backend.reconnects == 0
+    clock.now += 0.2
+    assert store.get_meta("x") is None
+    assert backend.reconnects == 1
+    store.close()
