@@ -303,10 +303,10 @@ class Controller:
         try:
             with self.store.transaction():  # their seqs in one transaction: one sync to disk per round
                 sealed = [(mark, self.signer.seal(Kind.WATERMARK, mark)[1]) for mark in marks]
-        except Exception:
+        except Exception as exc:
             for mark in marks:
                 self.ingest.watermarks.give_back(mark)
-            log.exception("watermarks_not_signed")
+            _log_failure("watermarks_not_signed", exc)
             return
         for i in range(0, len(sealed), WATERMARK_PUBLISH_CHUNK):
             chunk = sealed[i : i + WATERMARK_PUBLISH_CHUNK]
