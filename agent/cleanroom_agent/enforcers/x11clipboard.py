@@ -199,8 +199,14 @@ class SelectionGuard(_XThread):
         self._cut_pending: dict[int, _Pending] = {}
         self._counter = StormCounter(rules.storm_changes_per_s, PASTES_PER_CHANGE)
         self._recorder: SelectionRecorder | None = None
-        self._ctl: Any = None  # used by the guard and the RECORD thread, under _ctl_lock
+        self._ctl: Any = None  # used by the guard and the containment thread, under _ctl_lock
         self._ctl_lock = threading.Lock()
+        # The RECORD thread never waits for an X reply itself: while it waits, nobody reads the recorded
+        # stream, and an X server whose RECORD output to it is full stops answering everyone (seen under a
+        # storm: every connection, a new one included, waiting on the server). It wakes this thread instead.
+        self._contain_wanted = threading.Event()
+        self._container: threading.Thread | None = None
+        self._container_stop = False
         self._storming = False  # degraded by a storm until calm
         self._atom_names: dict[int, str] = {}
 
@@ -296,6 +302,7 @@ class SelectionGuard(_XThread):
             _core_errors(ctl).set_error_handler(_ignore_x_error)
             with self._ctl_lock:
                 self._ctl = ctl
+            self._start_container()
             self._own_clients = frozenset(
                 int(conn.display.info.resource_id_base) for conn in (act, watch, ctl)
             )
@@ -316,10 +323,29 @@ class SelectionGuard(_XThread):
             self._close_streams()
             raise
 
+    def _start_container(self) -> None:
+        self._container_stop = False
+        self._contain_wanted.clear()
+        self._container = threading.Thread(target=self._contain_loop, name="clipboard-contain", daemon=True)
+        self._container.start()
+
+    def _contain_loop(self) -> None:
+        while True:
+            self._contain_wanted.wait()
+            self._contain_wanted.clear()
+            if self._container_stop:
+                return
+            self._contain()
+
     def _close_streams(self) -> None:
         recorder, self._recorder = self._recorder, None
         if recorder is not None:
             recorder.stop()
+        container, self._container = self._container, None
+        if container is not None:
+            self._container_stop = True
+            self._contain_wanted.set()
+            container.join(timeout=5)
         with self._ctl_lock:
             ctl, self._ctl = self._ctl, None
         if ctl is not None:
@@ -487,7 +513,7 @@ class SelectionGuard(_XThread):
         else:
             found = self._counter.paste(client, window, name, now)
         if found:
-            self._contain()  # here and now: the guard thread may be busy reading a flood
+            self._contain_wanted.set()  # at once, on its own thread: the guard may be busy reading a flood
             self._nudge()
 
     def _client_of(self, xid: int) -> int:
@@ -532,7 +558,8 @@ class SelectionGuard(_XThread):
     # --- storms -----------------------------------------------------------------------------------
     def _contain(self) -> None:
         """Disconnect (or report) the storms found so far. Called by the guard thread every round and by
-        the RECORD thread the moment it finds one; the work is done on the clean ``ctl`` connection."""
+        the containment thread the moment the RECORD thread finds one; the work is done on the clean ``ctl``
+        connection."""
         found = self._counter.take_found()
         if not found:
             return

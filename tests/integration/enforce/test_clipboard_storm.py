@@ -103,6 +103,11 @@ class Setup:
     def storms(self) -> list[Event]:
         return [e for e in self.events if e.kind == "clipboard.storm"]
 
+    async def storm_events(self) -> list[Event]:
+        """The storm events, once the first has come through (the containment thread reports it)."""
+        await wait_until(lambda: self.storms(), "a clipboard.storm event")
+        return self.storms()
+
 
 @pytest.fixture
 async def setup(storm_display: tuple[str, bool]) -> AsyncIterator[Setup]:
@@ -130,7 +135,10 @@ async def test_a_storming_client_is_disconnected_and_the_guard_recovers(setup: S
     await setup.enforcer.start(policy(mode="block"), Mode.ENFORCE)
     assert setup.enforcer.status().state is EnforcerState.ACTIVE
     result = await storm(setup)
-    assert 0 <= result.disconnected_after_s <= DISCONNECT_BOUND_S, result
+    assert 0 <= result.disconnected_after_s <= DISCONNECT_BOUND_S, (
+        result,
+        [e.details for e in setup.storms()],
+    )
     assert result.through <= MAX_PASTES_THROUGH, result
     assert result.peak_rss_growth < RSS_GROWTH_BOUND, result
     guard = setup.enforcer.guard
@@ -155,7 +163,7 @@ async def test_a_storming_client_is_disconnected_and_the_guard_recovers(setup: S
     )
     # The policy requires the clipboard enforcer: the posture is a violation (the session then ends).
     assert "enforcer_not_active:clipboard:degraded" in violations(posture(status), policy(mode="block"))
-    [event] = setup.storms()
+    [event] = await setup.storm_events()
     assert event.details["action"] == "disconnected"
     assert event.details["what"] == "owner_changes"
     assert event.details["selections"] == "CLIPBOARD"
@@ -180,7 +188,7 @@ async def test_a_storm_naming_the_root_window_is_pinned_on_its_client(setup: Set
     and the enforcer stays degraded (fail closed)."""
     await setup.enforcer.start(policy(mode="block"), Mode.ENFORCE)
     result = await storm(setup, "root", seconds=1.0)
-    event = setup.storms()[0]
+    event = (await setup.storm_events())[0]
     # Degraded was reported; with RECORD the client is gone and the enforcer may be calm (active) again by
     # now (storm_calm_s is 1 s here), so the status history is what is checked, not the status of now.
     degraded = [
@@ -209,13 +217,13 @@ async def test_a_paste_flood_on_the_guard_is_disconnected(setup: Setup) -> None:
     result = await storm(setup, "paste", seconds=1.5)
     assert 0 <= result.disconnected_after_s <= DISCONNECT_BOUND_S, result
     assert result.peak_rss_growth < RSS_GROWTH_BOUND, result
-    assert setup.storms()[0].details["what"] == "pastes"
+    assert (await setup.storm_events())[0].details["what"] == "pastes"
 
 
 async def test_audit_mode_reports_a_storm_without_disconnecting(setup: Setup) -> None:
     await setup.enforcer.start(policy(mode="block"), Mode.AUDIT)
     result = await storm(setup, seconds=1.0)
     assert result.disconnected_after_s == -1
-    assert setup.storms()[0].details["action"] == "reported"
+    assert (await setup.storm_events())[0].details["action"] == "reported"
     assert setup.enforcer.status().state is EnforcerState.ACTIVE
     assert result.peak_rss_growth < RSS_GROWTH_BOUND, result
