@@ -73,6 +73,37 @@ async def watch_file(
         await asyncio.to_thread(observer.join, 5)
 
 
+async def watch_reloads(
+    path: Path | None,
+    reload: Callable[[], bool],
+    on_change: Callable[[], Awaitable[None]],
+    *,
+    what: str,
+    started: asyncio.Event | None = None,
+    on_failed: Callable[[Exception], None] | None = None,
+) -> None:
+    """A keeper's watch: ``reload()`` after each change of ``path`` (``None``: no file, wait forever) and
+    ``on_change()`` when it put something new in force. A reload that raises (the store could not take it,
+    e.g. the database is unreachable) keeps what is in force and goes to ``on_failed``, which lets the caller
+    reload again later; without ``on_failed`` it propagates."""
+    if path is None:
+        await asyncio.Event().wait()
+        return
+
+    async def changed() -> None:
+        try:
+            reloaded = reload()
+        except Exception as exc:
+            if on_failed is None:
+                raise
+            on_failed(exc)
+            return
+        if reloaded:
+            await on_change()
+
+    await watch_file(path, changed, what=what, started=started)
+
+
 async def _poll(path: Path, on_change: Callable[[], Awaitable[None]], poll_s: float) -> None:
     last = stamp(path)
     while True:

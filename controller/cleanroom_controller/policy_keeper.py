@@ -26,7 +26,7 @@ from cleanroom_protocol import (
 )
 
 from .audit.recorder import Recorder
-from .filewatch import watch_file
+from .filewatch import watch_reloads
 from .store import Store
 from .trust.signer import Signer
 
@@ -116,22 +116,9 @@ class PolicyKeeper:
         """Reload on every change of the file (editors replace it: the directory is watched).
         ``started`` is set once the watch is in place; ``on_failed`` hears of a reload that could not be
         stored (the policy in force stays; the caller reloads again later)."""
-        if self.path is None:
-            await asyncio.Event().wait()
-            return
-
-        async def changed() -> None:
-            try:
-                reloaded = self.reload()
-            except Exception as exc:  # the store could not take it (database unreachable): kept as it was
-                if on_failed is None:
-                    raise
-                on_failed(exc)
-                return
-            if reloaded:
-                await on_change()
-
-        await watch_file(self.path, changed, what="policy", started=started)
+        await watch_reloads(
+            self.path, self.reload, on_change, what="policy", started=started, on_failed=on_failed
+        )
 
     # -- internals -----------------------------------------------------------------------------------------
     def _ref(self) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import structlog
 
 from ..audit.recorder import Recorder
-from ..filewatch import watch_file
+from ..filewatch import watch_reloads
 from .config import Desktops, DesktopsError, load_desktops
 
 log = structlog.get_logger("cleanroom.controller.desktops")
@@ -67,22 +67,9 @@ class DesktopsKeeper:
         """Reload on every change of the file; ``on_change`` when other desktops are then in force.
         ``started`` is set once the watch is in place; ``on_failed`` hears of a reload that could not be
         audited (the desktops in force stay; the caller reloads again later)."""
-        if self.path is None:
-            await asyncio.Event().wait()
-            return
-
-        async def changed() -> None:
-            try:
-                reloaded = self.reload()
-            except Exception as exc:  # the store could not take it (database unreachable): kept as it was
-                if on_failed is None:
-                    raise
-                on_failed(exc)
-                return
-            if reloaded:
-                await on_change()
-
-        await watch_file(self.path, changed, what="desktops", started=started)
+        await watch_reloads(
+            self.path, self.reload, on_change, what="desktops", started=started, on_failed=on_failed
+        )
 
     def _enforce(self, desktops: Desktops) -> None:
         digest = _digest(desktops)
