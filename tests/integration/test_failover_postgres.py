@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from cleanroom_controller.store import Store
-from cleanroom_protocol import Channel, Kind, SessionInfo, load_policy
-from tests.support.fleet import Fleet, stored_events
+from cleanroom_protocol import Channel, Kind, load_policy
+from tests.support.fleet import Fleet, start_session, stored_events
 from tests.support.mosquitto import Mosquitto
-from tests.support.procs import Cleanroom, Controller, SimulatedAgent, cleanroom, publish
+from tests.support.procs import Cleanroom, Controller, SimulatedAgent, cleanroom
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -75,14 +75,8 @@ def test_a_controller_killed_mid_flood_loses_nothing_and_the_other_acts_in_time(
             timeout=30,
             what="both controllers started",
         )
-        session = SessionInfo(id="s-77", client=world.client_name, pid=7777, pids=[7777], started=time.time())
-        compliant = violator.posture_body(policy).model_copy(update={"sessions": [session]})
-        publish(mosquitto.port, [violator.online(), (violator.topic(Channel.POSTURE),
-                                 violator.seal(Kind.POSTURE, compliant), False)])  # fmt: skip
-        wait_for(
-            lambda: (s := store.session("violator", "s-77")) is not None and s.state.value == "running",
-            timeout=20,
-            what="the violator's session running",
+        session = start_session(
+            mosquitto.port, store, violator, policy, client=world.client_name, session_id="s-77", pid=7777
         )
         tap = world.tap("cleanroom/v1/agents/violator/commands")
 

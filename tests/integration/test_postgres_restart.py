@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from cleanroom_controller.store import Store
-from cleanroom_protocol import Channel, Kind, SessionInfo, load_policy
-from tests.support.fleet import Fleet, stored_events
+from cleanroom_protocol import Channel, Kind, load_policy
+from tests.support.fleet import Fleet, start_session, stored_events
 from tests.support.mosquitto import Mosquitto
 from tests.support.postgres import Postgres
-from tests.support.procs import Cleanroom, Controller, SimulatedAgent, cleanroom, publish
+from tests.support.procs import Cleanroom, Controller, SimulatedAgent, cleanroom
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -81,14 +81,8 @@ def test_the_controller_rides_out_a_postgres_restart(
             timeout=30,
             what="the controller started",
         )
-        session = SessionInfo(id="s-9", client=world.client_name, pid=9999, pids=[9999], started=time.time())
-        compliant = violator.posture_body(policy).model_copy(update={"sessions": [session]})
-        publish(mosquitto.port, [violator.online(), (violator.topic(Channel.POSTURE),
-                                 violator.seal(Kind.POSTURE, compliant), False)])  # fmt: skip
-        wait_for(
-            lambda: (s := store.session("violator", "s-9")) is not None and s.state.value == "running",
-            timeout=20,
-            what="the violator's session running",
+        session = start_session(
+            mosquitto.port, store, violator, policy, client=world.client_name, session_id="s-9", pid=9999
         )
         tap = world.tap("cleanroom/v1/agents/violator/commands")
 

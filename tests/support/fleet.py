@@ -14,8 +14,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cleanroom_controller.store import Store
-from cleanroom_protocol import Channel, Event, Kind
-from tests.support.procs import SimulatedAgent
+from cleanroom_protocol import Channel, Event, Kind, Policy, SessionInfo
+from tests.support.procs import SimulatedAgent, publish
+from tests.support.wait import wait_for
 
 RESEND_AFTER_S = 1.5  # unlisted this long after sending: resent (the agent's outbox does the same)
 
@@ -79,3 +80,21 @@ def stored_events(store: Store) -> dict[str, list[int]]:
     for agent, seq in rows:
         out.setdefault(str(agent), []).append(int(seq))
     return out
+
+
+def start_session(
+    port: int, store: Store, agent: SimulatedAgent, policy: Policy, *, client: str, session_id: str, pid: int
+) -> SessionInfo:
+    """``agent`` comes online with a compliant posture reporting one running session; returns once the
+    controller has it as ``running``. Returns the session (a later violation reports it again)."""
+    session = SessionInfo(id=session_id, client=client, pid=pid, pids=[pid], started=time.time())
+    compliant = agent.posture_body(policy).model_copy(update={"sessions": [session]})
+    publish(
+        port, [agent.online(), (agent.topic(Channel.POSTURE), agent.seal(Kind.POSTURE, compliant), False)]
+    )
+    wait_for(
+        lambda: (s := store.session(agent.agent_id, session_id)) is not None and s.state.value == "running",
+        timeout=20,
+        what=f"{agent.agent_id}'s session running",
+    )
+    return session
