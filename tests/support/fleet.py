@@ -86,15 +86,28 @@ def start_session(
     port: int, store: Store, agent: SimulatedAgent, policy: Policy, *, client: str, session_id: str, pid: int
 ) -> SessionInfo:
     """``agent`` comes online with a compliant posture reporting one running session; returns once the
-    controller has it as ``running``. Returns the session (a later violation reports it again)."""
+    controller has it as ``running``. Returns the session (a later violation reports it again).
+
+    ``controller.started`` is audited before the controller's first subscription is in place, and the broker
+    drops what is published before it: the same sealed messages are sent again every 2 s until stored, as a
+    real agent resends what no watermark lists (a copy that did arrive is a counted duplicate)."""
     session = SessionInfo(id=session_id, client=client, pid=pid, pids=[pid], started=time.time())
     compliant = agent.posture_body(policy).model_copy(update={"sessions": [session]})
-    publish(
-        port, [agent.online(), (agent.topic(Channel.POSTURE), agent.seal(Kind.POSTURE, compliant), False)]
-    )
-    wait_for(
-        lambda: (s := store.session(agent.agent_id, session_id)) is not None and s.state.value == "running",
-        timeout=20,
-        what=f"{agent.agent_id}'s session running",
-    )
+    messages = [agent.online(), (agent.topic(Channel.POSTURE), agent.seal(Kind.POSTURE, compliant), False)]
+
+    def running() -> bool:
+        s = store.session(agent.agent_id, session_id)
+        return s is not None and s.state.value == "running"
+
+    deadline = time.monotonic() + 20
+    while True:
+        publish(port, messages)
+        try:
+            wait_for(running, timeout=min(2.0, max(0.0, deadline - time.monotonic())), what="")
+            break
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"timed out after 20 s waiting for {agent.agent_id}'s session running"
+                ) from None
     return session
