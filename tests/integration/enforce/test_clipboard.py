@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cleanroom_agent.enforcers.clipboard import ClipboardEnforcer
+from cleanroom_agent.enforcers.procinfo import ProcessIdentity, identify
 from cleanroom_protocol import EnforcerState, Event, Mode, Policy
 
 from .conftest import x_env
@@ -85,7 +86,14 @@ class Guard:
     def __init__(self, display: str) -> None:
         self.display = display
         self.events: list[Event] = []
-        self.enforcer = ClipboardEnforcer(self.events.append, display=display, env=x_env(display))
+        self.judged: list[int | None] = []  # owner pids the guard looked up to judge, in order
+        self.enforcer = ClipboardEnforcer(
+            self.events.append, display=display, env=x_env(display), lookup=self._identify
+        )
+
+    def _identify(self, pid: int | None, clients: frozenset[str]) -> ProcessIdentity:
+        self.judged.append(pid)
+        return identify(pid, clients)
 
     def blocked(self, selection: str) -> list[Event]:
         return [
@@ -164,6 +172,9 @@ async def test_directional_from_session_text_passes_local_copy_is_blocked(
         await wait_until(
             lambda: paste(guard.display, "clipboard").stdout == "hello from the session", "paste"
         )
+        # The paste may come before the guard's turn: judged while the owner lives, or a later look at a
+        # vanished owner (no pid: fail closed, to_session) would be what this test sees.
+        await wait_until(lambda: owner.pid in guard.judged, "the session's copy judged")
         assert guard.blocked("CLIPBOARD") == []
     finally:
         owner.terminate()
