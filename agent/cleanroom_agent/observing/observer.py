@@ -71,6 +71,17 @@ def snapshot_posture(
     return posture, reasons
 
 
+def process_scan_due(
+    *, asked: bool, events_live: bool, events_owed: bool, since_scan_s: float, rescan_s: float
+) -> bool:
+    """Read the process table in this posture round? Always when asked (an event, a policy, an end),
+    without live events, or while process events still owe an observe (whatever became of the request
+    that carried them); on a plain poll tick otherwise only once the safety-net interval has passed."""
+    if asked or not events_live or events_owed:
+        return True
+    return since_scan_s >= rescan_s
+
+
 class Observer:
     """Probes, digests and remembers the latest :class:`Observation`; owns the posture round's wake-up.
 
@@ -170,28 +181,31 @@ class Observer:
     # --- posture rounds ----------------------------------------------------------------------------
     async def posture_loop(self, send: Callable[[Posture], bool]) -> None:
         """Observe and ``send`` the posture every poll interval, or at once when ``posture_due`` is set."""
-        woken = True
+        first = True
         while True:
-            # Cleared before observing: a request made while this observe runs gets an observe of its own.
+            # Whether a round was asked for is read from the flag itself, just before it is cleared: a
+            # request made while the poll's timeout fired (both due in one turn of a busy loop) is then
+            # neither lost nor mistaken for a plain tick. A request made while this observe runs gets an
+            # observe of its own.
+            asked = first or self._posture_due.is_set()
             self._posture_due.clear()
+            first = False
             try:
-                obs = await self.observe(processes=self._process_scan_due(woken))
+                obs = await self.observe(processes=self._process_scan_due(asked))
                 send(obs.posture)
             except Exception:
                 log.exception("posture_probe_failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._posture_due.wait(), self._poll_interval)
-                woken = True
-            except TimeoutError:
-                woken = False
 
-    def _process_scan_due(self, woken: bool) -> bool:
-        """Read the process table in this posture round? Always when asked (an event, a policy, an end)
-        or without live events; on a plain poll tick only once the safety-net interval has passed."""
-        if woken or not self._events_live:
-            return True
-        rescan = max(PROCESS_RESCAN_S, self._poll_interval)
-        return time.monotonic() - self._last_process_scan >= rescan
+    def _process_scan_due(self, asked: bool) -> bool:
+        return process_scan_due(
+            asked=asked,
+            events_live=self._events_live,
+            events_owed=self._coalescer.owed,
+            since_scan_s=time.monotonic() - self._last_process_scan,
+            rescan_s=max(PROCESS_RESCAN_S, self._poll_interval),
+        )
 
     # --- process events ----------------------------------------------------------------------------
     async def run_process_events(self) -> None:
