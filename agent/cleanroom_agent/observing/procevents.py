@@ -35,7 +35,7 @@ from typing import Protocol
 from cleanroom_protocol import ProcessInfo, SessionInfo
 
 from ..enforcers.procconn import RECV_BYTES, ProcEvent, open_proc_connector, parse_proc_events
-from ..sessions.clients import ProcessSnapshot, client_name
+from ..sessions.clients import ProcessSnapshot, client_name, read_exe
 from .posture import find_denied
 
 SETTLE_S = 0.010  # a shell pipeline's execs land within a few ms: one observe for the burst
@@ -200,12 +200,8 @@ def read_names(pid: int) -> tuple[str, str | None] | None:
         return None
     finally:
         os.close(fd)
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = ""  # a kernel thread, or gone meanwhile: the comm still names it
-    exe = exe.removesuffix(" (deleted)")
-    return comm, (os.path.basename(exe) or None)
+    exe = read_exe(pid)  # None: a kernel thread, or gone meanwhile (the comm still names it)
+    return comm, (os.path.basename(exe) if exe else None)
 
 
 @dataclass

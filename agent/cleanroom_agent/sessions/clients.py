@@ -133,15 +133,27 @@ class ProcessTable(Protocol):
     def snapshot(self) -> list[ProcessSnapshot]: ...
 
 
+def read_exe(pid: int) -> str | None:
+    """The path of ``pid``'s executable, read now (``None``: a kernel thread, or gone). Not psutil's
+    ``exe``: psutil keeps its first answer for the life of the process, so a process that exec'd since (a
+    shell that became a denied tool, then renamed its comm) would keep the name it had. /proc is not
+    user-writable, and readlink follows nothing."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return exe.removesuffix(" (deleted)") or None
+
+
 class PsutilProcessTable:
     """The real process table."""
 
     def snapshot(self) -> list[ProcessSnapshot]:
         out = []
-        for proc in psutil.process_iter(["pid", "ppid", "name", "exe", "create_time", "username"]):
+        for proc in psutil.process_iter(["pid", "ppid", "name", "create_time", "username"]):
             info = proc.info
             try:
-                exe = info.get("exe")
+                exe = read_exe(int(info["pid"]))
                 name = str(info.get("name") or "")
                 exe_name = os.path.basename(exe) if exe else None
                 cmdline: tuple[str, ...] = ()

@@ -6,8 +6,10 @@ reports the copy's name, exactly as for the real client.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from cleanroom_agent import (
     find_sessions,
     session_id,
 )
+from cleanroom_agent.observing.posture import find_denied
 from tests.support.wait import wait_for
 
 CLIENTS = ["xfreerdp", "remote-viewer", "a-very-long-client-name"]
@@ -153,3 +156,37 @@ def test_a_gone_or_reused_pid_is_not_found(
     root.kill()
     root.wait()
     assert not PsutilTreeEnder().end_tree(root.pid, real_ctime, grace_s=0.5).found
+
+
+def test_a_process_that_execs_into_a_denied_tool_and_renames_itself_is_still_named_by_its_executable(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    """psutil keeps a process's first ``exe`` answer; the table re-reads it. A local user's shell seen once
+    as python, then exec'd into a denied tool that set its comm to something harmless, is still denied."""
+    tool = tmp_path / "rogue-tool"
+    shutil.copy(os.path.realpath(sys.executable), tool)  # a python under the denied name
+    rename = (
+        "import ctypes, sys; ctypes.CDLL(None).prctl(15, b'innocent', 0, 0, 0); "  # PR_SET_NAME
+        "print(1, flush=True); sys.stdin.readline()"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import os, sys; sys.stdin.readline(); os.execv({str(tool)!r}, ['x', '-c', {rename!r}])",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONHOME": sys.base_prefix},
+    )
+    spawned.append(proc)
+    assert proc.stdin is not None and proc.stdout is not None
+    table = PsutilProcessTable()
+    before = next(p for p in table.snapshot() if p.pid == proc.pid)
+    assert before.exe_name != "rogue-tool" and find_denied([before], ["rogue-tool"]) == []
+    proc.stdin.write(b"go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"1\n"  # exec'd, renamed
+    after = next(p for p in table.snapshot() if p.pid == proc.pid)
+    assert after.name == "innocent" and after.exe_name == "rogue-tool"
+    assert [d.name for d in find_denied([after], ["rogue-tool"])] == ["rogue-tool"]
