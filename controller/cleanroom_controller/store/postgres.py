@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import psycopg
 import structlog
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg.rows import RowMaker, tuple_row
 
@@ -41,6 +42,17 @@ log = structlog.get_logger("cleanroom.controller.store")
 # resumes within a few seconds of the server's return (a connect attempt is one TCP handshake: cheap).
 RECONNECT_MAX_ATTEMPT = 4
 CONNECT_TIMEOUT_S = 10
+# libpq's TCP settings unless the URL sets its own: a server whose host died or dropped off the network is
+# given up after about half a minute instead of the kernel's ~15 minutes of retransmissions, during which
+# the (synchronous) store would hold the controller's event loop. Not a cure for a server process that is
+# alive but stuck: its kernel still acknowledges, and only an application timeout would tell.
+TCP_DEFAULTS = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",  # ms: sent data unacknowledged this long ends the connection
+}
 
 # pg_advisory_xact_lock key of the store's one writer lock ("cleanroo" in ASCII; fits a signed bigint).
 WRITE_LOCK = 0x636C65616E726F6F
@@ -120,6 +132,13 @@ def _param(value: Any) -> Any:
     return int(value) if value is True or value is False else value
 
 
+def with_tcp_defaults(dsn: str) -> str:
+    """``dsn`` with :data:`TCP_DEFAULTS` for every setting it does not name itself (a URL's own wins)."""
+    own = conninfo_to_dict(dsn)
+    missing = {k: v for k, v in TCP_DEFAULTS.items() if k not in own}
+    return make_conninfo(dsn, **missing)
+
+
 class PostgresBackend:
     dialect: Literal["sqlite", "postgresql"] = "postgresql"
     insertion_order = "ctid"  # events are never updated or deleted: physical order is insertion order
@@ -146,7 +165,10 @@ class PostgresBackend:
     def _connect(self) -> psycopg.Connection[PgRow]:
         try:
             return psycopg.connect(
-                self._dsn, autocommit=True, row_factory=_row_factory, connect_timeout=CONNECT_TIMEOUT_S
+                with_tcp_defaults(self._dsn),
+                autocommit=True,
+                row_factory=_row_factory,
+                connect_timeout=CONNECT_TIMEOUT_S,
             )
         except psycopg.Error as exc:
             # libpq's message names host and port, never the password.

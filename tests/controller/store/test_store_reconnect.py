@@ -99,3 +99,19 @@ def test_reconnects_wait_their_backoff(server: Postgres) -> None:
     assert store.get_meta("x") is None
     assert backend.reconnects == 1
     store.close()
+
+
+def test_the_connection_gives_up_on_a_vanished_server_in_seconds_unless_the_url_says_otherwise(
+    server: Postgres,
+) -> None:
+    """libpq's keepalives and tcp_user_timeout are on by default (a dead host is noticed in ~30 s, not the
+    kernel's ~15 min); a URL that sets one keeps its own value. Read back from the live connection."""
+    url = server.create_database("tcp")
+    _, backend = open_store(url, Clock())
+    used = backend._db.info.get_parameters()
+    assert used["tcp_user_timeout"] == "30000" and used["keepalives_idle"] == "10", used
+    sep = "&" if "?" in url else "?"
+    _, own = open_store(f"{url}{sep}tcp_user_timeout=5000", Clock())
+    assert own._db.info.get_parameters()["tcp_user_timeout"] == "5000"
+    backend.close()
+    own.close()
