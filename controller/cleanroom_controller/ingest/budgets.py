@@ -85,6 +85,10 @@ class TokenBucket:
         self._refill(now)
         return self._tokens >= self._burst
 
+    def left(self, now: float) -> float:
+        self._refill(now)
+        return self._tokens
+
 
 class Budgets:
     def __init__(self, limits: Limits | None = None) -> None:
@@ -120,6 +124,11 @@ class Budgets:
         """A noisy ``key``'s message arrives: read and verify it (``True``) or drop it unread."""
         lim = self.limits
         return self._bucket(self._admitted, key, now, lim.noisy_burst, lim.noisy_per_s).take(now)
+
+    def junk_left(self, key: str, now: float) -> float:
+        """How many more messages ``key``'s topics may bring that are not accepted before it is noisy."""
+        junk = self._junk.get(key)
+        return self.limits.junk_burst if junk is None else junk.left(now)
 
     def noisy(self, key: str, now: float) -> bool:
         """Has ``key`` spent its junk budget? (Unknown keys are quiet.)"""

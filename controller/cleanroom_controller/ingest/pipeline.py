@@ -198,6 +198,7 @@ class Ingest:
         # Seqs whose batch committed, told back to their agents (watermarks.py; the daemon publishes them).
         self.watermarks = WatermarkBook()
         self.budgets = Budgets(limits)
+        self._junk_in_batch: list[tuple[str, float]] | None = None  # inside handle_batch: junk to charge
         self.windows = RejectWindows(window_s)
         self._owner = uuid.uuid4().hex  # whose persisted windows are whose (share groups, restarts)
         self._next_orphan_check = 0.0
@@ -264,6 +265,9 @@ class Ingest:
         windows = self.windows.snapshot()
         counts = self.counts.copy()
         late = self.late
+        # A retried batch meets its junk again: charged once it commits, so that a retry does not charge
+        # it twice (the budgets are not part of what the transaction undoes).
+        self._junk_in_batch = []
         try:
             with self._store.transaction():
                 # The senders' endpoint rows in one query, not one per message (store.prefetch_endpoints).
@@ -283,6 +287,10 @@ class Ingest:
             self.counts = counts
             self.late = late
             raise
+        finally:
+            charges, self._junk_in_batch = self._junk_in_batch or [], None
+        for key, at in charges:
+            self.budgets.charge_junk(key, at)
         for *_, signed in checked:
             # Committed: whatever became of a message the agent signed, it need not send it again.
             if signed is not None and signed.ok and signed.envelope is not None:
@@ -543,7 +551,10 @@ class Ingest:
         verified sender over its own budget is noisy already)."""
         self.counts[reason.value] += 1
         if junk:
-            self.budgets.charge_junk(key, now)
+            if self._junk_in_batch is not None:
+                self._junk_in_batch.append((key, now))  # charged once the batch commits
+            else:
+                self.budgets.charge_junk(key, now)
         if self.windows.add(key, reason, now, {**base, "detail": detail}):
             log.warning(
                 "message_not_accepted",
