@@ -33,3 +33,12 @@ async def async_wait_for(
         await asyncio.sleep(interval)
         last = await condition()
     return last
+
+
+async def wait_until(condition: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Poll a plain ``condition`` from a coroutine (the event loop runs on meanwhile); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)

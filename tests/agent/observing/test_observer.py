@@ -5,7 +5,6 @@ test_procevents.py); what is under test is the loop's bookkeeping, on a real eve
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from cleanroom_agent.observing.procevents import Interest
 from cleanroom_agent.sessions.book import SessionBook
 from cleanroom_agent.sessions.clients import ProcessSnapshot
 from cleanroom_protocol import Mode, Policy, Posture, ProcessInfo, SessionInfo
+from tests.support.wait import wait_until
 
 FACTS = HostFacts("h", "Debian", "6.1", "x11", 1.0, ["alice"], [])
 CLIENT = "xfreerdp"
@@ -150,11 +150,3 @@ async def test_a_process_event_whose_posture_request_was_lost_is_still_observed_
         loop_task.cancel()
     assert flag.forget == 0, "the request was never made: the test did not test the lost request"
     assert events.kinds.count("session.started") == 1
-
-
-async def wait_until(cond: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)

@@ -12,14 +12,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from cleanroom_agent.enforcers.capture import CaptureEnforcer
 from cleanroom_protocol import EnforcerState, Event, Mode, Policy
+from tests.support.wait import wait_until
 
 from .conftest import x_env
 
@@ -34,14 +34,6 @@ def _needs_root() -> None:
 
 def policy(**capture: object) -> Policy:
     return Policy.model_validate({"id": "p", "version": 1, "capture": capture})
-
-
-async def wait_until(cond: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def sh(script: str, display: str | None = None) -> subprocess.CompletedProcess[str]:

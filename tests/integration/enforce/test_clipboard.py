@@ -5,12 +5,10 @@ audit mode reports without clearing, a policy update re-judges what is there. St
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 from cleanroom_agent.enforcers.clipboard import ClipboardEnforcer
 from cleanroom_agent.enforcers.procinfo import ProcessIdentity, identify
 from cleanroom_protocol import EnforcerState, Event, Mode, Policy
+from tests.support.wait import wait_until
 
 from .conftest import x_env
 
@@ -28,14 +27,6 @@ CONTENT = "PATIENT-4711-do-not-leak"
 
 def policy(**clipboard: object) -> Policy:
     return Policy.model_validate({"id": "p", "version": 1, "clipboard": clipboard})
-
-
-async def wait_until(cond: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def paste(display: str, selection: str) -> subprocess.CompletedProcess[str]:

@@ -7,11 +7,9 @@ client is named by the server, even when it names the root window as owner) and 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +19,7 @@ from cleanroom_agent.enforcers.clipboard import ClipboardEnforcer
 from cleanroom_protocol import EnforcerState, EnforcerStatus, Event, Mode, Policy, violations
 from cleanroom_protocol.messages import PolicyRef, Posture
 from tests.support.clipboardstorm import StormResult, storm_with_pastes
+from tests.support.wait import wait_until
 
 from .conftest import x_env
 
@@ -116,15 +115,6 @@ async def setup(storm_display: tuple[str, bool]) -> AsyncIterator[Setup]:
     enforcer = ClipboardEnforcer(events.append, display=display, env=x_env(display))
     yield Setup(display, recording, enforcer, events)
     await enforcer.stop()
-
-
-async def wait_until(cond: object, what: str, timeout: float = 5.0) -> None:
-    assert callable(cond)
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def storm(setup: Setup, how: str = "own", seconds: float = STORM_S) -> StormResult:

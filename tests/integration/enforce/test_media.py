@@ -3,17 +3,16 @@ stick's mount (no USB bus here); the mount table, its POLLPRI notification and u
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cleanroom_agent.enforcers.media import MediaEnforcer
 from cleanroom_protocol import EnforcerState, Event, Mode, Policy
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -36,14 +35,6 @@ def mount_stick(path: Path) -> None:
 
 def is_mounted(path: Path) -> bool:
     return os.path.ismount(path)
-
-
-async def wait_until(cond: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def policy(watch: Path, unmount: bool = True) -> Policy:
