@@ -11,8 +11,12 @@ from collections.abc import Iterator
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def xvfb() -> Iterator[str]:
+    """One Xvfb per test (~50 ms). Shared by a module, it reset itself when a test's last client left, and
+    the next test's first connection could land in the reset and be closed by the server (seen under load:
+    ConnectionClosedError in the connection setup); a fresh server is also a clean slate (root properties,
+    selections)."""
     binary = shutil.which("Xvfb")
     if binary is None:
         pytest.fail("Xvfb is not installed (apt-get install xvfb): the X11 enforcement tests need it")
