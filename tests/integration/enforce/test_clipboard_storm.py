@@ -7,8 +7,6 @@ client is named by the server, even when it names the root window as owner) and 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from cleanroom_protocol.messages import PolicyRef, Posture
 from tests.support.clipboardstorm import StormResult, storm_with_pastes
 from tests.support.wait import wait_until
 
-from .conftest import x_env
+from .conftest import running_xvfb, x_env
 
 pytestmark = pytest.mark.x11
 CONTENT = "STORM-PASTE-4711"
@@ -58,38 +56,11 @@ def posture(clipboard: EnforcerStatus) -> Posture:
     )  # fmt: skip
 
 
-def start_xvfb(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("Xvfb")
-    if binary is None:
-        pytest.fail("Xvfb is not installed (apt-get install xvfb): the X11 enforcement tests need it")
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen(
-        [binary, "-displayfd", str(write_end), "-nolisten", "tcp", *extra],
-        pass_fds=(write_end,),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        number = reader.readline().strip().decode()
-    if not number:
-        pytest.fail(f"Xvfb {' '.join(extra)} exited with {proc.wait(5)} before announcing a display")
-    return proc, f":{number}"
-
-
-@pytest.fixture(scope="module", params=["record", "no-record"])
+@pytest.fixture(params=["record", "no-record"])
 def storm_display(request: pytest.FixtureRequest) -> Iterator[tuple[str, bool]]:
     recording = request.param == "record"
-    proc, display = start_xvfb() if recording else start_xvfb("-extension", "RECORD")
-    try:
+    with running_xvfb() if recording else running_xvfb("-extension", "RECORD") as display:
         yield display, recording
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # still writing out what a storm queued for clients that are gone
-            proc.wait(5)
 
 
 @dataclass
