@@ -4,7 +4,7 @@ each pool with its driver. TOML, validated; an error names the file, the line an
 ```toml
 [[pool]]
 id = "billing"
-driver = "libvirt"            # libvirt | command
+driver = "libvirt"            # libvirt | command | container
 uri = "qemu:///system"
 wipe = "overlay"              # overlay: a fresh qcow2 overlay on the golden image; snapshot: revert
 retries = 3
@@ -15,6 +15,19 @@ address = "10.20.0.11"        # what the VDI client connects to
 domain = "bill-01"
 overlay = "/var/lib/cleanroom/desktops/bill-01.qcow2"
 golden = "/var/lib/cleanroom/golden/billing.qcow2"
+
+[[pool]]
+id = "coding"
+driver = "container"
+uri = "unix:///run/docker.sock"  # the default for a container pool (a Docker or podman API socket)
+image = "registry.example.org/desktops/coding:2026.11"   # on the daemon already: never pulled
+stop_grace_s = 10             # log off: SIGTERM, then SIGKILL after this long
+[[pool.desktop]]
+id = "code-01"
+address = "10.20.1.11:6901"
+container = "code-01"         # default: the desktop id
+volumes = ["code-01-home:/home"]  # named volumes, removed and made anew on every wipe
+command = ["/usr/bin/desktop", "--kiosk"]  # default: the image's own
 ```
 """
 
@@ -23,9 +36,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cleanroom_protocol import tomlfiles
 
@@ -36,6 +49,14 @@ Argv = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(min_length=1, max_length=64)
 ]
 EnvName = Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,127}$")]
+# Container and volume names as the Docker Engine API accepts them.
+EngineName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+# An image reference (name[:tag][@digest]) or an image id.
+ImageRef = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")]
+# A named volume and where it is mounted: "NAME:/path". Never a bind mount (a host directory is not wiped).
+_VOLUME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,127}):(/[^:\x00]{0,1023})$")
+DEFAULT_CONTAINER_URI = "unix:///run/docker.sock"
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 # Placeholders a command template may use (anything else in braces is an error at load time).
 PLACEHOLDERS = frozenset({"desktop", "pool", "address", "name", "domain", "user", "session", "agent"})
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -85,24 +106,64 @@ class DesktopConfig(_Strict):
     domain: Annotated[str, Field(min_length=1, max_length=255)] | None = None  # libvirt domain name
     overlay: Path | None = None
     golden: Path | None = None
+    container: EngineName | None = None  # container pools: the container's name (default: the id)
+    volumes: Annotated[list[str], Field(max_length=32)] = []  # container pools: "NAME:/path", wiped
+    command: Argv | None = None  # container pools: the container's command (default: the image's)
+
+    @field_validator("volumes")
+    @classmethod
+    def _named_volumes(cls, volumes: list[str]) -> list[str]:
+        names: set[str] = set()
+        for v in volumes:
+            if v.startswith("/"):
+                raise ValueError(f"{v!r} is a bind mount: a host directory is never wiped, name a volume")
+            m = _VOLUME.match(v)
+            if m is None:
+                raise ValueError(f"{v!r} is not NAME:/path (a named volume and where it is mounted)")
+            if m.group(1) in names:
+                raise ValueError(f"volume {m.group(1)!r} appears twice")
+            names.add(m.group(1))
+        return volumes
+
+    @property
+    def container_name(self) -> str:
+        return self.container or self.id
+
+    @property
+    def volume_mounts(self) -> list[tuple[str, str]]:
+        """``(volume name, mount path)`` of each named volume."""
+        return [(v.split(":", 1)[0], v.split(":", 1)[1]) for v in self.volumes]
 
 
 class PoolConfig(_Strict):
     id: Ident
     driver: Literal["libvirt", "command", "container"]
-    uri: Annotated[str, Field(min_length=1, max_length=1024)] = "qemu:///system"
+    # Default: DEFAULT_LIBVIRT_URI, or DEFAULT_CONTAINER_URI for a container pool (_default_uri).
+    uri: Annotated[str, Field(min_length=1, max_length=1024)] = DEFAULT_LIBVIRT_URI
     wipe: Literal["overlay", "snapshot"] = "overlay"
     snapshot: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     retries: Annotated[int, Field(ge=1, le=20)] = 3
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
     backoff_s: Annotated[float, Field(ge=0, le=600)] = 2.0
     command: CommandConfig | None = None
+    image: ImageRef | None = None  # container pools: the image every wipe starts a desktop from
+    stop_grace_s: Annotated[float, Field(ge=0, le=300)] = 10.0  # container pools: SIGTERM → SIGKILL
     desktop: Annotated[list[DesktopConfig], Field(max_length=10_000)] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_uri(cls, data: Any) -> Any:
+        """A container pool without ``uri`` talks to the local Docker socket, not to qemu:///system."""
+        if isinstance(data, dict) and data.get("driver") == "container" and "uri" not in data:
+            return {**data, "uri": DEFAULT_CONTAINER_URI}
+        return data
 
     @model_validator(mode="after")
     def _driver_needs(self) -> Self:
-        if self.driver == "container":
-            raise ValueError("driver 'container' is not available in this version (libvirt or command)")
+        if self.driver == "container" and self.image is None:
+            raise ValueError("driver 'container' needs image = REFERENCE (an image on the daemon)")
+        if self.driver == "container" and self.stop_grace_s >= self.timeout_s:
+            raise ValueError("stop_grace_s must be shorter than timeout_s (a log-off would never finish)")
         if self.driver == "command" and self.command is None:
             raise ValueError("driver 'command' needs a [pool.command] table (log_off, wipe)")
         if self.driver == "libvirt":
@@ -130,6 +191,8 @@ class DesktopsFile(_Strict):
         seen_pools: set[str] = set()
         seen_desktops: set[str] = set()
         seen_addresses: dict[str, str] = {}
+        # A container or volume two desktops share on one daemon: each one's wipe would empty the other.
+        seen_engine: dict[tuple[str, str, str], str] = {}
         for p in self.pool:
             if p.id in seen_pools:
                 raise ValueError(f"pool id {p.id!r} appears twice")
@@ -142,6 +205,16 @@ class DesktopsFile(_Strict):
                 if key in seen_addresses:
                     raise ValueError(f"desktops {seen_addresses[key]} and {d.id} share address {d.address}")
                 seen_addresses[key] = d.id
+                if p.driver != "container":
+                    continue
+                for kind, name in [("container", d.container_name)] + [
+                    ("volume", volume) for volume, _path in d.volume_mounts
+                ]:
+                    if (p.uri, kind, name) in seen_engine:
+                        raise ValueError(
+                            f"desktops {seen_engine[p.uri, kind, name]} and {d.id} share {kind} {name}"
+                        )
+                    seen_engine[p.uri, kind, name] = d.id
         return self
 
 

@@ -59,7 +59,7 @@ def test_good_file_loads_and_maps_addresses(tmp_path: Path) -> None:
         ),
         (("retries = 2", "retries = 0"), r"desktops\.toml:5: field pool\.0\.retries"),
         (('"{name}"', '"{password}"'), r"desktops\.toml:16: .*unknown placeholder \{password\}"),
-        (('driver = "command"', 'driver = "container"'), r"desktops\.toml:13: .*container"),
+        (('driver = "command"', 'driver = "container"'), r"desktops\.toml:13: .*'container' needs image"),
         (('address = "vdi.example.org"', 'address = "10.20.0.11"'), r"share address"),
         (('env = ["HV_TOKEN"]', 'env = ["hv token"]'), r"desktops\.toml:19: field pool\.1\.command\.env\.0"),
     ],
@@ -86,3 +86,85 @@ def test_libvirt_overlay_needs_golden_and_never_the_same_file() -> None:
 def test_broken_toml_names_the_line() -> None:
     with pytest.raises(DesktopsError, match=r"<desktops>: invalid TOML: .*line 3"):
         parse_desktops('[[pool]]\nid = "x"\ndriver = \n')
+
+
+CONTAINERS = """\
+[[pool]]
+id = "coding"
+driver = "container"
+image = "registry.example.org/desktops/coding:2026.11"
+timeout_s = 30
+[[pool.desktop]]
+id = "code-01"
+address = "10.20.1.11:6901"
+volumes = ["code-01-home:/home", "code-01-tmp:/var/tmp"]
+command = ["/usr/bin/desktop", "--kiosk"]
+[[pool.desktop]]
+id = "code-02"
+address = "10.20.1.12:6901"
+container = "coding-02"
+"""
+
+
+def test_container_pool_parses_with_its_own_default_uri_and_libvirt_keeps_its_own() -> None:
+    desktops = parse_desktops(CONTAINERS)
+    one, two = desktops.get("code-01"), desktops.get("code-02")
+    assert one is not None and two is not None
+    assert (
+        one.pool.uri == "unix:///run/docker.sock"
+        and one.pool.image == "registry.example.org/desktops/coding:2026.11"
+    )
+    assert one.desktop.container_name == "code-01" and two.desktop.container_name == "coding-02"
+    assert one.desktop.volume_mounts == [("code-01-home", "/home"), ("code-01-tmp", "/var/tmp")]
+    assert one.desktop.command == ["/usr/bin/desktop", "--kiosk"] and two.desktop.command is None
+    libvirt = parse_desktops(GOOD).get("hv-01")
+    assert (
+        libvirt is not None
+        and parse_desktops(GOOD.replace('uri = "test:///default"\n', "")).get("bill-01").pool.uri
+        == "qemu:///system"
+    )  # type: ignore[union-attr]
+    assert (
+        parse_desktops(CONTAINERS.replace("timeout_s = 30", 'uri = "unix:///run/podman/podman.sock"'))
+        .get("code-01")
+        .pool.uri
+        == "unix:///run/podman/podman.sock"
+    )  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ('image = "registry.example.org/desktops/coding:2026.11"\n', ""),
+            r"<desktops>:1: field pool\.0: driver 'container' needs image",
+        ),
+        (
+            ('"code-01-tmp:/var/tmp"', '"/srv/staging:/var/tmp"'),
+            r"<desktops>:9: field pool\.0\.desktop\.0\.volumes: .*bind mount",
+        ),
+        (
+            ('"code-01-tmp:/var/tmp"', '"code-01-tmp"'),
+            r"<desktops>:9: field pool\.0\.desktop\.0\.volumes: .*not NAME:/path",
+        ),
+        (('"code-01-tmp:/var/tmp"', '"code-01-home:/var/tmp"'), r"volume 'code-01-home' appears twice"),
+        (
+            ('container = "coding-02"', 'container = "code-01"'),
+            r"desktops code-01 and code-02 share container code-01",
+        ),
+        (
+            ('container = "coding-02"', 'volumes = ["code-01-home:/home"]'),
+            r"desktops code-01 and code-02 share volume code-01-home",
+        ),
+        (
+            ('container = "coding-02"', 'container = "../etc"'),
+            r"<desktops>:14: field pool\.0\.desktop\.1\.container",
+        ),
+        (
+            ("timeout_s = 30", "timeout_s = 30\nstop_grace_s = 30"),
+            r"stop_grace_s must be shorter than timeout_s",
+        ),
+    ],
+)
+def test_container_pool_errors_name_the_field(change: tuple[str, str], expected: str) -> None:
+    with pytest.raises(DesktopsError, match=expected):
+        parse_desktops(CONTAINERS.replace(*change))
