@@ -3,7 +3,8 @@
 libvirt-python is an optional extra (``cleanroom-controller[libvirt]``): it builds from source against
 libvirt's headers, and a controller that drives no libvirt pool must install and start without them. When it
 is missing, a ``libvirt`` pool gets a driver that fails every step with the reason, so its desktops end in
-``quarantined`` (never handed out dirty) and the reason is in the audit trail.
+``quarantined`` (never handed out dirty) and the reason is in the audit trail. The Docker SDK (the
+``container`` driver) is an optional extra the same way (``cleanroom-controller[container]``).
 """
 
 from __future__ import annotations
@@ -42,9 +43,24 @@ def libvirt_driver() -> DesktopDriver:
     return LibvirtDriver()
 
 
+def container_driver() -> DesktopDriver:
+    try:
+        from .container import ContainerDriver
+    except ImportError as exc:
+        return UnavailableDriver(
+            "container",
+            f"the container driver needs the Docker SDK ({exc}): install cleanroom-controller[container]",
+        )
+    return ContainerDriver()
+
+
 def desktop_drivers(agent: DesktopDriver | None = None) -> dict[str, DesktopDriver]:
-    """``libvirt`` and ``command`` (``container`` is not built yet); ``agent``: the endpoint-side driver."""
-    drivers: dict[str, DesktopDriver] = {"libvirt": libvirt_driver(), "command": CommandDriver()}
+    """``libvirt``, ``command`` and ``container``; ``agent``: the endpoint-side driver."""
+    drivers: dict[str, DesktopDriver] = {
+        "libvirt": libvirt_driver(),
+        "command": CommandDriver(),
+        "container": container_driver(),
+    }
     if agent is not None:
         drivers["agent"] = agent
     return drivers
