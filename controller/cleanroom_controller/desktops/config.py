@@ -22,12 +22,15 @@ driver = "container"
 uri = "unix:///run/docker.sock"  # the default for a container pool (a Docker or podman API socket)
 image = "registry.example.org/desktops/coding:2026.11"   # on the daemon already: never pulled
 stop_grace_s = 10             # log off: SIGTERM, then SIGKILL after this long
+network = "desktops"          # default: the daemon's default network
+env = ["VNC_PW"]              # the controller's environment variables passed into every container
 [[pool.desktop]]
 id = "code-01"
 address = "10.20.1.11:6901"
 container = "code-01"         # default: the desktop id
 volumes = ["code-01-home:/home"]  # named volumes, removed and made anew on every wipe
 command = ["/usr/bin/desktop", "--kiosk"]  # default: the image's own
+ports = ["6901:6901"]         # published: [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp|sctp]
 ```
 """
 
@@ -54,6 +57,9 @@ EngineName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za
 # An image reference (name[:tag][@digest]) or an image id.
 ImageRef = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")]
 # A named volume and where it is mounted: "NAME:/path". Never a bind mount (a host directory is not wiped).
+_PORT = re.compile(
+    r"^(?:(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:]+\]):)?(\d{1,5}):(\d{1,5})(?:/(tcp|udp|sctp))?$"
+)
 _VOLUME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,127}):(/[^:\x00]{0,1023})$")
 DEFAULT_CONTAINER_URI = "unix:///run/docker.sock"
 DEFAULT_LIBVIRT_URI = "qemu:///system"
@@ -109,6 +115,33 @@ class DesktopConfig(_Strict):
     container: EngineName | None = None  # container pools: the container's name (default: the id)
     volumes: Annotated[list[str], Field(max_length=32)] = []  # container pools: "NAME:/path", wiped
     command: Argv | None = None  # container pools: the container's command (default: the image's)
+    ports: Annotated[list[str], Field(max_length=32)] = []  # container pools: "[IP:]HOST:CONTAINER[/tcp]"
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, ports: list[str]) -> list[str]:
+        inside: set[str] = set()
+        for p in ports:
+            m = _PORT.match(p)
+            if m is None or not all(0 < int(m.group(n)) < 65536 for n in (2, 3)):
+                raise ValueError(f"{p!r} is not [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp|sctp]")
+            key = f"{m.group(3)}/{m.group(4) or 'tcp'}"
+            if key in inside:
+                raise ValueError(f"container port {key} is published twice")
+            inside.add(key)
+        return ports
+
+    @property
+    def port_bindings(self) -> dict[str, tuple[str, int] | int]:
+        """``ports`` as the Docker SDK takes them: ``{"6901/tcp": ("127.0.0.1", 16901)}``."""
+        bindings: dict[str, tuple[str, int] | int] = {}
+        for p in self.ports:
+            m = _PORT.match(p)
+            assert m is not None  # validated
+            host_ip, host_port, inner, proto = m.groups()
+            key = f"{inner}/{proto or 'tcp'}"
+            bindings[key] = (host_ip.strip("[]"), int(host_port)) if host_ip else int(host_port)
+        return bindings
 
     @field_validator("volumes")
     @classmethod
@@ -148,6 +181,10 @@ class PoolConfig(_Strict):
     command: CommandConfig | None = None
     image: ImageRef | None = None  # container pools: the image every wipe starts a desktop from
     stop_grace_s: Annotated[float, Field(ge=0, le=300)] = 10.0  # container pools: SIGTERM → SIGKILL
+    network: EngineName | None = None  # container pools: the network a desktop joins (default: the daemon's)
+    # Container pools: names of the controller's environment variables passed into each container (secrets
+    # such as a VNC password stay out of this file; their values are never logged or audited).
+    env: Annotated[list[EnvName], Field(max_length=32)] = []
     desktop: Annotated[list[DesktopConfig], Field(max_length=10_000)] = []
 
     @model_validator(mode="before")

@@ -117,6 +117,16 @@ def test_container_pool_parses_with_its_own_default_uri_and_libvirt_keeps_its_ow
     assert one.desktop.container_name == "code-01" and two.desktop.container_name == "coding-02"
     assert one.desktop.volume_mounts == [("code-01-home", "/home"), ("code-01-tmp", "/var/tmp")]
     assert one.desktop.command == ["/usr/bin/desktop", "--kiosk"] and two.desktop.command is None
+    ported = parse_desktops(
+        CONTAINERS.replace(
+            'container = "coding-02"', 'ports = ["6901:6901", "127.0.0.1:16902:6902/udp", "[::1]:3:4"]'
+        )
+    ).get("code-02")
+    assert ported is not None and ported.desktop.port_bindings == {
+        "6901/tcp": 6901,
+        "6902/udp": ("127.0.0.1", 16902),
+        "4/tcp": ("::1", 3),
+    }
     libvirt = parse_desktops(GOOD).get("hv-01")
     assert (
         libvirt is not None
@@ -163,6 +173,20 @@ def test_container_pool_parses_with_its_own_default_uri_and_libvirt_keeps_its_ow
             ("timeout_s = 30", "timeout_s = 30\nstop_grace_s = 30"),
             r"stop_grace_s must be shorter than timeout_s",
         ),
+        (
+            ('container = "coding-02"', 'ports = ["6901"]'),
+            r"<desktops>:14: field pool\.0\.desktop\.1\.ports: '6901' is not",
+        ),
+        (
+            ('container = "coding-02"', 'ports = ["70000:6901"]'),
+            r"field pool\.0\.desktop\.1\.ports: '70000:6901' is not",
+        ),
+        (
+            ('container = "coding-02"', 'ports = ["1:6901", "2:6901/tcp"]'),
+            r"container port 6901/tcp is published twice",
+        ),
+        (("timeout_s = 30", 'env = ["vnc pw"]'), r"<desktops>:5: field pool\.0\.env\.0"),
+        (("timeout_s = 30", 'network = "a b"'), r"<desktops>:5: field pool\.0\.network"),
     ],
 )
 def test_container_pool_errors_name_the_field(change: tuple[str, str], expected: str) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import secrets
 import threading
@@ -128,7 +129,12 @@ def connect(uri: str, timeout_s: float) -> docker.DockerClient:
 class ContainerDriver(DesktopDriver):
     name = "container"
 
-    def __init__(self, connect: Callable[[str, float], docker.DockerClient] = connect) -> None:
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        connect: Callable[[str, float], docker.DockerClient] = connect,
+    ) -> None:
+        self._environ = os.environ if environ is None else environ
         self._connect = connect
         self._clients: dict[tuple[str, float], docker.DockerClient] = {}
         self._lock = threading.Lock()
@@ -192,6 +198,7 @@ class ContainerDriver(DesktopDriver):
         began = engine_time(str(client.info().get("SystemTime", "")))
         image_id = self._image_id(client, pool)
         name, volumes = spec.container_name, tuple(spec.volume_mounts)
+        environment = self._environment(pool)
         token = secrets.token_hex(8)
 
         old = self._find(pool, name)
@@ -210,6 +217,9 @@ class ContainerDriver(DesktopDriver):
             name=name,
             labels=labels,
             volumes={volume: {"bind": path, "mode": "rw"} for volume, path in volumes},
+            ports=spec.port_bindings,
+            network=pool.network,
+            environment=environment,
             detach=True,
         )
         fresh.start()
@@ -233,6 +243,13 @@ class ContainerDriver(DesktopDriver):
         if container is None:
             return DesktopReport("missing", f"no container {name}")
         return DesktopReport(STATES.get(container.status, "unknown"), f"container {name} {container.status}")
+
+    def _environment(self, pool: PoolConfig) -> dict[str, str]:
+        """The pool's ``env`` from the controller's environment (values never go into a detail or a log)."""
+        missing = [n for n in pool.env if n not in self._environ]
+        if missing:
+            raise WipeFailed(f"environment variable(s) {', '.join(missing)} not set in the controller")
+        return {n: self._environ[n] for n in pool.env}
 
     # -- the daemon ----------------------------------------------------------------------------------------
     def _find(self, pool: PoolConfig, name: str) -> Container | None:

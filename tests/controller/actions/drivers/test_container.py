@@ -51,7 +51,13 @@ def daemon() -> Iterator[Dockerd]:
 
 
 def desktop(
-    uri: str, desktop_id: str, *, image: str = IMAGE, timeout_s: float = 20, volumes: bool = True
+    uri: str,
+    desktop_id: str,
+    *,
+    image: str = IMAGE,
+    timeout_s: float = 20,
+    pool_extra: str = "",
+    desktop_extra: str = "",
 ) -> DesktopSpec:
     spec = parse_desktops(f"""
 [[pool]]
@@ -61,11 +67,13 @@ uri = "{uri}"
 image = "{image}"
 timeout_s = {timeout_s}
 stop_grace_s = 0.5
+{pool_extra}
 [[pool.desktop]]
 id = "{desktop_id}"
 address = "10.9.0.1"
-volumes = [{f'"{desktop_id}-data:/data"' if volumes else ""}]
+volumes = ["{desktop_id}-data:/data"]
 command = {COMMAND}
+{desktop_extra}
 """).get(desktop_id)
     assert spec is not None
     return spec
@@ -180,6 +188,29 @@ def test_an_interrupted_wipe_completes_on_the_next_call(daemon: Dockerd, name: s
         return  # that container held nothing; what matters is that the wipe verified a fresh one
     assert_fresh(daemon, name)
     driver.close()
+
+
+def test_the_fresh_container_gets_the_pools_network_ports_and_environment_and_no_secret_is_shown(
+    daemon: Dockerd,
+) -> None:
+    spec = desktop(
+        daemon.uri,
+        "x1",
+        pool_extra='network = "none"\nenv = ["CLEANROOM_VNC_PW"]',
+        desktop_extra='ports = ["127.0.0.1:16901:6901"]',
+    )
+    missing = asyncio.run(ContainerDriver(environ={}).wipe(spec))
+    assert missing.result == "failed" and "CLEANROOM_VNC_PW not set" in missing.detail
+    with pytest.raises(docker.errors.NotFound):  # refused before anything was made
+        daemon.client.containers.get("x1")
+
+    outcome = asyncio.run(ContainerDriver(environ={"CLEANROOM_VNC_PW": "s3cr3t-pw"}).wipe(spec))
+    assert outcome.result == "clean", outcome.detail
+    host = daemon.client.containers.get("x1").attrs["HostConfig"]
+    assert host["NetworkMode"] == "none"
+    assert host["PortBindings"] == {"6901/tcp": [{"HostIp": "127.0.0.1", "HostPort": "16901"}]}
+    assert sh(daemon, "x1", 'test "$CLEANROOM_VNC_PW" = s3cr3t-pw') == 0
+    assert "s3cr3t-pw" not in outcome.detail
 
 
 def test_an_image_missing_on_the_daemon_fails_the_wipe_and_is_never_pulled(daemon: Dockerd) -> None:
