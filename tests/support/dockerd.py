@@ -1,6 +1,7 @@
 """A real Docker daemon from Debian's ``docker.io``, private to the tests: ``dockerd`` with its data root, exec
 root and socket in a short temporary directory (a unix socket path has ~108 bytes), no bridge and no iptables
-(nothing on the host's network changes). It starts its own containerd, and stops it when it stops.
+(nothing on the host's network changes). It starts its own containerd, and stops it when it stops (a
+containerd the host already runs is used instead, with namespaces of this daemon's own).
 
 No registry is reachable here: :meth:`Dockerd.import_busybox` builds a test image by importing a tar of a root
 filesystem holding Debian's static busybox and its applet links.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -49,6 +51,7 @@ def _needs() -> str:
 @dataclass
 class Dockerd:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="crd-", dir="/tmp")))
+    namespace: str = field(default_factory=lambda: f"cleanroom-test-{secrets.token_hex(4)}")  # containerd's
     _proc: subprocess.Popen[bytes] | None = None
     _client: docker.DockerClient | None = None
 
@@ -86,6 +89,10 @@ class Dockerd:
                     "--host", self.uri,
                     "--pidfile", str(self.workdir / "d.pid"),
                     "--bridge", "none", "--iptables=false", "--ip6tables=false",
+                    # dockerd uses a containerd already running at /run/containerd (a host's docker.io)
+                    # instead of its own: our own namespaces keep its containers apart from the host's.
+                    "--containerd-namespace", self.namespace,
+                    "--containerd-plugins-namespace", f"{self.namespace}-plugins",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -15,7 +15,7 @@ Times are the daemon's own (``SystemTime`` of ``/info`` at the start of the wipe
 differs from a remote daemon's does not misjudge what is new.
 
 Every SDK call blocks: each step runs in a worker thread bounded by the pool's ``timeout_s`` (the client's
-HTTP timeout is the same, so the thread ends too); a daemon that is down or slow is a failed outcome naming the
+HTTP timeout is a second longer, so the thread ends too); a daemon that is down or slow is a failed outcome naming the
 daemon's address, never an exception out of the driver.
 """
 
@@ -122,8 +122,9 @@ def wipe_problems(
 
 
 def connect(uri: str, timeout_s: float) -> docker.DockerClient:
-    """A client of the daemon at ``uri`` whose every request gives up after ``timeout_s``."""
-    return docker.DockerClient(base_url=uri, timeout=max(1, math.ceil(timeout_s)))
+    """A client of the daemon at ``uri`` whose every request gives up a second after ``timeout_s``: the step's
+    own bound (``asyncio.wait_for``) answers first, the worker thread ends soon after."""
+    return docker.DockerClient(base_url=uri, timeout=math.ceil(timeout_s) + 1)
 
 
 class ContainerDriver(DesktopDriver):
