@@ -127,6 +127,10 @@ def main() -> int:
         print("\nstopping…")
         return 0
     finally:
+        # Stopping is not interrupted by a second signal: `timeout` signals the whole process group and
+        # `uv run` forwards the same SIGTERM again, and a second Ctrl-C would leave children running.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         # One at a time, last started first: the agent says goodbye (status offline) while the controller
         # and the broker are still there to hear it.
         for name, proc in reversed(procs):
