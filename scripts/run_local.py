@@ -28,7 +28,7 @@ from cryptography import x509
 from cleanroom_controller.trust import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / ".run"
+RUN = Path(os.environ.get("CLEANROOM_RUN_DIR") or ROOT / ".run")  # its own for a test
 BIN = Path(sys.executable).parent
 POLICY = ROOT / "policies" / "offshore-billing.toml"
 
