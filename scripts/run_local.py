@@ -9,6 +9,9 @@ endpoint is: `enroll create` prints a one-time token, `cleanroom-agent enroll --
 certificate, the CA and the controller's key (its keys never leave its data dir). Without Mosquitto the
 controller embeds an amqtt broker: plain MQTT, keys registered with `agents add`, for evaluation only.
 Ctrl-C stops everything.
+
+Environment: CLEANROOM_RUN_DIR (instead of .run/), CLEANROOM_RUN_PORT (the broker's port, else 8883 or
+1883 when free), CLEANROOM_RUN_BROKER=embedded (the evaluation broker even with Mosquitto installed).
 """
 
 from __future__ import annotations
