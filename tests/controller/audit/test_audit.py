@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cleanroom_controller import GENESIS, ChainHead, Store, Tamper, make_entry, verify_chain
-from cleanroom_controller.audit.chain import Mark
+from cleanroom_controller.audit.chain import AuditEntry, Mark
 from cleanroom_controller.audit.checkpoints import sign_checkpoint
 from cleanroom_controller.audit.verify import verify_store
 from cleanroom_protocol import canonical_json
@@ -48,13 +48,15 @@ def check(store: Store) -> tuple[int, Tamper] | None:
     return None if problem is None else (problem.entry_id, problem.tamper)
 
 
-def rehash(db: Any, from_id: int) -> None:
-    """What a careful attacker does: recompute every hash from ``from_id`` on (but not the head record)."""
+def rehash(db: Any, from_id: int) -> tuple[int, str]:
+    """What a careful attacker does: recompute every hash from ``from_id`` on (but not the head record).
+    Returns the rewritten chain's last id and hash (what the head record would need to say)."""
     rows = db.execute(
         "SELECT id, ts, kind, actor, subject, data FROM audit WHERE id >= ? ORDER BY id", (from_id,)
     )
     prev = db.execute("SELECT hash FROM audit WHERE id < ? ORDER BY id DESC LIMIT 1", (from_id,)).fetchone()
     prev_hash = prev[0] if prev else GENESIS
+    last = from_id - 1
     for id_, ts, kind, actor, subject, data in rows.fetchall():
         entry = {
             "id": id_,
@@ -66,7 +68,8 @@ def rehash(db: Any, from_id: int) -> None:
         }
         h = hashlib.sha256(prev_hash.encode() + canonical_json(entry)).hexdigest()
         db.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (prev_hash, h, id_))
-        prev_hash = h
+        prev_hash, last = h, id_
+    return last, prev_hash
 
 
 def test_intact_chain_verifies(store: Store) -> None:
@@ -138,6 +141,14 @@ def test_delete_at_the_end_is_named(store: Store) -> None:
     assert check(store) == (6, Tamper.DELETED)
 
 
+def insert(db: Any, id_: int, entry: AuditEntry) -> None:
+    """A well-formed entry written straight into the table under ``id_``."""
+    db.execute(
+        "INSERT INTO audit VALUES (?,?,?,?,?,?,?,?)",
+        (id_, entry.ts, entry.kind, entry.actor, entry.subject, entry.data_json, entry.prev_hash, entry.hash),
+    )
+
+
 def test_insert_is_named(store: Store) -> None:
     db = raw(store)
     # Make room after entry 3 and insert a well-formed entry chained to it.
@@ -145,19 +156,7 @@ def test_insert_is_named(store: Store) -> None:
     db.execute("UPDATE audit SET id = id - 999 WHERE id > 1000")
     prev = db.execute("SELECT hash FROM audit WHERE id = 3").fetchone()[0]
     forged = make_entry(3, prev, ts=1003.5, kind="verdict", actor="a1", subject="a1", data={"n": 99})
-    db.execute(
-        "INSERT INTO audit VALUES (?,?,?,?,?,?,?,?)",
-        (
-            4,
-            forged.ts,
-            forged.kind,
-            forged.actor,
-            forged.subject,
-            forged.data_json,
-            forged.prev_hash,
-            forged.hash,
-        ),
-    )
+    insert(db, 4, forged)
     assert check(store) == (4, Tamper.INSERTED)
 
 
@@ -165,19 +164,7 @@ def test_insert_at_the_end_is_named(store: Store) -> None:
     db = raw(store)
     prev = db.execute("SELECT hash FROM audit WHERE id = 6").fetchone()[0]
     forged = make_entry(6, prev, ts=1007.0, kind="verdict", actor="a1", subject="a1", data={"n": 99})
-    db.execute(
-        "INSERT INTO audit VALUES (?,?,?,?,?,?,?,?)",
-        (
-            7,
-            forged.ts,
-            forged.kind,
-            forged.actor,
-            forged.subject,
-            forged.data_json,
-            forged.prev_hash,
-            forged.hash,
-        ),
-    )
+    insert(db, 7, forged)
     assert check(store) == (7, Tamper.INSERTED)
 
 

@@ -12,7 +12,6 @@ sealer) runs on SQLite and PostgreSQL in test_audit.py, test_audit_sealer.py and
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import sqlite3
 import subprocess
@@ -22,12 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom_controller import GENESIS, Store
+from cleanroom_controller import Store
 from cleanroom_controller.audit.checkpoints import CHECKPOINTS_NAME
 from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
 from cleanroom_controller.tracker import Tracker
-from cleanroom_protocol import Event, Kind, canonical_json, load_or_create_private_key
+from cleanroom_protocol import Event, Kind, load_or_create_private_key
+from tests.controller.audit.test_audit import rehash
 from tests.controller.helpers import Sender, enrol, shipped_policy
 
 CLI = Path(sys.executable).parent / "cleanroom-controller"
@@ -69,25 +69,9 @@ def raw(data_dir: Path) -> sqlite3.Connection:
 
 def rehash_from(db: sqlite3.Connection, from_id: int) -> None:
     """The careful attacker: every hash from ``from_id`` on recomputed, and the head record too."""
-    prev = db.execute("SELECT hash FROM audit WHERE id = ?", (from_id - 1,)).fetchone()
-    prev_hash = prev[0] if prev else GENESIS
-    rows = db.execute(
-        "SELECT id, ts, kind, actor, subject, data FROM audit WHERE id >= ? ORDER BY id", (from_id,)
-    )
-    for id_, ts, kind, actor, subject, data in rows.fetchall():
-        entry = {
-            "id": id_,
-            "ts": ts,
-            "kind": kind,
-            "actor": actor,
-            "subject": subject,
-            "data": json.loads(data),
-        }
-        h = hashlib.sha256(prev_hash.encode() + canonical_json(entry)).hexdigest()
-        db.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (prev_hash, h, id_))
-        prev_hash, last = h, id_
+    last, head_hash = rehash(db, from_id)
     db.execute(
-        "UPDATE meta SET value = ? WHERE key = 'audit_head'", (json.dumps({"id": last, "hash": prev_hash}),)
+        "UPDATE meta SET value = ? WHERE key = 'audit_head'", (json.dumps({"id": last, "hash": head_hash}),)
     )
 
 
