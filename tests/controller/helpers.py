@@ -9,6 +9,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel
 
 from cleanroom_controller import Store
+from cleanroom_controller.audit.recorder import Recorder
+from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
+from cleanroom_controller.tracker import Tracker
 from cleanroom_protocol import (
     Kind,
     Mode,
@@ -30,6 +33,15 @@ POLICY_FILE = REPO / "policies" / "offshore-billing.toml"
 
 def shipped_policy() -> Policy:
     return load_policy(POLICY_FILE)
+
+
+def wired_ingest(store: Store, policy: Policy | None = None) -> Ingest:
+    """Ingest over ``store`` as the daemon wires it (recorder, tracker, enrolled keys), without the broker:
+    ``policy`` (the shipped one by default) judges, decided actions go nowhere."""
+    in_force = policy or shipped_policy()
+    recorder = Recorder(store, "controller:test")
+    tracker = Tracker(store=store, recorder=recorder, policy=lambda: in_force, act=lambda _: None)
+    return Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
 
 
 def enrol(store: Store, agent: str, key: Ed25519PrivateKey) -> None:

@@ -13,13 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from cleanroom_controller import Store
-from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.cli import app
-from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
-from cleanroom_controller.tracker import Tracker
 from cleanroom_protocol import Event, Kind, public_key_pem
 
-from .helpers import Sender, posture, session, shipped_policy
+from .helpers import Sender, posture, session, wired_ingest
 
 runner = CliRunner()
 
@@ -40,10 +37,7 @@ def data_dir(tmp_path: Path) -> Path:
     code, _, err = cli("agents", "add", "a1", "--public-key", str(pem), "--data-dir", str(d))
     assert code == 0, err
     store = Store.open(d)
-    recorder = Recorder(store, "controller:test")
-    policy = shipped_policy()
-    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
-    ingest = Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
+    ingest = wired_ingest(store)
     ingest.handle("cleanroom/v1/agents/a1/posture", a1.seal(Kind.POSTURE, posture(sessions=(session(),))))
     ingest.handle(
         "cleanroom/v1/agents/a1/events", a1.seal(Kind.EVENT, Event(kind="usb.blocked", at=time.time()))
@@ -151,10 +145,7 @@ def test_agents_list_shows_the_spool_of_the_latest_posture(tmp_path: Path) -> No
         pem.write_text(public_key_pem(sender.key))
         assert cli("agents", "add", agent, "--public-key", str(pem), "--data-dir", str(d))[0] == 0
     store = Store.open(d)
-    recorder = Recorder(store, "controller:test")
-    policy = shipped_policy()
-    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
-    ingest = Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
+    ingest = wired_ingest(store)
 
     def report(agent: str, *, full: bool, refused: int) -> None:
         body = posture(agent).model_copy(update={"spool_full": full, "spool_refused": refused})

@@ -23,12 +23,9 @@ from pathlib import Path
 import pytest
 
 from cleanroom_controller import Store
-from cleanroom_controller.audit.recorder import Recorder
-from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
-from cleanroom_controller.tracker import Tracker
 from cleanroom_protocol import Event, Kind, MountInfo, Policy, Severity
 
-from .helpers import Sender, enrol, posture, session
+from .helpers import Sender, enrol, posture, session, wired_ingest
 
 CLI = str(Path(sys.executable).parent / "cleanroom-controller")
 
@@ -55,12 +52,10 @@ def data_dir(tmp_path: Path) -> Path:
     store = Store.open(d)
     a1 = Sender("a1")
     enrol(store, "a1", a1.key)
-    recorder = Recorder(store, "controller:test")
     policy = Policy.model_validate(
         {"id": "no-usb", "version": 1, "compliance": {"allow_removable_mounts": False}}
     )
-    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
-    ingest = Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
+    ingest = wired_ingest(store, policy)
     hostile = session(SESSION_ID, client=CLIENT).model_copy(update={"user": USER})
     mount = MountInfo(device="/dev/sdb1", mountpoint=MOUNT, fstype="vfat", removable=True, writable=True)
     body = posture(policy=policy, sessions=(hostile,)).model_copy(update={"mounts": [mount]})

@@ -23,12 +23,9 @@ import pytest
 
 from cleanroom_controller import Store
 from cleanroom_controller.audit.checkpoints import CHECKPOINTS_NAME
-from cleanroom_controller.audit.recorder import Recorder
-from cleanroom_controller.ingest.pipeline import Ingest, KeyCache
-from cleanroom_controller.tracker import Tracker
 from cleanroom_protocol import Event, Kind, load_or_create_private_key
 from tests.controller.audit.test_audit import rehash
-from tests.controller.helpers import Sender, enrol, shipped_policy
+from tests.controller.helpers import Sender, enrol, wired_ingest
 
 CLI = Path(sys.executable).parent / "cleanroom-controller"
 
@@ -137,10 +134,7 @@ def test_proof_of_an_accepted_message_checks_offline(tmp_path: Path) -> None:
     store = Store.open(d)
     a1 = Sender("a1")
     enrol(store, "a1", a1.key)
-    recorder = Recorder(store, "controller:test")
-    policy = shipped_policy()
-    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
-    ingest = Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
+    ingest = wired_ingest(store)
     payloads = [a1.seal(Kind.EVENT, Event(kind=f"e{i}", at=time.time())) for i in range(5)]
     ingest.handle_batch([("cleanroom/v1/agents/a1/events", p, False) for p in payloads])
     code, out = run("audit", "prove", "--agent", "a1", "--seq", "3", "--data-dir", str(d))
@@ -203,10 +197,7 @@ def test_a_message_is_proved_from_its_archive_after_its_row_is_pruned(tmp_path: 
     load_or_create_private_key(d / "controller.key")
     a1 = Sender("a1")
     enrol(store, "a1", a1.key)
-    recorder = Recorder(store, "controller:test")
-    policy = shipped_policy()
-    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
-    ingest = Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
+    ingest = wired_ingest(store)
     payloads = [a1.seal(Kind.EVENT, Event(kind=f"e{i}", at=time.time())) for i in range(5)]
     ingest.handle_batch([("cleanroom/v1/agents/a1/events", p, False) for p in payloads])
     ingest.close()

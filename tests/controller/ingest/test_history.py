@@ -7,12 +7,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cleanroom_controller import Store, Tracker
-from cleanroom_controller.audit.recorder import Recorder
-from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
+from cleanroom_controller import Store
+from cleanroom_controller.ingest.pipeline import Ingest, Outcome
 from cleanroom_controller.models import Condition
 from cleanroom_protocol import Channel, Event, Kind, Severity, agent_topic
-from tests.controller.helpers import Sender, enrol, posture, shipped_policy
+from tests.controller.helpers import Sender, enrol, posture, wired_ingest
 
 HOUR = 3600.0
 
@@ -21,12 +20,9 @@ def make(tmp_path: Path) -> tuple[Store, Ingest, Sender]:
     store = Store.open(tmp_path)
     a1 = Sender("a1")
     enrol(store, "a1", a1.key)
-    recorder = Recorder(store, "controller:test")
-    policy = shipped_policy()
-    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
     return (
         store,
-        Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300),
+        wired_ingest(store),
         a1,
     )
 

@@ -15,7 +15,7 @@ from cleanroom_controller.audit.recorder import Recorder
 from cleanroom_controller.ingest.pipeline import Ingest, KeyCache, Outcome
 from cleanroom_protocol import AgentState, Channel, Event, Kind, Status
 from tests.controller.harness import agent_client, publish, running_controller, until
-from tests.controller.helpers import Sender, covered, enrol, posture, session, shipped_policy
+from tests.controller.helpers import Sender, covered, enrol, posture, session, shipped_policy, wired_ingest
 from tests.support.mosquitto import Mosquitto
 
 
@@ -172,10 +172,7 @@ def test_retained_status_never_seen_but_older_is_recorded_not_counted(tmp_path: 
     store = Store.open(tmp_path)
     a1 = Sender("a1")
     enrol(store, "a1", a1.key)
-    recorder = Recorder(store, "controller:test")
-    policy = shipped_policy()
-    tracker = Tracker(store=store, recorder=recorder, policy=lambda: policy, act=lambda _: None)
-    ingest = Ingest(store=store, recorder=recorder, tracker=tracker, keys=KeyCache(store), max_skew_s=300)
+    ingest = wired_ingest(store)
     old_status = a1.seal(Kind.STATUS, Status(state=AgentState.ONLINE))
     topic = "cleanroom/v1/agents/a1/"
     assert ingest.handle(topic + "posture", a1.seal(Kind.POSTURE, posture("a1"))) is Outcome.ACCEPTED
